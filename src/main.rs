@@ -1,1 +1,5 @@
-fn main() {}
+//! The `sticky-proxy` binary; everything lives in the library.
+
+fn main() -> std::process::ExitCode {
+    sticky_proxy::cli::main()
+}

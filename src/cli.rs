@@ -1,0 +1,243 @@
+//! The command line: `run`, `check`, `route` and `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Config;
+use crate::demo::DemoInstance;
+use crate::routing::RoutingTable;
+use crate::server;
+
+/// Routes every request about a device, WebSocket and HTTP alike, to the one
+/// backend that owns it, by consistent hashing of the device ID.
+#[derive(Parser, Debug)]
+#[command(name = "sticky-proxy", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy with a config file (stop with SIGINT or SIGTERM).
+    Run {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0 if it is good, 1 with the problem if not.
+    Check {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Print which backend owns a device (offline: reads only the config).
+    Route {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// The device ID as the proxy sees it (after percent-decoding).
+        device_id: String,
+    },
+    /// Start the proxy and three demo app instances, and print how to try them.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Where the admin API listens.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+        /// Port of the first demo instance; the others take the next ports.
+        #[arg(long, default_value_t = 9001)]
+        first_backend_port: u16,
+        /// Number of demo app instances.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=50))]
+        instances: u16,
+    },
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: OK ({} backends, proxy on {}, admin on {}, device ID from {})",
+                    config.display(),
+                    c.backends.len(),
+                    c.server.listen,
+                    c.admin.listen,
+                    RoutingTable::new(&c).keys().describe()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+        Command::Route { config, device_id } => match Config::load(&config) {
+            Ok(c) => {
+                let table = RoutingTable::new(&c);
+                match table.owner(device_id.as_bytes()) {
+                    Some(b) => {
+                        println!("{device_id} -> {} ({})", b.id, b.address);
+                        ExitCode::SUCCESS
+                    }
+                    None => fail("the ring is empty"),
+                }
+            }
+            Err(e) => fail(e),
+        },
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => return fail(e),
+            };
+            init_logging();
+            block_on(async move { server::run(&config).await })
+        }
+        Command::Demo {
+            listen,
+            admin,
+            first_backend_port,
+            instances,
+        } => {
+            init_logging();
+            block_on(demo(listen, admin, first_backend_port, instances))
+        }
+    }
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::FAILURE
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn block_on(work: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// The config the demo runs with: the example's routing over local instances.
+pub fn demo_config(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    backends: &[(String, SocketAddr)],
+) -> String {
+    let mut text = format!(
+        r#"[server]
+listen = "{listen}"
+
+[admin]
+listen = "{admin}"
+
+[routing]
+key = ["header:x-device-id", "path:/devices/{{id}}/*", "query:device_id", "cookie:device_id"]
+missing_key = "reject"
+"#
+    );
+    for (id, addr) in backends {
+        text.push_str(&format!(
+            "\n[[backends]]\nid = \"{id}\"\naddress = \"{addr}\"\nweight = 1\n"
+        ));
+    }
+    text
+}
+
+async fn demo(
+    listen: SocketAddr,
+    admin: SocketAddr,
+    first_port: u16,
+    instances: u16,
+) -> std::io::Result<()> {
+    let mut apps = Vec::new();
+    for i in 0..instances {
+        let name = format!("app-{}", i + 1);
+        let port = first_port
+            .checked_add(i)
+            .ok_or_else(|| std::io::Error::other("backend port out of range"))?;
+        let addr = SocketAddr::new(listen.ip(), port);
+        let app = DemoInstance::bind(name.clone(), addr).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot start demo instance {name} on {addr}: {e}"),
+            )
+        })?;
+        apps.push(app);
+    }
+    let backends: Vec<(String, SocketAddr)> = apps
+        .iter()
+        .map(|a| (a.name().to_string(), a.addr()))
+        .collect();
+    let config =
+        Config::parse(&demo_config(listen, admin, &backends)).map_err(std::io::Error::other)?;
+    let running = server::start(&config).await?;
+
+    let table = RoutingTable::new(&config);
+    let owner = table
+        .owner(b"phone-42")
+        .map_or("?".to_string(), |b| b.id.clone());
+    let proxy = running.proxy_addr();
+    let instances: Vec<String> = backends
+        .iter()
+        .map(|(n, a)| format!("{n} on {a}"))
+        .collect();
+    println!(
+        r#"
+sticky-proxy demo: proxy on http://{proxy}, admin on http://{admin}
+demo app instances: {instances}
+
+Try it in a second terminal. Connect a device (keep it open; websocat is at
+https://github.com/vi/websocat, any WebSocket client works):
+
+  websocat ws://{proxy}/devices/phone-42/ws
+
+In a third terminal, push a message to that device through the proxy. The
+proxy sends it to {owner}, the instance holding phone-42's socket, and the
+message appears in the first terminal:
+
+  curl -i -X POST --data 'hello phone-42' http://{proxy}/devices/phone-42/messages
+
+Ask which instance owns a device, through the proxy or offline:
+
+  curl -H 'x-device-id: phone-42' http://{proxy}/whoami
+  sticky-proxy route --config config.toml.example phone-42   # for the example config's ring
+
+Without sticky routing, 2 in 3 of these POSTs would reach an instance without
+the socket. See for yourself, straight to each instance:
+
+  for port in {ports}; do curl -s -X POST --data hi http://{ip}:$port/devices/phone-42/messages; echo; done
+
+Stop with Ctrl-C."#,
+        instances = instances.join(", "),
+        ip = listen.ip(),
+        ports = backends
+            .iter()
+            .map(|(_, a)| a.port().to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
+    // A request without a device ID is rejected: curl http://{proxy}/whoami
+    let _ = apps;
+    tokio::signal::ctrl_c().await?;
+    running.shutdown().await;
+    Ok(())
+}

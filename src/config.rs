@@ -1,0 +1,654 @@
+//! The TOML configuration: parsing, defaults and validation.
+//!
+//! A file is read into raw serde structs (unknown keys are rejected), then
+//! checked field by field into a [`Config`] whose values are known-good:
+//! addresses parse, key patterns compile, backend ids are unique, weights are
+//! positive. Every error names the file, line and field, so an operator can go
+//! straight to the mistake. Nothing here touches the network.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper::http::uri::Authority;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::key::KeySource;
+use crate::ring;
+
+/// Upper bound on ring points (sum of weight × replicas over all backends):
+/// 10 million points is 80 MB of ring, far beyond any sane deployment.
+const MAX_RING_POINTS: u64 = 10_000_000;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub routing: RoutingConfig,
+    pub upstream: UpstreamConfig,
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where proxied traffic is accepted.
+    pub listen: SocketAddr,
+    /// How long in-flight HTTP requests may take to finish on shutdown
+    /// before connections (and then WebSocket tunnels) are closed.
+    pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// The admin listener; never shared with proxied traffic.
+    pub listen: SocketAddr,
+}
+
+/// What to do with a request that carries no device ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MissingKey {
+    /// Answer 400 and say where the ID was looked for.
+    Reject,
+    /// Send it to any backend, round-robin.
+    Spread,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    /// Where the device ID is looked for, in order; the first hit wins.
+    pub keys: Vec<KeySource>,
+    pub missing_key: MissingKey,
+    /// Ring points per unit of backend weight.
+    pub replicas: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Time allowed to open a TCP connection to a backend (504 past it).
+    pub connect_timeout: Duration,
+    /// Time allowed for a backend to send response headers (504 past it).
+    /// Streaming bodies and open WebSockets are not bounded by it.
+    pub response_timeout: Duration,
+    /// Idle keep-alive connections kept per backend.
+    pub pool_max_idle: usize,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Stable identity hashed onto the ring; the address may change freely.
+    pub id: String,
+    /// `host:port`, where host is an IP address, `[IPv6]` or a DNS name.
+    pub address: String,
+    pub weight: u32,
+}
+
+/// A configuration problem, located as precisely as the input allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: Option<usize>,
+    /// Dotted path of the offending field, e.g. `backends[2].weight`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.file, self.line) {
+            (Some(file), Some(line)) => write!(f, "{}:{line}: ", file.display())?,
+            (Some(file), None) => write!(f, "{}: ", file.display())?,
+            (None, Some(line)) => write!(f, "line {line}: ")?,
+            (None, None) => {}
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_path_buf()),
+            line: None,
+            field: None,
+            message: format!("cannot read config file: {e}"),
+        })?;
+        Config::parse(&text).map_err(|mut e| {
+            e.file = Some(path.to_path_buf());
+            e
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: None,
+            line: e.span().map(|s| line_of(text, s.start)),
+            field: None,
+            message: e.message().trim().to_string(),
+        })?;
+        Validator { text }.config(raw)
+    }
+}
+
+// ---- raw file shape -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    #[serde(default)]
+    admin: Option<RawAdmin>,
+    routing: RawRouting,
+    #[serde(default)]
+    upstream: RawUpstream,
+    #[serde(default)]
+    backends: Option<Spanned<Vec<RawBackend>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Spanned<String>,
+    shutdown_grace: Option<Spanned<String>>,
+    header_read_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    key: Spanned<Vec<Spanned<String>>>,
+    missing_key: Option<MissingKey>,
+    replicas: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    connect_timeout: Option<Spanned<String>>,
+    response_timeout: Option<Spanned<String>>,
+    pool_max_idle: Option<Spanned<i64>>,
+    pool_idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    id: Spanned<String>,
+    address: Spanned<String>,
+    weight: Option<Spanned<i64>>,
+}
+
+// ---- validation -------------------------------------------------------------
+
+struct Validator<'t> {
+    text: &'t str,
+}
+
+impl Validator<'_> {
+    fn err<T>(
+        &self,
+        span: std::ops::Range<usize>,
+        field: &str,
+        message: String,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            file: None,
+            line: Some(line_of(self.text, span.start)),
+            field: Some(field.to_string()),
+            message,
+        })
+    }
+
+    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+        let server = ServerConfig {
+            listen: self.socket_addr(&raw.server.listen, "server.listen")?,
+            shutdown_grace: self.duration(
+                raw.server.shutdown_grace.as_ref(),
+                "server.shutdown_grace",
+                Duration::from_secs(10),
+            )?,
+            header_read_timeout: self.duration(
+                raw.server.header_read_timeout.as_ref(),
+                "server.header_read_timeout",
+                Duration::from_secs(30),
+            )?,
+        };
+        let admin = match &raw.admin {
+            Some(admin) => AdminConfig {
+                listen: self.socket_addr(&admin.listen, "admin.listen")?,
+            },
+            None => AdminConfig {
+                listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            },
+        };
+        if admin.listen == server.listen && server.listen.port() != 0 {
+            return self.err(
+                raw.admin.as_ref().map_or(0..0, |a| a.listen.span()),
+                "admin.listen",
+                "must differ from server.listen: the admin API never shares a listener with proxied traffic".into(),
+            );
+        }
+
+        let routing = self.routing(raw.routing)?;
+        let upstream = self.upstream(&raw.upstream)?;
+        let backends = self.backends(raw.backends, routing.replicas)?;
+        Ok(Config {
+            server,
+            admin,
+            routing,
+            upstream,
+            backends,
+        })
+    }
+
+    fn routing(&self, raw: RawRouting) -> Result<RoutingConfig, ConfigError> {
+        let mut keys = Vec::new();
+        if raw.key.get_ref().is_empty() {
+            return self.err(
+                raw.key.span(),
+                "routing.key",
+                "must list at least one place to find the device ID".into(),
+            );
+        }
+        for (i, source) in raw.key.get_ref().iter().enumerate() {
+            match source.get_ref().parse::<KeySource>() {
+                Ok(k) => keys.push(k),
+                Err(e) => return self.err(source.span(), &format!("routing.key[{i}]"), e),
+            }
+        }
+        let replicas = match &raw.replicas {
+            None => ring::DEFAULT_REPLICAS,
+            Some(r) => match u32::try_from(*r.get_ref()) {
+                Ok(n) if (1..=100_000).contains(&n) => n,
+                _ => {
+                    return self.err(
+                        r.span(),
+                        "routing.replicas",
+                        format!("must be between 1 and 100000, got {}", r.get_ref()),
+                    )
+                }
+            },
+        };
+        Ok(RoutingConfig {
+            keys,
+            missing_key: raw.missing_key.unwrap_or(MissingKey::Reject),
+            replicas,
+        })
+    }
+
+    fn upstream(&self, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
+        let pool_max_idle = match &raw.pool_max_idle {
+            None => 512,
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(n) => n,
+                Err(_) => {
+                    return self.err(
+                        n.span(),
+                        "upstream.pool_max_idle",
+                        format!("must be 0 or more, got {}", n.get_ref()),
+                    )
+                }
+            },
+        };
+        Ok(UpstreamConfig {
+            connect_timeout: self.duration(
+                raw.connect_timeout.as_ref(),
+                "upstream.connect_timeout",
+                Duration::from_secs(3),
+            )?,
+            response_timeout: self.duration(
+                raw.response_timeout.as_ref(),
+                "upstream.response_timeout",
+                Duration::from_secs(60),
+            )?,
+            pool_max_idle,
+            pool_idle_timeout: self.duration(
+                raw.pool_idle_timeout.as_ref(),
+                "upstream.pool_idle_timeout",
+                Duration::from_secs(90),
+            )?,
+        })
+    }
+
+    fn backends(
+        &self,
+        raw: Option<Spanned<Vec<RawBackend>>>,
+        replicas: u32,
+    ) -> Result<Vec<BackendConfig>, ConfigError> {
+        let Some(raw) = raw else {
+            return Err(ConfigError {
+                file: None,
+                line: None,
+                field: Some("backends".into()),
+                message: "no backends configured: add at least one [[backends]] table".into(),
+            });
+        };
+        if raw.get_ref().is_empty() {
+            return self.err(
+                raw.span(),
+                "backends",
+                "no backends configured: add at least one [[backends]] table".into(),
+            );
+        }
+        let mut out: Vec<BackendConfig> = Vec::with_capacity(raw.get_ref().len());
+        let mut points: u64 = 0;
+        for (i, b) in raw.get_ref().iter().enumerate() {
+            let field = |name: &str| format!("backends[{i}].{name}");
+            let id = b.id.get_ref().trim();
+            if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
+                return self.err(
+                    b.id.span(),
+                    &field("id"),
+                    "must be 1 to 256 printable characters".into(),
+                );
+            }
+            if let Some(first) = out.iter().position(|o| o.id == id) {
+                return self.err(
+                    b.id.span(),
+                    &field("id"),
+                    format!("duplicate backend id {id:?} (also backends[{first}])"),
+                );
+            }
+            let address = b.address.get_ref().trim();
+            if let Err(e) = validate_address(address) {
+                return self.err(b.address.span(), &field("address"), e);
+            }
+            let weight = match &b.weight {
+                None => 1,
+                Some(w) => match u32::try_from(*w.get_ref()) {
+                    Ok(w) if w >= 1 => w,
+                    _ => {
+                        return self.err(
+                            w.span(),
+                            &field("weight"),
+                            format!("must be a whole number of at least 1, got {} (remove the backend to take it out)", w.get_ref()),
+                        )
+                    }
+                },
+            };
+            points += u64::from(weight) * u64::from(replicas);
+            if points > MAX_RING_POINTS {
+                return self.err(
+                    b.weight.as_ref().map_or(b.id.span(), |w| w.span()),
+                    &field("weight"),
+                    format!("the ring would need more than {MAX_RING_POINTS} points (sum of weight × routing.replicas); lower the weights or replicas"),
+                );
+            }
+            out.push(BackendConfig {
+                id: id.to_string(),
+                address: address.to_string(),
+                weight,
+            });
+        }
+        Ok(out)
+    }
+
+    fn socket_addr(&self, value: &Spanned<String>, field: &str) -> Result<SocketAddr, ConfigError> {
+        value.get_ref().trim().parse().or_else(|_| {
+            self.err(
+                value.span(),
+                field,
+                format!(
+                    "{:?} is not an IP address with a port, e.g. \"0.0.0.0:8080\" or \"[::]:8080\"",
+                    value.get_ref()
+                ),
+            )
+        })
+    }
+
+    fn duration(
+        &self,
+        value: Option<&Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => match parse_duration(v.get_ref()) {
+                Some(d) if !d.is_zero() => Ok(d),
+                _ => self.err(
+                    v.span(),
+                    field,
+                    format!(
+                        "{:?} is not a positive duration; write e.g. \"500ms\", \"2s\", \"1m\"",
+                        v.get_ref()
+                    ),
+                ),
+            },
+        }
+    }
+}
+
+/// Checks a backend address: `host:port` with a non-zero port, where host is
+/// an IPv4 address, a bracketed IPv6 address or a DNS name.
+fn validate_address(address: &str) -> Result<(), String> {
+    let hint =
+        "write host:port, e.g. \"10.0.0.5:8080\", \"[fd00::5]:8080\" or \"app-1.internal:8080\"";
+    if address.contains("://") || address.contains('/') {
+        return Err(format!(
+            "{address:?} must be host:port without a scheme or path; {hint}"
+        ));
+    }
+    let authority: Authority = address
+        .parse()
+        .map_err(|_| format!("{address:?} is not a valid address; {hint}"))?;
+    if address.contains('@') {
+        return Err(format!("{address:?} must not contain user info; {hint}"));
+    }
+    match authority.port_u16() {
+        Some(0) => return Err(format!("{address:?} has port 0; {hint}")),
+        Some(_) => {}
+        None => return Err(format!("{address:?} has no port; {hint}")),
+    }
+    let host = authority.host();
+    let valid_host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+    };
+    if !valid_host {
+        return Err(format!("{address:?} has an invalid host; {hint}"));
+    }
+    Ok(())
+}
+
+/// Parses durations written as `"500ms"`, `"2s"`, `"1m"`, `"1h"` (a whole
+/// number and a unit; `"1.5s"` is also accepted).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit.trim() {
+        "ms" => number / 1000.0,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(seconds).ok()
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+
+[routing]
+key = ["header:x-device-id", "path:/devices/{id}/*"]
+
+[[backends]]
+id = "app-1"
+address = "127.0.0.1:9001"
+
+[[backends]]
+id = "app-2"
+address = "app-2.internal:9002"
+weight = 2
+"#;
+
+    fn error_for(text: &str) -> ConfigError {
+        match Config::parse(text) {
+            Ok(_) => panic!("config should have been rejected:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn good_config_gets_defaults() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert_eq!(c.backends.len(), 2);
+        assert_eq!(c.backends[1].weight, 2);
+        assert_eq!(c.routing.missing_key, MissingKey::Reject);
+        assert_eq!(c.routing.replicas, ring::DEFAULT_REPLICAS);
+        assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().expect("addr"));
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nreplica = 3"));
+        assert!(e.message.contains("replica"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+    }
+
+    #[test]
+    fn duplicate_ids_are_rejected() {
+        let e = error_for(&GOOD.replace("\"app-2\"", "\"app-1\""));
+        assert_eq!(e.field.as_deref(), Some("backends[1].id"), "{e}");
+        assert!(e.message.contains("duplicate"), "{e}");
+        assert_eq!(e.line, Some(13));
+    }
+
+    #[test]
+    fn zero_and_negative_weights_are_rejected() {
+        for w in ["0", "-1"] {
+            let e = error_for(&GOOD.replace("weight = 2", &format!("weight = {w}")));
+            assert_eq!(e.field.as_deref(), Some("backends[1].weight"), "{e}");
+        }
+    }
+
+    #[test]
+    fn empty_backend_list_is_rejected() {
+        let text = GOOD.split("[[backends]]").next().expect("prefix");
+        assert_eq!(error_for(text).field.as_deref(), Some("backends"));
+        assert_eq!(
+            error_for(&format!("backends = []\n{text}"))
+                .field
+                .as_deref(),
+            Some("backends")
+        );
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected() {
+        for bad in [
+            "127.0.0.1",
+            "http://127.0.0.1:9002",
+            "127.0.0.1:99999",
+            "127.0.0.1:0",
+            "[::1:9000",
+            "a b:80",
+            "user@host:80",
+            "",
+        ] {
+            let e = error_for(&GOOD.replace("app-2.internal:9002", bad));
+            assert_eq!(
+                e.field.as_deref(),
+                Some("backends[1].address"),
+                "{bad}: {e}"
+            );
+        }
+        for good in ["[::1]:9000", "10.0.0.5:8080", "app_2.svc.cluster.local:80"] {
+            Config::parse(&GOOD.replace("app-2.internal:9002", good))
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+    }
+
+    #[test]
+    fn bad_key_patterns_are_rejected() {
+        for bad in [
+            "header:",
+            "path:/devices/*/{id}",
+            "path:devices/{id}",
+            "path:/devices/x",
+            "query:",
+            "ip:x",
+            "cookie:a=b",
+        ] {
+            let e = error_for(&GOOD.replace("header:x-device-id", bad));
+            assert_eq!(e.field.as_deref(), Some("routing.key[0]"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_listen_and_durations_are_rejected() {
+        let e = error_for(&GOOD.replace("127.0.0.1:8080", "localhost:8080"));
+        assert_eq!(e.field.as_deref(), Some("server.listen"));
+        let e = error_for(&GOOD.replace(
+            "[routing]",
+            "[upstream]\nconnect_timeout = \"3 parsecs\"\n[routing]",
+        ));
+        assert_eq!(e.field.as_deref(), Some("upstream.connect_timeout"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("1e400s"), None);
+    }
+
+    #[test]
+    fn error_display_names_file_line_and_field() {
+        let e = ConfigError {
+            file: Some("/etc/sp.toml".into()),
+            line: Some(3),
+            field: Some("backends[0].weight".into()),
+            message: "bad".into(),
+        };
+        assert_eq!(e.to_string(), "/etc/sp.toml:3: backends[0].weight: bad");
+    }
+}

@@ -1,0 +1,378 @@
+//! Proxying one HTTP request to the backend that owns its device.
+//!
+//! [`Proxy::handle`] is the per-request hot path: load the routing snapshot,
+//! find the device ID and its owner, then either forward the request over a
+//! pooled keep-alive connection (bodies stream both ways, nothing is
+//! buffered) or, for `Upgrade: websocket`, hand it to [`crate::tunnel`].
+//!
+//! Headers follow RFC 9110: hop-by-hop headers (and any named in
+//! `Connection`) are dropped in both directions, `Host` is kept,
+//! `X-Forwarded-For` is appended to, and `X-Forwarded-Proto` and
+//! `X-Forwarded-Host` are set. Upstream failures answer the client with a
+//! short plain-text reason: 502 when the backend refused, was unreachable or
+//! broke the connection, 504 when it was too slow.
+
+use std::error::Error as StdError;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::UpstreamConfig;
+use crate::routing::{Backend, Decision, Router};
+use crate::tunnel;
+
+/// Response bodies: a backend's streamed body, or a short message of ours.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// State shared by every connection of one running proxy.
+pub struct Proxy {
+    router: Router,
+    client: Client<HttpConnector, Incoming>,
+    pub(crate) upstream: UpstreamConfig,
+    /// Flips to `true` when open tunnels must close (end of shutdown).
+    pub(crate) close_tunnels: watch::Receiver<bool>,
+}
+
+impl Proxy {
+    pub fn new(
+        router: Router,
+        upstream: UpstreamConfig,
+        close_tunnels: watch::Receiver<bool>,
+    ) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(upstream.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(upstream.pool_max_idle)
+            .pool_idle_timeout(upstream.pool_idle_timeout)
+            .build(connector);
+        Proxy {
+            router,
+            client,
+            upstream,
+            close_tunnels,
+        }
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Serves one request from `client_addr`. Never fails: every problem
+    /// becomes a response with a status and a reason.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client_addr: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let (device, backend) = {
+            let table = self.router.load();
+            match table.decide(req.uri(), req.headers()) {
+                Decision::Owner { key, backend } => (Some(key.display().into_owned()), backend),
+                Decision::Spread { backend } => (None, backend),
+                Decision::NoKey => {
+                    let reason = format!(
+                        "no device ID in request: looked for {}\n",
+                        table.keys().describe()
+                    );
+                    info!(method = %req.method(), path = %req.uri().path(), status = 400, "rejected: no device ID");
+                    return text_response(StatusCode::BAD_REQUEST, reason);
+                }
+            }
+        };
+        let device = device.as_deref().unwrap_or("-");
+
+        if is_websocket_upgrade(req.headers()) {
+            return tunnel::open(self, req, client_addr, backend, device.to_string(), started)
+                .await;
+        }
+
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let response = match self.forward(req, client_addr, &backend).await {
+            Ok(mut response) => {
+                strip_hop_by_hop(response.headers_mut());
+                response.map(Either::Left)
+            }
+            Err(failure) => failure.response(&backend),
+        };
+        info!(
+            device,
+            backend = %backend.id,
+            %method,
+            path,
+            status = response.status().as_u16(),
+            ms = started.elapsed().as_secs_f64() * 1000.0,
+            "proxied"
+        );
+        response
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        client_addr: SocketAddr,
+        backend: &Backend,
+    ) -> Result<Response<Incoming>, UpstreamFailure> {
+        let (mut parts, body) = req.into_parts();
+        parts.uri = upstream_uri(&backend.address, &parts.uri)?;
+        parts.version = hyper::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        add_forwarded_headers(&mut parts.headers, client_addr, "http");
+        let request = Request::from_parts(parts, body);
+        match tokio::time::timeout(self.upstream.response_timeout, self.client.request(request))
+            .await
+        {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(UpstreamFailure::classify(&e, e.is_connect())),
+            Err(_) => Err(UpstreamFailure::Timeout),
+        }
+    }
+}
+
+/// Why a backend gave no response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpstreamFailure {
+    Refused,
+    Unreachable,
+    ConnectTimeout,
+    Timeout,
+    /// Connected, but the backend closed or broke the connection.
+    Broken,
+    /// The backend address can't form a request URI.
+    BadAddress,
+}
+
+impl UpstreamFailure {
+    pub(crate) fn classify(
+        err: &(dyn StdError + 'static),
+        during_connect: bool,
+    ) -> UpstreamFailure {
+        let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                match io.kind() {
+                    io::ErrorKind::TimedOut if during_connect => {
+                        return UpstreamFailure::ConnectTimeout
+                    }
+                    io::ErrorKind::TimedOut => return UpstreamFailure::Timeout,
+                    io::ErrorKind::ConnectionRefused => return UpstreamFailure::Refused,
+                    _ => {}
+                }
+            }
+            source = e.source();
+        }
+        if during_connect {
+            UpstreamFailure::Unreachable
+        } else {
+            UpstreamFailure::Broken
+        }
+    }
+
+    pub(crate) fn response(self, backend: &Backend) -> Response<ProxyBody> {
+        let (id, addr) = (&backend.id, &backend.address);
+        let (status, reason) = match self {
+            UpstreamFailure::Refused => (
+                StatusCode::BAD_GATEWAY,
+                format!("backend {id} ({addr}) refused the connection"),
+            ),
+            UpstreamFailure::Unreachable => (
+                StatusCode::BAD_GATEWAY,
+                format!("backend {id} ({addr}) is unreachable"),
+            ),
+            UpstreamFailure::ConnectTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("backend {id} ({addr}) did not accept the connection in time"),
+            ),
+            UpstreamFailure::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("backend {id} ({addr}) did not answer in time"),
+            ),
+            UpstreamFailure::Broken => (
+                StatusCode::BAD_GATEWAY,
+                format!("backend {id} ({addr}) closed the connection without a valid response"),
+            ),
+            UpstreamFailure::BadAddress => (
+                StatusCode::BAD_GATEWAY,
+                format!("backend {id} has an unusable address {addr:?}"),
+            ),
+        };
+        warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
+        text_response(status, reason + "\n")
+    }
+}
+
+/// `http://{address}{path?query}` for the upstream request.
+pub(crate) fn upstream_uri(address: &str, original: &Uri) -> Result<Uri, UpstreamFailure> {
+    // Asterisk-form (`OPTIONS *`) has no path to forward; ask for "/".
+    let path = original
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or("/");
+    Uri::builder()
+        .scheme("http")
+        .authority(address)
+        .path_and_query(path)
+        .build()
+        .map_err(|_| UpstreamFailure::BadAddress)
+}
+
+/// A short plain-text response of the proxy's own.
+pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(body.into())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// True for `Connection: upgrade` + `Upgrade: websocket`.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    has_token(headers, &header::CONNECTION, "upgrade")
+        && has_token(headers, &header::UPGRADE, "websocket")
+}
+
+fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, those named in `Connection`, and `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+/// Appends the client to `X-Forwarded-For` and sets `-Proto` and `-Host`.
+pub fn add_forwarded_headers(
+    headers: &mut HeaderMap,
+    client_addr: SocketAddr,
+    proto: &'static str,
+) {
+    let client_ip = client_addr.ip().to_string();
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
+        _ => client_ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    match headers.get(header::HOST).cloned() {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_tokens_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        h.insert("x-device-id", HeaderValue::from_static("d1"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "x-device-id"]);
+    }
+
+    #[test]
+    fn forwarded_headers_append_and_set() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            X_FORWARDED_FOR.clone(),
+            HeaderValue::from_static("10.1.1.1"),
+        );
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+        h.insert(header::HOST, HeaderValue::from_static("api.example.com"));
+        add_forwarded_headers(&mut h, "127.0.0.9:5555".parse().expect("addr"), "http");
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.1.1, 127.0.0.9");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        assert_eq!(h[&X_FORWARDED_HOST], "api.example.com");
+    }
+
+    #[test]
+    fn websocket_upgrade_detection_reads_tokens() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(is_websocket_upgrade(&h));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!is_websocket_upgrade(&h));
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query() {
+        let uri: Uri = "/devices/a%20b/messages?x=1".parse().expect("uri");
+        assert_eq!(
+            upstream_uri("10.0.0.1:80", &uri).expect("uri").to_string(),
+            "http://10.0.0.1:80/devices/a%20b/messages?x=1"
+        );
+        assert_eq!(
+            upstream_uri("[::1]:9000", &"*".parse().expect("uri")).map(|u| u.to_string()),
+            Ok("http://[::1]:9000/".into())
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! WebSocket tunnels: an `Upgrade: websocket` request joined to its owner.
+//!
+//! The upgrade request is sent to the device's backend on a fresh
+//! connection of its own (tunnels are long-lived, so they never borrow a
+//! pooled keep-alive connection). When the backend answers `101 Switching
+//! Protocols`, that answer is passed to the client, both connections are
+//! upgraded, and bytes are copied both ways in one task until either side
+//! closes. Any other answer (401, 404, …) is passed back as is and no tunnel
+//! forms. The proxy doesn't parse WebSocket frames here; it copies bytes.
+//!
+//! Each tunnel is a tokio task, not a thread, so thousands cost only memory.
+//! On shutdown, tunnels close once the HTTP grace period is over.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::proxy::{add_forwarded_headers, strip_hop_by_hop, Proxy, ProxyBody, UpstreamFailure};
+use crate::routing::Backend;
+
+/// Time allowed for both sides to complete the upgrade after a 101.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends a WebSocket upgrade to `backend` and, on 101, starts the tunnel.
+pub(crate) async fn open(
+    proxy: Arc<Proxy>,
+    mut req: Request<Incoming>,
+    client_addr: SocketAddr,
+    backend: Arc<Backend>,
+    device: String,
+    started: Instant,
+) -> Response<ProxyBody> {
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let path = req.uri().path().to_string();
+
+    let mut backend_response = match send_upgrade(&proxy, req, client_addr, &backend).await {
+        Ok(response) => response,
+        Err(failure) => {
+            let response = failure.response(&backend);
+            info!(device, backend = %backend.id, path, status = response.status().as_u16(), "websocket upgrade failed");
+            return response;
+        }
+    };
+
+    let status = backend_response.status();
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        info!(device, backend = %backend.id, path, status = status.as_u16(), "websocket upgrade refused by backend");
+        let mut response = backend_response.map(Either::Left);
+        strip_hop_by_hop(response.headers_mut());
+        return response;
+    }
+
+    // Pass the backend's 101 on, with its Upgrade/Connection headers intact.
+    let backend_upgrade = hyper::upgrade::on(&mut backend_response);
+    let mut response = Response::new(Either::Right(Default::default()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *response.headers_mut() = std::mem::take(backend_response.headers_mut());
+
+    let mut close = proxy.close_tunnels.clone();
+    tokio::spawn(async move {
+        let upgrades = tokio::time::timeout(UPGRADE_TIMEOUT, async {
+            tokio::try_join!(client_upgrade, backend_upgrade)
+        });
+        let (client_io, backend_io) = match upgrades.await {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
+                return debug!(device, backend = %backend.id, error = %e, "websocket upgrade did not complete")
+            }
+            Err(_) => return debug!(device, backend = %backend.id, "websocket upgrade timed out"),
+        };
+        let (mut client_io, mut backend_io) = (TokioIo::new(client_io), TokioIo::new(backend_io));
+        info!(device, backend = %backend.id, path, setup_ms = started.elapsed().as_secs_f64() * 1000.0, "tunnel open");
+        let opened = Instant::now();
+        let outcome = tokio::select! {
+            copied = tokio::io::copy_bidirectional(&mut client_io, &mut backend_io) => match copied {
+                Ok((up, down)) => format!("closed ({up} bytes up, {down} bytes down)"),
+                Err(e) => format!("closed by error: {e}"),
+            },
+            _ = crate::server::raised(&mut close) => "closed by proxy shutdown".to_string(),
+        };
+        info!(device, backend = %backend.id, secs = opened.elapsed().as_secs_f64(), "tunnel {outcome}");
+    });
+    response
+}
+
+/// Connects to the backend on a dedicated connection and sends the upgrade.
+async fn send_upgrade(
+    proxy: &Proxy,
+    req: Request<Incoming>,
+    client_addr: SocketAddr,
+    backend: &Backend,
+) -> Result<Response<Incoming>, UpstreamFailure> {
+    let connect = tokio::time::timeout(
+        proxy.upstream.connect_timeout,
+        TcpStream::connect(backend.address.as_str()),
+    );
+    let stream = match connect.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(UpstreamFailure::classify(&e, true)),
+        Err(_) => return Err(UpstreamFailure::ConnectTimeout),
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| UpstreamFailure::classify(&e, false))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            debug!(error = %e, "backend connection for websocket upgrade ended");
+        }
+    });
+
+    let (mut parts, body) = req.into_parts();
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .parse()
+        .map_err(|_| UpstreamFailure::BadAddress)?;
+    parts.version = hyper::Version::HTTP_11;
+    let upgrade = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(upgrade) = upgrade {
+        parts.headers.insert(header::UPGRADE, upgrade);
+    }
+    if !parts.headers.contains_key(header::HOST) {
+        if let Ok(host) = HeaderValue::from_str(&backend.address) {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
+    add_forwarded_headers(&mut parts.headers, client_addr, "http");
+
+    let request = Request::from_parts(parts, body);
+    match tokio::time::timeout(
+        proxy.upstream.response_timeout,
+        sender.send_request(request),
+    )
+    .await
+    {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) => Err(UpstreamFailure::classify(&e, false)),
+        Err(_) => Err(UpstreamFailure::Timeout),
+    }
+}
