@@ -28,3 +28,8 @@ impl DemoInstance {
     }
     pub fn shutdown(&self) {}
 }
+impl DemoInstance {
+    pub fn connected_devices(&self) -> usize {
+        0
+    }
+}

@@ -1,0 +1,182 @@
+//! HTTP proxying: headers, upstream failures, and WebSocket answers other
+//! than 101.
+
+mod common;
+
+use common::*;
+use hyper::StatusCode;
+
+/// A device ID whose ring owner is `backend`.
+fn device_owned_by(proxy: &sticky_proxy::server::RunningProxy, backend: &str) -> String {
+    let mut ids = Ids::new(99);
+    loop {
+        let id = ids.next_id();
+        if proxy
+            .router()
+            .load()
+            .owner(id.as_bytes())
+            .map(|b| b.id.as_str())
+            == Some(backend)
+        {
+            return id;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_set_and_hop_by_hop_headers_dropped() {
+    let (_apps, proxy) = stack(2).await;
+    let reply = Http::default()
+        .get(
+            &format!("http://{}/headers?x=1", proxy.proxy_addr()),
+            &[
+                ("x-device-id", "d1"),
+                ("host", "api.example.test"),
+                ("x-forwarded-for", "10.9.8.7"),
+                ("connection", "x-hop"),
+                ("x-hop", "secret"),
+                ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let seen: serde_json::Value = serde_json::from_str(&reply.body).expect("json");
+    assert_eq!(seen["host"], "api.example.test", "Host is kept");
+    assert_eq!(seen["x-forwarded-for"], "10.9.8.7, 127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], "api.example.test");
+    assert_eq!(seen["x-device-id"], "d1");
+    assert_eq!(seen["_uri"], "/headers?x=1");
+    assert!(
+        seen.get("x-hop").is_none(),
+        "header named in Connection must not be forwarded: {seen}"
+    );
+    assert!(seen.get("proxy-authorization").is_none(), "{seen}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_vanishes_gives_502_and_others_keep_serving() {
+    let (apps, proxy) = stack(3).await;
+    let http = Http::default();
+    let addr = proxy.proxy_addr();
+    let doomed = device_owned_by(&proxy, "app-2");
+    let survivor = device_owned_by(&proxy, "app-1");
+    assert_eq!(
+        http.get(
+            &format!("http://{addr}/whoami"),
+            &[("x-device-id", &doomed)]
+        )
+        .await
+        .body,
+        "app-2"
+    );
+
+    apps[1].shutdown();
+    let reply = http
+        .get(
+            &format!("http://{addr}/whoami"),
+            &[("x-device-id", &doomed)],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.body);
+    assert!(
+        reply.body.contains("app-2"),
+        "the reason names the backend: {}",
+        reply.body
+    );
+
+    let reply = http
+        .get(
+            &format!("http://{addr}/whoami"),
+            &[("x-device-id", &survivor)],
+        )
+        .await;
+    assert_eq!((reply.status.as_u16(), reply.body.as_str()), (200, "app-1"));
+
+    // A WebSocket for the dead backend's device fails the same way.
+    let url = format!("ws://{addr}/devices/{doomed}/ws");
+    match within("ws connect", tokio_tungstenite::connect_async(&url)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 502)
+        }
+        other => panic!("expected a 502 answer, got {other:?}"),
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_refusing_connections_gives_502_with_the_reason() {
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        l.local_addr().expect("addr")
+    }; // dropped: nothing listens there now
+    let apps = start_apps(1).await;
+    let mut text = config_for(&apps, ALL_KEYS, "");
+    text.push_str(&format!(
+        "\n[[backends]]\nid = \"gone\"\naddress = \"{closed}\"\n"
+    ));
+    let proxy = start_proxy(&text).await;
+    let device = device_owned_by(&proxy, "gone");
+    let reply = Http::default()
+        .get(
+            &format!("http://{}/whoami", proxy.proxy_addr()),
+            &[("x-device-id", &device)],
+        )
+        .await;
+    assert_eq!(reply.status, 502);
+    assert!(reply.body.contains("refused"), "{}", reply.body);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_backend_gives_504_and_the_proxy_keeps_serving() {
+    let apps = start_apps(1).await;
+    let proxy = start_proxy(&config_for(
+        &apps,
+        ALL_KEYS,
+        "[upstream]\nresponse_timeout = \"300ms\"",
+    ))
+    .await;
+    let http = Http::default();
+    let addr = proxy.proxy_addr();
+    let reply = http
+        .get(
+            &format!("http://{addr}/delay/5000"),
+            &[("x-device-id", "d1")],
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.body);
+    assert!(
+        reply.body.contains("did not answer in time"),
+        "{}",
+        reply.body
+    );
+    let reply = http
+        .get(&format!("http://{addr}/delay/10"), &[("x-device-id", "d1")])
+        .await;
+    assert_eq!(reply.status, 200);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_refused_by_the_backend_passes_its_answer_back() {
+    let (_apps, proxy) = stack(2).await;
+    // The demo app upgrades only /devices/{id}/ws; elsewhere it answers 404.
+    let url = format!("ws://{}/devices/d1/not-a-socket", proxy.proxy_addr());
+    match within("ws connect", tokio_tungstenite::connect_async(&url)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 404);
+            assert!(
+                response.headers().contains_key("x-instance"),
+                "the backend's own answer"
+            );
+        }
+        other => panic!("expected the backend's 404, got {other:?}"),
+    }
+    // And the proxy still tunnels a proper upgrade afterwards.
+    let _ws = connect_device(proxy.proxy_addr(), "d1").await;
+    proxy.shutdown().await;
+}
