@@ -84,13 +84,12 @@ async fn every_message_reaches_its_device_through_the_ring() {
 
     // Every instance took part, so the test didn't pass by sending all to one.
     for app in &apps {
-        let held = app.connected_devices();
+        let answered = answered_by.iter().filter(|a| *a == app.name()).count();
         assert!(
-            held > DEVICES / 6,
-            "{} holds only {held} devices",
+            answered > DEVICES / 6,
+            "{} delivered only {answered} messages",
             app.name()
         );
-        assert!(answered_by.iter().any(|a| a == app.name()));
     }
     proxy.shutdown().await;
 }
