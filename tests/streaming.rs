@@ -137,6 +137,7 @@ async fn fifty_megabytes_stream_both_ways_in_constant_memory() {
     assert_eq!(received, SIZE);
 
     let peak = memory_kb(pid, "VmHWM:");
+    eprintln!("proxy peak RSS: baseline {baseline} kB, after 100 MB {peak} kB");
     assert!(
         peak.saturating_sub(baseline) < MAX_GROWTH_KB,
         "proxy peak RSS grew by {} kB (baseline {baseline} kB, peak {peak} kB) moving 100 MB",
