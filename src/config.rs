@@ -39,7 +39,9 @@ pub struct ServerConfig {
     /// How long in-flight HTTP requests may take to finish on shutdown
     /// before connections (and then WebSocket tunnels) are closed.
     pub shutdown_grace: Duration,
-    /// How long a client may take to send a request's headers.
+    /// How long a client may take to send a request's headers; hyper
+    /// starts this clock when it waits for the next request, so it is also
+    /// the idle limit of a keep-alive connection.
     pub header_read_timeout: Duration,
 }
 
