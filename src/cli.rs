@@ -222,7 +222,10 @@ message appears in the first terminal:
 Ask which instance owns a device, through the proxy or offline:
 
   curl -H 'x-device-id: phone-42' http://{proxy}/whoami
-  sticky-proxy route --config config.toml.example phone-42   # for the example config's ring
+  cargo run --release -- route --config config.toml.example phone-42
+
+(The example config names its backends app-1..app-3 too, and the ring hashes
+those names, not addresses, so it answers {owner} as well.)
 
 Without sticky routing, 2 in 3 of these POSTs would reach an instance without
 the socket. See for yourself, straight to each instance:
