@@ -286,3 +286,125 @@ impl Iterator for Walk<'_> {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(ids: &[&str], weights: &[u32], replicas: u32) -> Ring {
+        let members: Vec<Member> = ids
+            .iter()
+            .zip(weights)
+            .map(|(id, &weight)| Member {
+                identity: id.as_bytes(),
+                weight,
+            })
+            .collect();
+        Ring::new(&members, replicas)
+    }
+
+    #[test]
+    fn point_chain_is_pinned() {
+        // Point 0 hashes the identity then four zero bytes; each next point
+        // hashes the identity then the previous point's little-endian bytes.
+        let p: Vec<u32> = point_hashes(b"app-1", 3).collect();
+        assert_eq!(p[0], crc32fast::hash(b"app-1\0\0\0\0"));
+        let mut second = b"app-1".to_vec();
+        second.extend_from_slice(&p[0].to_le_bytes());
+        assert_eq!(p[1], crc32fast::hash(&second));
+        assert_eq!(p, [0xca5a472c, 0x6e8e529f, 0x4f4bb59a]);
+    }
+
+    #[test]
+    fn points_are_sorted_distinct_and_indexed() {
+        let r = ring(&["a", "b", "c"], &[1, 2, 1], 300);
+        let hashes: Vec<u32> = r.hashes().collect();
+        assert_eq!(hashes.len(), r.points());
+        assert!(hashes.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(r.index.len(), (1 << 16) + 1);
+        assert_eq!(r.index[1 << 16] as usize, r.points());
+        let mut all: Vec<u32> = [("a", 300), ("b", 600), ("c", 300)]
+            .iter()
+            .flat_map(|&(id, n)| point_hashes(id.as_bytes(), n))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(hashes, all);
+    }
+
+    #[test]
+    fn lookup_matches_linear_scan() {
+        let r = ring(&["app-1", "app-2", "app-3", "app-4"], &[1, 1, 3, 1], 500);
+        let points: Vec<(u32, u16)> = r.hashes().zip(r.owners.iter().copied()).collect();
+        let naive = |h: u32| {
+            let p = points.iter().find(|p| p.0 >= h).unwrap_or(&points[0]);
+            usize::from(p.1)
+        };
+        // Every point, its neighbours, bucket edges and the ends of the space.
+        let mut probes = vec![0, 1, u32::MAX, u32::MAX - 1];
+        for &(h, _) in &points {
+            probes.extend([h, h.wrapping_sub(1), h.wrapping_add(1)]);
+        }
+        for b in (0..1u32 << 16).step_by(97) {
+            probes.extend([b << 16, (b << 16).wrapping_sub(1), b << 16 | 0xffff]);
+        }
+        for h in probes {
+            assert_eq!(r.owner_of_hash(h), Some(naive(h)), "hash {h:#x}");
+        }
+    }
+
+    #[test]
+    fn equal_hashes_go_to_the_smaller_identity() {
+        // Same identity means the same points: the earlier member wins all.
+        let r = ring(&["x", "x"], &[1, 1], 10);
+        assert_eq!(r.points(), 10);
+        assert!(r.owners.iter().all(|&o| o == 0));
+        // Distinct identities whose chains never collide: nothing dropped.
+        let r = ring(&["b", "a"], &[1, 1], 10);
+        assert_eq!(r.points(), 20);
+    }
+
+    #[test]
+    fn point_counts_saturate_in_proportion() {
+        let m = |weight| Member {
+            identity: b"m",
+            weight,
+        };
+        assert_eq!(point_counts(&[m(1), m(3), m(0)], 160), [160, 480, 0]);
+        let c = point_counts(&[m(u32::MAX), m(u32::MAX / 2), m(0)], u32::MAX);
+        assert!(c.iter().map(|&n| u64::from(n)).sum::<u64>() <= u64::from(MAX_POINTS));
+        assert!(c[0].abs_diff(MAX_POINTS / 3 * 2) <= 2);
+        assert!((c[0] / 2).abs_diff(c[1]) <= 1);
+        assert_eq!(c[2], 0);
+    }
+
+    #[test]
+    fn single_point_owns_everything() {
+        let r = ring(&["solo"], &[1], 1);
+        assert_eq!(r.points(), 1);
+        assert_eq!(r.shares(), [1.0]);
+        for h in [0, 1 << 31, u32::MAX] {
+            assert_eq!(r.owner_of_hash(h), Some(0));
+        }
+    }
+
+    #[test]
+    fn walk_switches_to_a_bitset_after_eight_members() {
+        let ids: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let r = ring(&ids, &[1; 100], 16);
+        let mut walked: Vec<usize> = r.walk(b"key").collect();
+        assert_eq!(walked.len(), 100);
+        walked.sort_unstable();
+        assert_eq!(walked, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn debug_is_a_summary() {
+        let r = ring(&["a", "b"], &[1, 0], 4);
+        assert_eq!(
+            format!("{r:?}"),
+            "Ring { members: 2, live: 1, points: 4, .. }"
+        );
+    }
+}
