@@ -81,6 +81,17 @@ fn lookup(c: &mut Criterion) {
             })
         });
     }
+    // Each key depends on the previous owner, so lookups cannot overlap:
+    // this is the latency of one lookup rather than throughput.
+    let ring = ring_of(&backend_ids(1000));
+    g.bench_function("1000_serial", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            let owner = ring.owner(black_box(keys[i].as_bytes())).unwrap_or(0);
+            i = (i + 1 + (owner & 1)) & (KEYS - 1);
+            owner
+        })
+    });
     g.finish();
 }
 

@@ -16,13 +16,15 @@
 //!
 //! Adding a member therefore only moves keys *to* it, and removing one only
 //! moves *its* keys, each to the next distinct member along the ring — the
-//! second element of [`Ring::walk`].
+//! second element of [`Ring::walk`]. (The one exception: a removed point
+//! that hid another member's point of the very same hash reveals it.)
 //!
 //! Layout: a point's hash is split into its high 16 bits, which select a
-//! bucket of a fixed 65,536-entry index, and its low 16 bits, stored in a
-//! `u16` array searched within the bucket; owners are a parallel `u16`
-//! array. Four bytes per point keeps 1,000 backends × 2,048 points in 8 MiB,
-//! which measured 2–3× faster than `u32` hashes and owners.
+//! bucket of a fixed 65,536-entry index, and its low 16 bits, which are
+//! binary-searched within the bucket. Each point is one `u32` slot,
+//! `low16 << 16 | owner`, so the owner sits next to the hash that found it.
+//! Four bytes per point keeps 1,000 backends × 2,048 points in 8 MiB; see
+//! `RING_NOTES.md` for the layouts measured.
 
 use std::fmt;
 
@@ -37,7 +39,7 @@ pub const DEFAULT_REPLICAS: u32 = 2048;
 pub const MAX_POINTS: u32 = 1 << 25;
 
 /// Most members a ring holds (owners are stored as `u16`); members past
-/// this index are ignored. Config validation rejects such configs anyway.
+/// this index are ignored (config validation is expected to reject them).
 pub const MAX_MEMBERS: usize = 1 << 16;
 
 /// One ring member as given to [`Ring::new`].
@@ -56,10 +58,9 @@ pub struct Ring {
     /// Points `index[b]..index[b + 1]` have hashes with high half `b`
     /// (65,537 entries).
     index: Vec<u32>,
-    /// Low half of each point's hash; points are in ascending hash order.
-    lows: Vec<u16>,
-    /// `owners[i]` is the member index owning point `i`.
-    owners: Vec<u16>,
+    /// One slot per point, in ascending hash order: the low half of the
+    /// point's hash in the high 16 bits, the owning member in the low 16.
+    slots: Vec<u32>,
     /// Number of members given (including those without points).
     members: usize,
     /// Number of distinct members that own at least one point.
@@ -71,7 +72,7 @@ impl fmt::Debug for Ring {
         f.debug_struct("Ring")
             .field("members", &self.members)
             .field("live", &self.live)
-            .field("points", &self.owners.len())
+            .field("points", &self.slots.len())
             .finish_non_exhaustive()
     }
 }
@@ -133,8 +134,10 @@ impl Ring {
         }
         Ring {
             index,
-            lows: points.iter().map(|p| p.0 as u16).collect(),
-            owners: points.iter().map(|p| p.1).collect(),
+            slots: points
+                .iter()
+                .map(|&(h, o)| h << 16 | u32::from(o))
+                .collect(),
             members: members.len(),
             live: has_point.iter().filter(|&&b| b).count(),
         }
@@ -147,20 +150,26 @@ impl Ring {
 
     /// Index of the first point at or after `hash`, wrapping; None if empty.
     fn point_index(&self, hash: u32) -> Option<usize> {
-        if self.owners.is_empty() {
+        if self.slots.is_empty() {
             return None;
         }
         let b = (hash >> 16) as usize;
         let (lo, hi) = (self.index[b] as usize, self.index[b + 1] as usize);
-        let i = lo + self.lows[lo..hi].partition_point(|&l| l < hash as u16);
-        Some(if i == self.owners.len() { 0 } else { i })
+        // `slot < hash << 16` exactly when the slot's low half is below the key's.
+        let i = lo + self.slots[lo..hi].partition_point(|&s| s < hash << 16);
+        Some(if i == self.slots.len() { 0 } else { i })
+    }
+
+    /// The member owning point `i`.
+    fn owner_at(&self, i: usize) -> u16 {
+        self.slots[i] as u16
     }
 
     /// Full point hashes in ring order.
     fn hashes(&self) -> impl Iterator<Item = u32> + '_ {
         self.index.windows(2).enumerate().flat_map(move |(b, w)| {
-            let lows = &self.lows[w[0] as usize..w[1] as usize];
-            lows.iter().map(move |&l| (b as u32) << 16 | u32::from(l))
+            let slots = &self.slots[w[0] as usize..w[1] as usize];
+            slots.iter().map(move |&s| (b as u32) << 16 | s >> 16)
         })
     }
 
@@ -171,7 +180,8 @@ impl Ring {
 
     /// The member owning an already-computed key hash.
     pub fn owner_of_hash(&self, hash: u32) -> Option<usize> {
-        self.point_index(hash).map(|i| usize::from(self.owners[i]))
+        self.point_index(hash)
+            .map(|i| usize::from(self.owner_at(i)))
     }
 
     /// Distinct members in ring order starting at the key's owner (owner
@@ -199,13 +209,13 @@ impl Ring {
             return vec![0.0; self.members];
         };
         // Point i owns (h[i-1], h[i]]; point 0 owns (h[last], 2^32) and [0, h[0]].
-        for (hash, &owner) in self.hashes().zip(&self.owners) {
-            let arc = if self.owners.len() == 1 {
+        for (i, hash) in self.hashes().enumerate() {
+            let arc = if self.slots.len() == 1 {
                 1 << 32
             } else {
                 u64::from(hash.wrapping_sub(prev))
             };
-            arcs[usize::from(owner)] += arc;
+            arcs[usize::from(self.owner_at(i))] += arc;
             prev = hash;
         }
         arcs.iter()
@@ -215,7 +225,7 @@ impl Ring {
 
     /// Number of points on the ring (after dropping duplicate hashes).
     pub fn points(&self) -> usize {
-        self.owners.len()
+        self.slots.len()
     }
 
     /// Number of members given to [`Ring::new`], with or without points.
@@ -225,7 +235,7 @@ impl Ring {
 
     /// True if the ring has no points, so [`Ring::owner`] returns None.
     pub fn is_empty(&self) -> bool {
-        self.owners.is_empty()
+        self.slots.is_empty()
     }
 }
 
@@ -273,9 +283,9 @@ impl Iterator for Walk<'_> {
     type Item = usize;
 
     fn next(&mut self) -> Option<usize> {
-        let n = self.ring.owners.len();
+        let n = self.ring.slots.len();
         while self.left > 0 && self.steps < n {
-            let owner = self.ring.owners[self.pos];
+            let owner = self.ring.owner_at(self.pos);
             self.steps += 1;
             self.pos = if self.pos + 1 == n { 0 } else { self.pos + 1 };
             if self.mark(owner) {
@@ -335,7 +345,11 @@ mod tests {
     #[test]
     fn lookup_matches_linear_scan() {
         let r = ring(&["app-1", "app-2", "app-3", "app-4"], &[1, 1, 3, 1], 500);
-        let points: Vec<(u32, u16)> = r.hashes().zip(r.owners.iter().copied()).collect();
+        let points: Vec<(u32, u16)> = r
+            .hashes()
+            .enumerate()
+            .map(|(i, h)| (h, r.owner_at(i)))
+            .collect();
         let naive = |h: u32| {
             let p = points.iter().find(|p| p.0 >= h).unwrap_or(&points[0]);
             usize::from(p.1)
@@ -358,7 +372,7 @@ mod tests {
         // Same identity means the same points: the earlier member wins all.
         let r = ring(&["x", "x"], &[1, 1], 10);
         assert_eq!(r.points(), 10);
-        assert!(r.owners.iter().all(|&o| o == 0));
+        assert!((0..r.points()).all(|i| r.owner_at(i) == 0));
         // Distinct identities whose chains never collide: nothing dropped.
         let r = ring(&["b", "a"], &[1, 1], 10);
         assert_eq!(r.points(), 20);
