@@ -1,24 +1,424 @@
-//! TEMPORARY stub; replaced by the real ring from branch `ring`.
-pub const DEFAULT_REPLICAS: u32 = 160;
+//! The consistent-hash ring: which member (backend) owns a device ID.
+//!
+//! Placement is ketama as done by nginx's `hash $key consistent`
+//! (`ngx_http_upstream_update_chash`), with crc32 throughout:
+//!
+//! * Each member has identity bytes (its stable id, or nginx's `host\0port`)
+//!   and a weight. It gets `weight × replicas` points on a ring of `u32`.
+//! * `base` = crc32 state fed the identity bytes. Point `j` is
+//!   `crc32(base ‖ prev.to_le_bytes())`, where `prev` is 0 for the first point
+//!   and then the previous point's hash (a chain, not a counter).
+//! * Points are sorted by hash; ties go to the smaller identity (then the
+//!   earlier member), and of equal hashes only the first is kept. So the ring
+//!   does not depend on the order members are listed in.
+//! * A key belongs to the first point with `hash >= crc32(key)`, wrapping
+//!   around to the first point.
+//!
+//! Adding a member therefore only moves keys *to* it, and removing one only
+//! moves *its* keys, each to the next distinct member along the ring — the
+//! second element of [`Ring::walk`]. (The one exception: a removed point
+//! that hid another member's point of the very same hash reveals it.)
+//!
+//! Layout: a point's hash is split into its high 16 bits, which select a
+//! bucket of a fixed 65,536-entry index, and its low 16 bits, which are
+//! binary-searched within the bucket. Each point is one `u32` slot,
+//! `low16 << 16 | owner`, so the owner sits next to the hash that found it.
+//! Four bytes per point keeps 1,000 backends × 2,048 points in 8 MiB; see
+//! `RING_NOTES.md` for the layouts measured.
+
+use std::fmt;
+
+/// Points per unit of weight. Chosen by measurement (see `RING_NOTES.md`,
+/// `examples/ring_spread.rs`): with 10 equal members and 10,000 random IDs
+/// the busiest member stays within 1.10× the mean. (nginx uses 160.)
+pub const DEFAULT_REPLICAS: u32 = 2048;
+
+/// Upper bound on the total number of points (128 MiB of ring). If the
+/// members' `weight × replicas` add up to more, every member's count is
+/// scaled down in proportion, so weights keep their ratios.
+pub const MAX_POINTS: u32 = 1 << 25;
+
+/// Most members a ring holds (owners are stored as `u16`); members past
+/// this index are ignored (config validation is expected to reject them).
+pub const MAX_MEMBERS: usize = 1 << 16;
+
+/// One ring member as given to [`Ring::new`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Member<'a> {
+    /// Stable identity bytes, e.g. the backend id `b"app-1"`.
     pub identity: &'a [u8],
+    /// Relative weight; 0 means no points (never owns anything).
     pub weight: u32,
 }
-#[derive(Clone, Debug)]
+
+/// An immutable consistent-hash ring. Members are referred to by their
+/// index in the slice given to [`Ring::new`].
+#[derive(Clone)]
 pub struct Ring {
-    n: usize,
+    /// Points `index[b]..index[b + 1]` have hashes with high half `b`
+    /// (65,537 entries).
+    index: Vec<u32>,
+    /// One slot per point, in ascending hash order: the low half of the
+    /// point's hash in the high 16 bits, the owning member in the low 16.
+    slots: Vec<u32>,
+    /// Number of members given (including those without points).
+    members: usize,
+    /// Number of distinct members that own at least one point.
+    live: usize,
 }
-impl Ring {
-    pub fn new(members: &[Member<'_>], _replicas: u32) -> Ring {
-        Ring { n: members.len() }
+
+impl fmt::Debug for Ring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ring")
+            .field("members", &self.members)
+            .field("live", &self.live)
+            .field("points", &self.slots.len())
+            .finish_non_exhaustive()
     }
+}
+
+/// The chained point hashes of one member: `count` of them.
+fn point_hashes(identity: &[u8], count: u32) -> impl Iterator<Item = u32> {
+    let mut base = crc32fast::Hasher::new();
+    base.update(identity);
+    let mut prev: u32 = 0;
+    (0..count).map(move |_| {
+        let mut h = base.clone();
+        h.update(&prev.to_le_bytes());
+        prev = h.finalize();
+        prev
+    })
+}
+
+/// Points per member: `weight × replicas`, all scaled down in proportion if
+/// they add up to more than [`MAX_POINTS`].
+fn point_counts(members: &[Member<'_>], replicas: u32) -> Vec<u32> {
+    let wanted = |m: &Member| u128::from(m.weight) * u128::from(replicas);
+    let sum: u128 = members.iter().map(wanted).sum();
+    let cap = u128::from(MAX_POINTS);
+    let scale = |n: u128| if sum <= cap { n } else { n * cap / sum };
+    members.iter().map(|m| scale(wanted(m)) as u32).collect()
+}
+
+impl Ring {
+    /// Builds the ring. Members are referred to by their index in `members`
+    /// (at most [`MAX_MEMBERS`]; later ones are ignored). Each gets
+    /// `weight × replicas` points, scaled down if needed (see [`MAX_POINTS`]).
+    pub fn new(members: &[Member<'_>], replicas: u32) -> Ring {
+        let members = &members[..members.len().min(MAX_MEMBERS)];
+        let counts = point_counts(members, replicas);
+        let mut points: Vec<(u32, u16)> =
+            Vec::with_capacity(counts.iter().map(|&c| c as usize).sum());
+        for (i, (m, &count)) in members.iter().zip(&counts).enumerate() {
+            points.extend(point_hashes(m.identity, count).map(|h| (h, i as u16)));
+        }
+        points.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| {
+                let (ia, ib) = (
+                    members[a.1 as usize].identity,
+                    members[b.1 as usize].identity,
+                );
+                ia.cmp(ib).then(a.1.cmp(&b.1))
+            })
+        });
+        points.dedup_by_key(|p| p.0);
+
+        let mut index = vec![0u32; (1 << 16) + 1];
+        let mut has_point = vec![false; members.len()];
+        for &(hash, owner) in &points {
+            index[(hash >> 16) as usize + 1] += 1;
+            has_point[owner as usize] = true;
+        }
+        for b in 1..index.len() {
+            index[b] += index[b - 1];
+        }
+        Ring {
+            index,
+            slots: points
+                .iter()
+                .map(|&(h, o)| h << 16 | u32::from(o))
+                .collect(),
+            members: members.len(),
+            live: has_point.iter().filter(|&&b| b).count(),
+        }
+    }
+
+    /// The hash a key is placed by: crc32 of its bytes.
     pub fn hash_key(key: &[u8]) -> u32 {
         crc32fast::hash(key)
     }
-    pub fn owner(&self, key: &[u8]) -> Option<usize> {
-        (self.n > 0).then(|| Self::hash_key(key) as usize % self.n)
+
+    /// Index of the first point at or after `hash`, wrapping; None if empty.
+    fn point_index(&self, hash: u32) -> Option<usize> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let b = (hash >> 16) as usize;
+        let (lo, hi) = (self.index[b] as usize, self.index[b + 1] as usize);
+        // `slot < hash << 16` exactly when the slot's low half is below the key's.
+        let i = lo + self.slots[lo..hi].partition_point(|&s| s < hash << 16);
+        Some(if i == self.slots.len() { 0 } else { i })
     }
+
+    /// The member owning point `i`.
+    fn owner_at(&self, i: usize) -> u16 {
+        self.slots[i] as u16
+    }
+
+    /// Full point hashes in ring order.
+    fn hashes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.index.windows(2).enumerate().flat_map(move |(b, w)| {
+            let slots = &self.slots[w[0] as usize..w[1] as usize];
+            slots.iter().map(move |&s| (b as u32) << 16 | s >> 16)
+        })
+    }
+
+    /// The member owning `key`. None only if the ring has no points.
+    pub fn owner(&self, key: &[u8]) -> Option<usize> {
+        self.owner_of_hash(Self::hash_key(key))
+    }
+
+    /// The member owning an already-computed key hash.
+    pub fn owner_of_hash(&self, hash: u32) -> Option<usize> {
+        self.point_index(hash)
+            .map(|i| usize::from(self.owner_at(i)))
+    }
+
+    /// Distinct members in ring order starting at the key's owner (owner
+    /// first); every member with points is yielded exactly once. Starting
+    /// costs one lookup; the first 8 members are remembered inline, after
+    /// that a bitset of `members / 64` words is allocated.
+    pub fn walk(&self, key: &[u8]) -> impl Iterator<Item = usize> + '_ {
+        let start = self.point_index(Self::hash_key(key)).unwrap_or(0);
+        Walk {
+            ring: self,
+            pos: start,
+            steps: 0,
+            left: self.live,
+            first: [0; 8],
+            nfirst: 0,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Fraction of the 2^32 hash space each member owns, indexed like the
+    /// members given to [`Ring::new`]; sums to 1.0 unless the ring is empty.
     pub fn shares(&self) -> Vec<f64> {
-        vec![1.0 / self.n as f64; self.n]
+        let mut arcs = vec![0u64; self.members];
+        let Some(mut prev) = self.hashes().last() else {
+            return vec![0.0; self.members];
+        };
+        // Point i owns (h[i-1], h[i]]; point 0 owns (h[last], 2^32) and [0, h[0]].
+        for (i, hash) in self.hashes().enumerate() {
+            let arc = if self.slots.len() == 1 {
+                1 << 32
+            } else {
+                u64::from(hash.wrapping_sub(prev))
+            };
+            arcs[usize::from(self.owner_at(i))] += arc;
+            prev = hash;
+        }
+        arcs.iter()
+            .map(|&a| a as f64 / (1u64 << 32) as f64)
+            .collect()
+    }
+
+    /// Number of points on the ring (after dropping duplicate hashes).
+    pub fn points(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Number of members given to [`Ring::new`], with or without points.
+    pub fn members(&self) -> usize {
+        self.members
+    }
+
+    /// True if the ring has no points, so [`Ring::owner`] returns None.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// Iterator behind [`Ring::walk`].
+struct Walk<'a> {
+    ring: &'a Ring,
+    /// Next point to look at.
+    pos: usize,
+    /// Points looked at so far (stop after a full turn).
+    steps: usize,
+    /// Members with points not yet yielded.
+    left: usize,
+    /// The first members yielded, while `seen` is still empty.
+    first: [u16; 8],
+    nfirst: usize,
+    /// Bitset of yielded members, allocated once `first` is full.
+    seen: Vec<u64>,
+}
+
+impl Walk<'_> {
+    /// Records `owner` as yielded; false if it already was.
+    fn mark(&mut self, owner: u16) -> bool {
+        if self.seen.is_empty() {
+            if self.first[..self.nfirst].contains(&owner) {
+                return false;
+            }
+            if self.nfirst < self.first.len() {
+                self.first[self.nfirst] = owner;
+                self.nfirst += 1;
+                return true;
+            }
+            self.seen = vec![0; self.ring.members.div_ceil(64)];
+            for m in self.first {
+                self.seen[usize::from(m) / 64] |= 1 << (m % 64);
+            }
+        }
+        let (word, bit) = (usize::from(owner) / 64, 1u64 << (owner % 64));
+        let new = self.seen[word] & bit == 0;
+        self.seen[word] |= bit;
+        new
+    }
+}
+
+impl Iterator for Walk<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        let n = self.ring.slots.len();
+        while self.left > 0 && self.steps < n {
+            let owner = self.ring.owner_at(self.pos);
+            self.steps += 1;
+            self.pos = if self.pos + 1 == n { 0 } else { self.pos + 1 };
+            if self.mark(owner) {
+                self.left -= 1;
+                return Some(usize::from(owner));
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(ids: &[&str], weights: &[u32], replicas: u32) -> Ring {
+        let members: Vec<Member> = ids
+            .iter()
+            .zip(weights)
+            .map(|(id, &weight)| Member {
+                identity: id.as_bytes(),
+                weight,
+            })
+            .collect();
+        Ring::new(&members, replicas)
+    }
+
+    #[test]
+    fn point_chain_is_pinned() {
+        // Point 0 hashes the identity then four zero bytes; each next point
+        // hashes the identity then the previous point's little-endian bytes.
+        let p: Vec<u32> = point_hashes(b"app-1", 3).collect();
+        assert_eq!(p[0], crc32fast::hash(b"app-1\0\0\0\0"));
+        let mut second = b"app-1".to_vec();
+        second.extend_from_slice(&p[0].to_le_bytes());
+        assert_eq!(p[1], crc32fast::hash(&second));
+        assert_eq!(p, [0xca5a472c, 0x6e8e529f, 0x4f4bb59a]);
+    }
+
+    #[test]
+    fn points_are_sorted_distinct_and_indexed() {
+        let r = ring(&["a", "b", "c"], &[1, 2, 1], 300);
+        let hashes: Vec<u32> = r.hashes().collect();
+        assert_eq!(hashes.len(), r.points());
+        assert!(hashes.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(r.index.len(), (1 << 16) + 1);
+        assert_eq!(r.index[1 << 16] as usize, r.points());
+        let mut all: Vec<u32> = [("a", 300), ("b", 600), ("c", 300)]
+            .iter()
+            .flat_map(|&(id, n)| point_hashes(id.as_bytes(), n))
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(hashes, all);
+    }
+
+    #[test]
+    fn lookup_matches_linear_scan() {
+        let r = ring(&["app-1", "app-2", "app-3", "app-4"], &[1, 1, 3, 1], 500);
+        let points: Vec<(u32, u16)> = r
+            .hashes()
+            .enumerate()
+            .map(|(i, h)| (h, r.owner_at(i)))
+            .collect();
+        let naive = |h: u32| {
+            let p = points.iter().find(|p| p.0 >= h).unwrap_or(&points[0]);
+            usize::from(p.1)
+        };
+        // Every point, its neighbours, bucket edges and the ends of the space.
+        let mut probes = vec![0, 1, u32::MAX, u32::MAX - 1];
+        for &(h, _) in &points {
+            probes.extend([h, h.wrapping_sub(1), h.wrapping_add(1)]);
+        }
+        for b in (0..1u32 << 16).step_by(97) {
+            probes.extend([b << 16, (b << 16).wrapping_sub(1), b << 16 | 0xffff]);
+        }
+        for h in probes {
+            assert_eq!(r.owner_of_hash(h), Some(naive(h)), "hash {h:#x}");
+        }
+    }
+
+    #[test]
+    fn equal_hashes_go_to_the_smaller_identity() {
+        // Same identity means the same points: the earlier member wins all.
+        let r = ring(&["x", "x"], &[1, 1], 10);
+        assert_eq!(r.points(), 10);
+        assert!((0..r.points()).all(|i| r.owner_at(i) == 0));
+        // Distinct identities whose chains never collide: nothing dropped.
+        let r = ring(&["b", "a"], &[1, 1], 10);
+        assert_eq!(r.points(), 20);
+    }
+
+    #[test]
+    fn point_counts_saturate_in_proportion() {
+        let m = |weight| Member {
+            identity: b"m",
+            weight,
+        };
+        assert_eq!(point_counts(&[m(1), m(3), m(0)], 160), [160, 480, 0]);
+        let c = point_counts(&[m(u32::MAX), m(u32::MAX / 2), m(0)], u32::MAX);
+        assert!(c.iter().map(|&n| u64::from(n)).sum::<u64>() <= u64::from(MAX_POINTS));
+        assert!(c[0].abs_diff(MAX_POINTS / 3 * 2) <= 2);
+        assert!((c[0] / 2).abs_diff(c[1]) <= 1);
+        assert_eq!(c[2], 0);
+    }
+
+    #[test]
+    fn single_point_owns_everything() {
+        let r = ring(&["solo"], &[1], 1);
+        assert_eq!(r.points(), 1);
+        assert_eq!(r.shares(), [1.0]);
+        for h in [0, 1 << 31, u32::MAX] {
+            assert_eq!(r.owner_of_hash(h), Some(0));
+        }
+    }
+
+    #[test]
+    fn walk_switches_to_a_bitset_after_eight_members() {
+        let ids: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let r = ring(&ids, &[1; 100], 16);
+        let mut walked: Vec<usize> = r.walk(b"key").collect();
+        assert_eq!(walked.len(), 100);
+        walked.sort_unstable();
+        assert_eq!(walked, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn debug_is_a_summary() {
+        let r = ring(&["a", "b"], &[1, 0], 4);
+        assert_eq!(
+            format!("{r:?}"),
+            "Ring { members: 2, live: 1, points: 4, .. }"
+        );
     }
 }
