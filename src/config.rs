@@ -352,6 +352,17 @@ impl Validator<'_> {
                 "no backends configured: add at least one [[backends]] table".into(),
             );
         }
+        if raw.get_ref().len() > ring::MAX_MEMBERS {
+            return self.err(
+                raw.span(),
+                "backends",
+                format!(
+                    "at most {} backends are supported, got {}",
+                    ring::MAX_MEMBERS,
+                    raw.get_ref().len()
+                ),
+            );
+        }
         let mut out: Vec<BackendConfig> = Vec::with_capacity(raw.get_ref().len());
         let mut points: u64 = 0;
         for (i, b) in raw.get_ref().iter().enumerate() {
