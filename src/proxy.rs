@@ -120,7 +120,7 @@ impl Proxy {
             %method,
             path,
             status = response.status().as_u16(),
-            ms = started.elapsed().as_secs_f64() * 1000.0,
+            elapsed = ?started.elapsed(),
             "proxied"
         );
         response

@@ -119,7 +119,7 @@ impl RunningProxy {
     /// then closes remaining connections and tunnels.
     pub async fn shutdown(self) {
         info!(
-            grace_secs = self.grace.as_secs_f64(),
+            grace = ?self.grace,
             "shutting down: no new connections, finishing in-flight requests"
         );
         let _ = self.drain.send(true);

@@ -78,7 +78,7 @@ pub(crate) async fn open(
             Err(_) => return debug!(device, backend = %backend.id, "websocket upgrade timed out"),
         };
         let (mut client_io, mut backend_io) = (TokioIo::new(client_io), TokioIo::new(backend_io));
-        debug!(device, backend = %backend.id, path, setup_ms = started.elapsed().as_secs_f64() * 1000.0, "tunnel open");
+        debug!(device, backend = %backend.id, path, setup = ?started.elapsed(), "tunnel open");
         let opened = Instant::now();
         let outcome = tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut client_io, &mut backend_io) => match copied {
@@ -87,7 +87,7 @@ pub(crate) async fn open(
             },
             _ = crate::server::raised(&mut close) => "closed by proxy shutdown".to_string(),
         };
-        info!(device, backend = %backend.id, path, status = 101, secs = opened.elapsed().as_secs_f64(), "tunnel {outcome}");
+        info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), "tunnel {outcome}");
     });
     response
 }
