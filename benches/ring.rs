@@ -39,13 +39,7 @@ fn backend_ids(n: usize) -> Vec<String> {
 }
 
 fn ring_of(ids: &[String]) -> Ring {
-    let members: Vec<Member> = ids
-        .iter()
-        .map(|id| Member {
-            identity: id.as_bytes(),
-            weight: 1,
-        })
-        .collect();
+    let members: Vec<Member> = ids.iter().map(|id| Member { identity: id.as_bytes(), weight: 1 }).collect();
     Ring::new(&members, DEFAULT_REPLICAS)
 }
 
@@ -54,13 +48,7 @@ fn build(c: &mut Criterion) {
     g.sample_size(10);
     for n in [10, 1000] {
         let ids = backend_ids(n);
-        let members: Vec<Member> = ids
-            .iter()
-            .map(|id| Member {
-                identity: id.as_bytes(),
-                weight: 1,
-            })
-            .collect();
+        let members: Vec<Member> = ids.iter().map(|id| Member { identity: id.as_bytes(), weight: 1 }).collect();
         g.bench_with_input(BenchmarkId::from_parameter(n), &members, |b, m| {
             b.iter(|| Ring::new(black_box(m), DEFAULT_REPLICAS))
         });

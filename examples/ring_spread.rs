@@ -63,30 +63,15 @@ fn key_sets(seeds: u64) -> Vec<Vec<String>> {
 
 fn schemes() -> Vec<(String, Vec<Vec<u8>>)> {
     let mut out = vec![
-        (
-            "app-N".to_string(),
-            (1..=BACKENDS)
-                .map(|i| format!("app-{i}").into_bytes())
-                .collect(),
-        ),
+        ("app-N".to_string(), (1..=BACKENDS).map(|i| format!("app-{i}").into_bytes()).collect()),
         (
             "backend-a..j".to_string(),
-            (b'a'..)
-                .take(BACKENDS)
-                .map(|c| format!("backend-{}", c as char).into_bytes())
-                .collect(),
+            (b'a'..).take(BACKENDS).map(|c| format!("backend-{}", c as char).into_bytes()).collect(),
         ),
-        (
-            "10.0.0.N:8080".to_string(),
-            (1..=BACKENDS)
-                .map(|i| format!("10.0.0.{i}:8080").into_bytes())
-                .collect(),
-        ),
+        ("10.0.0.N:8080".to_string(), (1..=BACKENDS).map(|i| format!("10.0.0.{i}:8080").into_bytes()).collect()),
         (
             "10.0.0.N\\08080 (nginx)".to_string(),
-            (1..=BACKENDS)
-                .map(|i| format!("10.0.0.{i}\08080").into_bytes())
-                .collect(),
+            (1..=BACKENDS).map(|i| format!("10.0.0.{i}\08080").into_bytes()).collect(),
         ),
     ];
     let mut rng = Rng(42);
@@ -98,13 +83,7 @@ fn schemes() -> Vec<(String, Vec<Vec<u8>>)> {
 }
 
 fn ring_of(ids: &[Vec<u8>], replicas: u32) -> Ring {
-    let members: Vec<Member> = ids
-        .iter()
-        .map(|id| Member {
-            identity: id,
-            weight: 1,
-        })
-        .collect();
+    let members: Vec<Member> = ids.iter().map(|id| Member { identity: id, weight: 1 }).collect();
     Ring::new(&members, replicas)
 }
 
@@ -116,20 +95,13 @@ fn max_min_share(ring: &Ring) -> (f64, f64) {
 }
 
 fn main() {
-    let seeds: u64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
+    let seeds: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(50);
     let keys = key_sets(seeds);
 
     // The floor: a perfect split of the hash space into 10 equal ranges.
     let mut floor: Vec<f64> = keys
         .iter()
-        .map(|ks| {
-            max_over_mean(ks, |k| {
-                ((u64::from(Ring::hash_key(k)) * BACKENDS as u64) >> 32) as usize
-            })
-        })
+        .map(|ks| max_over_mean(ks, |k| ((u64::from(Ring::hash_key(k)) * BACKENDS as u64) >> 32) as usize))
         .collect();
     floor.sort_by(f64::total_cmp);
     println!(
@@ -148,10 +120,7 @@ fn main() {
         for &replicas in CANDIDATES {
             let ring = ring_of(&ids, replicas);
             let (rmax, rmin) = max_min_share(&ring);
-            let mut m: Vec<f64> = keys
-                .iter()
-                .map(|ks| max_over_mean(ks, |k| ring.owner(k).unwrap_or(0)))
-                .collect();
+            let mut m: Vec<f64> = keys.iter().map(|ks| max_over_mean(ks, |k| ring.owner(k).unwrap_or(0))).collect();
             m.sort_by(f64::total_cmp);
             println!(
                 "{:<24} {:>8} {:>9.3} {:>9.3} {:>8.3} {:>8.3} {:>6}",
@@ -169,10 +138,7 @@ fn main() {
 
     // Robustness: the ring's own max share over many random name sets.
     println!("ring max share x10 over 200 random 10-uuid name sets:");
-    println!(
-        "{:>8} {:>8} {:>8} {:>8} {:>10}",
-        "replicas", "median", "p95", "worst", ">=1.05"
-    );
+    println!("{:>8} {:>8} {:>8} {:>8} {:>10}", "replicas", "median", "p95", "worst", ">=1.05");
     for &replicas in CANDIDATES {
         let mut rng = Rng(7);
         let mut maxes: Vec<f64> = (0..200)

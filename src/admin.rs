@@ -1,22 +1,198 @@
-//! The admin API, served on its own listener (loopback by default) so that
+//! The admin API, on its own listener (loopback by default) so that
 //! clients of the proxy can never reach it.
 //!
-//! - `GET /healthz`: 200 while the process is serving.
+//! | endpoint | answers |
+//! |---|---|
+//! | `GET /healthz` | 200 while the process serves (liveness) |
+//! | `GET /readyz` | 200 when a config is loaded and a backend is usable, else 503 |
+//! | `GET /metrics` | Prometheus text format |
+//! | `POST /reload` | re-reads the config file: 200 JSON, or 400 with the error |
+//! | `GET /backends` | JSON: each backend's address, weight, state, tunnels, requests, ring share |
+//! | `GET /route?key=ID` | JSON: the backend that owns a device, and why |
+//!
+//! With `admin.token` set, all but `/healthz`, `/readyz` and `/metrics`
+//! need `Authorization: Bearer <token>`; the comparison takes the same time
+//! wherever the first wrong byte is.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
 
+use crate::key::percent_decode;
+use crate::metrics::Metrics;
 use crate::proxy::{text_response, ProxyBody};
+use crate::reload::{Reloader, Trigger};
 use crate::routing::Router;
 
+/// What the admin API reads and drives.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub router: Router,
+    pub reloader: Arc<Reloader>,
+    pub metrics: Arc<Metrics>,
+}
+
 /// Answers one admin request.
-pub fn handle(req: Request<Incoming>, _router: &Router) -> Response<ProxyBody> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/healthz") => text_response(StatusCode::OK, "ok\n"),
-        (_, "/healthz") => text_response(StatusCode::METHOD_NOT_ALLOWED, "use GET /healthz\n"),
-        (_, path) => text_response(
+pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
+    let path = req.uri().path();
+    let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    if !open {
+        let table = state.router.load();
+        if let Some(token) = &table.config().admin.token {
+            if !authorized(&req, token) {
+                state.metrics.admin_unauthorized();
+                let mut response = text_response(StatusCode::UNAUTHORIZED, "missing or wrong admin token\n");
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+        }
+    }
+    let get = matches!(*req.method(), Method::GET | Method::HEAD);
+    match (path, get) {
+        ("/healthz", true) => text_response(StatusCode::OK, "ok\n"),
+        ("/readyz", true) => readyz(state),
+        ("/metrics", true) => {
+            let mut response = text_response(StatusCode::OK, state.metrics.encode());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            response
+        }
+        ("/backends", true) => backends(state),
+        ("/route", true) => route(&req, state),
+        ("/reload", false) if req.method() == Method::POST => reload(state).await,
+        ("/reload", _) => method_not_allowed("POST"),
+        ("/healthz" | "/readyz" | "/metrics" | "/backends" | "/route", false) => method_not_allowed("GET"),
+        _ => text_response(
             StatusCode::NOT_FOUND,
-            format!("no admin endpoint {path}; try GET /healthz\n"),
+            format!(
+                "no admin endpoint {path}; see /healthz, /readyz, /metrics, /backends, /route?key=ID, POST /reload\n"
+            ),
         ),
+    }
+}
+
+fn readyz(state: &AdminState) -> Response<ProxyBody> {
+    let table = state.router.load();
+    match table.backends().len() {
+        0 => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no usable backend\n"),
+        n => text_response(StatusCode::OK, format!("ready: config generation {}, {n} backends\n", table.generation())),
+    }
+}
+
+fn backends(state: &AdminState) -> Response<ProxyBody> {
+    let table = state.router.load();
+    let shares = table.ring_shares();
+    let list: Vec<_> = table
+        .backends()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            json!({
+                "id": b.id,
+                "address": b.address,
+                "weight": b.weight,
+                "state": "up",
+                "open_websockets": b.stats.open_tunnels(),
+                "requests_served": b.stats.served(),
+                "ring_share": shares.get(i).copied().unwrap_or(0.0),
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({ "generation": table.generation(), "backends": list }))
+}
+
+fn route(req: &Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
+    let key = req.uri().query().and_then(|q| {
+        q.split('&').find_map(|pair| pair.strip_prefix("key=").map(|v| percent_decode(v.as_bytes(), true).into_owned()))
+    });
+    let Some(key) = key.filter(|k| !k.is_empty()) else {
+        return text_response(StatusCode::BAD_REQUEST, "give the device ID as /route?key=ID (percent-encoded)\n");
+    };
+    let table = state.router.load();
+    match table.explain(&key) {
+        Some(why) => json_response(
+            StatusCode::OK,
+            &json!({
+                "key": String::from_utf8_lossy(&key),
+                "backend": { "id": why.owner.id, "address": why.owner.address },
+                "reason": why.reason,
+                "ring_hash": why.hash,
+                "failover_order": why.failover_order,
+                "generation": table.generation(),
+            }),
+        ),
+        None => text_response(StatusCode::SERVICE_UNAVAILABLE, "no backend on the ring\n"),
+    }
+}
+
+async fn reload(state: &AdminState) -> Response<ProxyBody> {
+    let reloader = Arc::clone(&state.reloader);
+    match tokio::task::spawn_blocking(move || reloader.reload(Trigger::Admin)).await {
+        Ok(Ok(applied)) => json_response(
+            StatusCode::OK,
+            &json!({
+                "reloaded": true,
+                "generation": applied.generation,
+                "backends": applied.backends,
+                "added": applied.added,
+                "removed": applied.removed,
+                "needs_restart": applied.needs_restart,
+                "took_ms": applied.took.as_secs_f64() * 1000.0,
+            }),
+        ),
+        Ok(Err(e)) => text_response(StatusCode::BAD_REQUEST, format!("reload failed, the running config stays: {e}\n")),
+        Err(_) => text_response(StatusCode::INTERNAL_SERVER_ERROR, "reload task failed\n"),
+    }
+}
+
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(<[u8]>::trim_ascii)
+        .unwrap_or_default();
+    constant_time_eq(presented, token.as_bytes())
+}
+
+/// Compares without an early exit, so timing reveals nothing about where
+/// the first difference is (only whether the lengths match).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn method_not_allowed(allowed: &'static str) -> Response<ProxyBody> {
+    let mut response = text_response(StatusCode::METHOD_NOT_ALLOWED, format!("use {allowed}\n"));
+    response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
+    response
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+        assert!(!constant_time_eq(b"", b"x"));
     }
 }

@@ -70,7 +70,7 @@ pub fn main() -> ExitCode {
                     c.backends.len(),
                     c.server.listen,
                     c.admin.listen,
-                    RoutingTable::new(&c).keys().describe()
+                    RoutingTable::offline(&c).keys().describe()
                 );
                 ExitCode::SUCCESS
             }
@@ -78,7 +78,7 @@ pub fn main() -> ExitCode {
         },
         Command::Route { config, device_id } => match Config::load(&config) {
             Ok(c) => {
-                let table = RoutingTable::new(&c);
+                let table = RoutingTable::offline(&c);
                 match table.owner(device_id.as_bytes()) {
                     Some(b) => {
                         println!("{device_id} -> {} ({})", b.id, b.address);
@@ -89,20 +89,15 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
             init_logging();
-            block_on(async move { server::run(&config).await })
+            block_on(server::run(config, path))
         }
-        Command::Demo {
-            listen,
-            admin,
-            first_backend_port,
-            instances,
-        } => {
+        Command::Demo { listen, admin, first_backend_port, instances } => {
             init_logging();
             block_on(demo(listen, admin, first_backend_port, instances))
         }
@@ -118,18 +113,11 @@ fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal, so piped and collected logs stay plain.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 fn block_on(work: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
@@ -140,11 +128,7 @@ fn block_on(work: impl std::future::Future<Output = std::io::Result<()>>) -> Exi
 }
 
 /// The config the demo runs with: the example's routing over local instances.
-pub fn demo_config(
-    listen: SocketAddr,
-    admin: SocketAddr,
-    backends: &[(String, SocketAddr)],
-) -> String {
+pub fn demo_config(listen: SocketAddr, admin: SocketAddr, backends: &[(String, SocketAddr)]) -> String {
     let mut text = format!(
         r#"[server]
 listen = "{listen}"
@@ -158,51 +142,30 @@ missing_key = "reject"
 "#
     );
     for (id, addr) in backends {
-        text.push_str(&format!(
-            "\n[[backends]]\nid = \"{id}\"\naddress = \"{addr}\"\nweight = 1\n"
-        ));
+        text.push_str(&format!("\n[[backends]]\nid = \"{id}\"\naddress = \"{addr}\"\nweight = 1\n"));
     }
     text
 }
 
-async fn demo(
-    listen: SocketAddr,
-    admin: SocketAddr,
-    first_port: u16,
-    instances: u16,
-) -> std::io::Result<()> {
+async fn demo(listen: SocketAddr, admin: SocketAddr, first_port: u16, instances: u16) -> std::io::Result<()> {
     let mut apps = Vec::new();
     for i in 0..instances {
         let name = format!("app-{}", i + 1);
-        let port = first_port
-            .checked_add(i)
-            .ok_or_else(|| std::io::Error::other("backend port out of range"))?;
+        let port = first_port.checked_add(i).ok_or_else(|| std::io::Error::other("backend port out of range"))?;
         let addr = SocketAddr::new(listen.ip(), port);
-        let app = DemoInstance::bind(name.clone(), addr).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("cannot start demo instance {name} on {addr}: {e}"),
-            )
-        })?;
+        let app = DemoInstance::bind(name.clone(), addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start demo instance {name} on {addr}: {e}")))?;
         apps.push(app);
     }
-    let backends: Vec<(String, SocketAddr)> = apps
-        .iter()
-        .map(|a| (a.name().to_string(), a.addr()))
-        .collect();
-    let config =
-        Config::parse(&demo_config(listen, admin, &backends)).map_err(std::io::Error::other)?;
+    let backends: Vec<(String, SocketAddr)> = apps.iter().map(|a| (a.name().to_string(), a.addr())).collect();
+    let config = Config::parse(&demo_config(listen, admin, &backends)).map_err(std::io::Error::other)?;
     let running = server::start(&config).await?;
 
-    let table = RoutingTable::new(&config);
-    let owner = table
-        .owner(b"phone-42")
-        .map_or("?".to_string(), |b| b.id.clone());
+    let table = RoutingTable::offline(&config);
+    let owner = table.owner(b"phone-42").map_or("?".to_string(), |b| b.id.clone());
     let proxy = running.proxy_addr();
-    let instances: Vec<String> = backends
-        .iter()
-        .map(|(n, a)| format!("{n} on {a}"))
-        .collect();
+    let instances: Vec<String> = backends.iter().map(|(n, a)| format!("{n} on {a}")).collect();
     println!(
         r#"
 sticky-proxy demo: proxy on http://{proxy}, admin on http://{admin}
@@ -235,11 +198,7 @@ the socket. See for yourself, straight to each instance:
 Stop with Ctrl-C."#,
         instances = instances.join(", "),
         ip = listen.ip(),
-        ports = backends
-            .iter()
-            .map(|(_, a)| a.port().to_string())
-            .collect::<Vec<_>>()
-            .join(" "),
+        ports = backends.iter().map(|(_, a)| a.port().to_string()).collect::<Vec<_>>().join(" "),
     );
     // A request without a device ID is rejected: curl http://{proxy}/whoami
     let _ = apps;

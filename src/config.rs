@@ -29,6 +29,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub routing: RoutingConfig,
     pub upstream: UpstreamConfig,
+    pub reload: ReloadConfig,
     pub backends: Vec<BackendConfig>,
 }
 
@@ -49,6 +50,18 @@ pub struct ServerConfig {
 pub struct AdminConfig {
     /// The admin listener; never shared with proxied traffic.
     pub listen: SocketAddr,
+    /// Bearer token required by every admin endpoint except `/healthz`,
+    /// `/readyz` and `/metrics`; `None` leaves them open.
+    pub token: Option<String>,
+}
+
+/// How config changes are picked up besides SIGHUP and `POST /reload`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadConfig {
+    /// Watch the config file and reload when its content changes.
+    pub watch: bool,
+    /// How often the file is checked.
+    pub interval: Duration,
 }
 
 /// What to do with a request that carries no device ID.
@@ -128,21 +141,28 @@ impl Config {
             field: None,
             message: format!("cannot read config file: {e}"),
         })?;
-        Config::parse(&text).map_err(|mut e| {
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse_in(&text, base).map_err(|mut e| {
             e.file = Some(path.to_path_buf());
             e
         })
     }
 
-    /// Parses and validates config text.
+    /// Parses and validates config text; relative paths in it (such as
+    /// `admin.token_file`) are taken from the current directory.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_in(text, Path::new("."))
+    }
+
+    /// Parses and validates config text whose relative paths start at `base`.
+    pub fn parse_in(text: &str, base: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
             file: None,
             line: e.span().map(|s| line_of(text, s.start)),
             field: None,
             message: e.message().trim().to_string(),
         })?;
-        Validator { text }.config(raw)
+        Validator { text, base }.config(raw)
     }
 }
 
@@ -158,6 +178,8 @@ struct RawConfig {
     #[serde(default)]
     upstream: RawUpstream,
     #[serde(default)]
+    reload: RawReload,
+    #[serde(default)]
     backends: Option<Spanned<Vec<RawBackend>>>,
 }
 
@@ -172,7 +194,16 @@ struct RawServer {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
-    listen: Spanned<String>,
+    listen: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    watch: Option<bool>,
+    interval: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -204,15 +235,11 @@ struct RawBackend {
 
 struct Validator<'t> {
     text: &'t str,
+    base: &'t Path,
 }
 
 impl Validator<'_> {
-    fn err<T>(
-        &self,
-        span: std::ops::Range<usize>,
-        field: &str,
-        message: String,
-    ) -> Result<T, ConfigError> {
+    fn err<T>(&self, span: std::ops::Range<usize>, field: &str, message: String) -> Result<T, ConfigError> {
         Err(ConfigError {
             file: None,
             line: Some(line_of(self.text, span.start)),
@@ -235,17 +262,10 @@ impl Validator<'_> {
                 Duration::from_secs(30),
             )?,
         };
-        let admin = match &raw.admin {
-            Some(admin) => AdminConfig {
-                listen: self.socket_addr(&admin.listen, "admin.listen")?,
-            },
-            None => AdminConfig {
-                listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
-            },
-        };
+        let admin = self.admin(raw.admin.as_ref())?;
         if admin.listen == server.listen && server.listen.port() != 0 {
             return self.err(
-                raw.admin.as_ref().map_or(0..0, |a| a.listen.span()),
+                raw.admin.as_ref().and_then(|a| a.listen.as_ref()).map_or(0..0, |l| l.span()),
                 "admin.listen",
                 "must differ from server.listen: the admin API never shares a listener with proxied traffic".into(),
             );
@@ -253,14 +273,55 @@ impl Validator<'_> {
 
         let routing = self.routing(raw.routing)?;
         let upstream = self.upstream(&raw.upstream)?;
+        let reload = ReloadConfig {
+            watch: raw.reload.watch.unwrap_or(true),
+            interval: self.duration(raw.reload.interval.as_ref(), "reload.interval", Duration::from_secs(1))?,
+        };
         let backends = self.backends(raw.backends, routing.replicas)?;
-        Ok(Config {
-            server,
-            admin,
-            routing,
-            upstream,
-            backends,
-        })
+        Ok(Config { server, admin, routing, upstream, reload, backends })
+    }
+
+    fn admin(&self, raw: Option<&RawAdmin>) -> Result<AdminConfig, ConfigError> {
+        let listen = match raw.and_then(|a| a.listen.as_ref()) {
+            Some(listen) => self.socket_addr(listen, "admin.listen")?,
+            None => SocketAddr::from(([127, 0, 0, 1], 9901)),
+        };
+        let token = match (raw.and_then(|a| a.token.as_ref()), raw.and_then(|a| a.token_file.as_ref())) {
+            (Some(_), Some(file)) => {
+                return self.err(
+                    file.span(),
+                    "admin.token_file",
+                    "set admin.token or admin.token_file, not both".into(),
+                )
+            }
+            (Some(token), None) => Some((token.get_ref().trim().to_string(), token.span(), "admin.token")),
+            (None, Some(file)) => {
+                let path = self.base.join(file.get_ref().trim());
+                match std::fs::read_to_string(&path) {
+                    Ok(t) => Some((t.trim().to_string(), file.span(), "admin.token_file")),
+                    Err(e) => {
+                        return self.err(
+                            file.span(),
+                            "admin.token_file",
+                            format!("cannot read {}: {e}", path.display()),
+                        )
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        let token = match token {
+            Some((t, span, field)) if t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                return self.err(
+                    span,
+                    field,
+                    "the token must be non-empty, without spaces or control characters".into(),
+                )
+            }
+            Some((t, _, _)) => Some(t),
+            None => None,
+        };
+        Ok(AdminConfig { listen, token })
     }
 
     fn routing(&self, raw: RawRouting) -> Result<RoutingConfig, ConfigError> {
@@ -291,11 +352,7 @@ impl Validator<'_> {
                 }
             },
         };
-        Ok(RoutingConfig {
-            keys,
-            missing_key: raw.missing_key.unwrap_or(MissingKey::Reject),
-            replicas,
-        })
+        Ok(RoutingConfig { keys, missing_key: raw.missing_key.unwrap_or(MissingKey::Reject), replicas })
     }
 
     fn upstream(&self, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
@@ -356,11 +413,7 @@ impl Validator<'_> {
             return self.err(
                 raw.span(),
                 "backends",
-                format!(
-                    "at most {} backends are supported, got {}",
-                    ring::MAX_MEMBERS,
-                    raw.get_ref().len()
-                ),
+                format!("at most {} backends are supported, got {}", ring::MAX_MEMBERS, raw.get_ref().len()),
             );
         }
         let mut out: Vec<BackendConfig> = Vec::with_capacity(raw.get_ref().len());
@@ -369,11 +422,7 @@ impl Validator<'_> {
             let field = |name: &str| format!("backends[{i}].{name}");
             let id = b.id.get_ref().trim();
             if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
-                return self.err(
-                    b.id.span(),
-                    &field("id"),
-                    "must be 1 to 256 printable characters".into(),
-                );
+                return self.err(b.id.span(), &field("id"), "must be 1 to 256 printable characters".into());
             }
             if let Some(first) = out.iter().position(|o| o.id == id) {
                 return self.err(
@@ -394,7 +443,10 @@ impl Validator<'_> {
                         return self.err(
                             w.span(),
                             &field("weight"),
-                            format!("must be a whole number of at least 1, got {} (remove the backend to take it out)", w.get_ref()),
+                            format!(
+                                "must be a whole number of at least 1, got {} (remove the backend to take it out)",
+                                w.get_ref()
+                            ),
                         )
                     }
                 },
@@ -407,11 +459,7 @@ impl Validator<'_> {
                     format!("the ring would need more than {MAX_RING_POINTS} points (sum of weight × routing.replicas); lower the weights or replicas"),
                 );
             }
-            out.push(BackendConfig {
-                id: id.to_string(),
-                address: address.to_string(),
-                weight,
-            });
+            out.push(BackendConfig { id: id.to_string(), address: address.to_string(), weight });
         }
         Ok(out)
     }
@@ -442,10 +490,7 @@ impl Validator<'_> {
                 _ => self.err(
                     v.span(),
                     field,
-                    format!(
-                        "{:?} is not a positive duration; write e.g. \"500ms\", \"2s\", \"1m\"",
-                        v.get_ref()
-                    ),
+                    format!("{:?} is not a positive duration; write e.g. \"500ms\", \"2s\", \"1m\"", v.get_ref()),
                 ),
             },
         }
@@ -455,16 +500,11 @@ impl Validator<'_> {
 /// Checks a backend address: `host:port` with a non-zero port, where host is
 /// an IPv4 address, a bracketed IPv6 address or a DNS name.
 fn validate_address(address: &str) -> Result<(), String> {
-    let hint =
-        "write host:port, e.g. \"10.0.0.5:8080\", \"[fd00::5]:8080\" or \"app-1.internal:8080\"";
+    let hint = "write host:port, e.g. \"10.0.0.5:8080\", \"[fd00::5]:8080\" or \"app-1.internal:8080\"";
     if address.contains("://") || address.contains('/') {
-        return Err(format!(
-            "{address:?} must be host:port without a scheme or path; {hint}"
-        ));
+        return Err(format!("{address:?} must be host:port without a scheme or path; {hint}"));
     }
-    let authority: Authority = address
-        .parse()
-        .map_err(|_| format!("{address:?} is not a valid address; {hint}"))?;
+    let authority: Authority = address.parse().map_err(|_| format!("{address:?} is not a valid address; {hint}"))?;
     if address.contains('@') {
         return Err(format!("{address:?} must not contain user info; {hint}"));
     }
@@ -481,9 +521,7 @@ fn validate_address(address: &str) -> Result<(), String> {
             && host.split('.').all(|label| {
                 !label.is_empty()
                     && label.len() <= 63
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             })
     };
     if !valid_host {
@@ -510,11 +548,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 #[cfg(test)]
@@ -583,12 +617,7 @@ weight = 2
     fn empty_backend_list_is_rejected() {
         let text = GOOD.split("[[backends]]").next().expect("prefix");
         assert_eq!(error_for(text).field.as_deref(), Some("backends"));
-        assert_eq!(
-            error_for(&format!("backends = []\n{text}"))
-                .field
-                .as_deref(),
-            Some("backends")
-        );
+        assert_eq!(error_for(&format!("backends = []\n{text}")).field.as_deref(), Some("backends"));
     }
 
     #[test]
@@ -604,29 +633,18 @@ weight = 2
             "",
         ] {
             let e = error_for(&GOOD.replace("app-2.internal:9002", bad));
-            assert_eq!(
-                e.field.as_deref(),
-                Some("backends[1].address"),
-                "{bad}: {e}"
-            );
+            assert_eq!(e.field.as_deref(), Some("backends[1].address"), "{bad}: {e}");
         }
         for good in ["[::1]:9000", "10.0.0.5:8080", "app_2.svc.cluster.local:80"] {
-            Config::parse(&GOOD.replace("app-2.internal:9002", good))
-                .unwrap_or_else(|e| panic!("{good}: {e}"));
+            Config::parse(&GOOD.replace("app-2.internal:9002", good)).unwrap_or_else(|e| panic!("{good}: {e}"));
         }
     }
 
     #[test]
     fn bad_key_patterns_are_rejected() {
-        for bad in [
-            "header:",
-            "path:/devices/*/{id}",
-            "path:devices/{id}",
-            "path:/devices/x",
-            "query:",
-            "ip:x",
-            "cookie:a=b",
-        ] {
+        for bad in
+            ["header:", "path:/devices/*/{id}", "path:devices/{id}", "path:/devices/x", "query:", "ip:x", "cookie:a=b"]
+        {
             let e = error_for(&GOOD.replace("header:x-device-id", bad));
             assert_eq!(e.field.as_deref(), Some("routing.key[0]"), "{bad}: {e}");
         }
@@ -636,10 +654,7 @@ weight = 2
     fn bad_listen_and_durations_are_rejected() {
         let e = error_for(&GOOD.replace("127.0.0.1:8080", "localhost:8080"));
         assert_eq!(e.field.as_deref(), Some("server.listen"));
-        let e = error_for(&GOOD.replace(
-            "[routing]",
-            "[upstream]\nconnect_timeout = \"3 parsecs\"\n[routing]",
-        ));
+        let e = error_for(&GOOD.replace("[routing]", "[upstream]\nconnect_timeout = \"3 parsecs\"\n[routing]"));
         assert_eq!(e.field.as_deref(), Some("upstream.connect_timeout"));
     }
 

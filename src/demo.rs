@@ -117,9 +117,8 @@ impl DemoInstance {
                 format!("instance name {name:?} is not a valid header value"),
             )
         })?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|e| {
-            std::io::Error::other(format!("DemoInstance needs a tokio runtime: {e}"))
-        })?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| std::io::Error::other(format!("DemoInstance needs a tokio runtime: {e}")))?;
         let addr = listener.local_addr()?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -131,13 +130,7 @@ impl DemoInstance {
         });
         let listener = Arc::new(Mutex::new(Some(listener)));
         let accept_task = runtime.spawn(accept_loop(shared.clone(), listener.clone()));
-        Ok(DemoInstance {
-            shared,
-            addr,
-            listener,
-            shutdown_tx,
-            accept_task,
-        })
+        Ok(DemoInstance { shared, addr, listener, shutdown_tx, accept_task })
     }
 
     /// Bind `addr` and serve on it (see [`DemoInstance::spawn`]).
@@ -246,14 +239,11 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         let shared = svc_shared.clone();
         async move {
             let mut resp = route(&shared, req).await;
-            resp.headers_mut()
-                .insert("x-instance", shared.name_header.clone());
+            resp.headers_mut().insert("x-instance", shared.name_header.clone());
             Ok::<_, Infallible>(resp)
         }
     });
-    let conn = http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), svc)
-        .with_upgrades();
+    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
     tokio::select! {
         res = conn => {
             if let Err(e) = res {
@@ -287,10 +277,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
                 .header(header::CONTENT_LENGTH, n)
                 .body(PatternBody { remaining: n }.boxed_unsync())
                 .unwrap_or_else(|_| internal_error()),
-            _ => text(
-                StatusCode::BAD_REQUEST,
-                format!("bad byte count {n:?}: expected an integer 0..={MAX_BYTES_N}"),
-            ),
+            _ => text(StatusCode::BAD_REQUEST, format!("bad byte count {n:?}: expected an integer 0..={MAX_BYTES_N}")),
         },
         (&Method::GET, ["delay", ms]) => match ms.parse::<u64>() {
             Ok(ms) => {
@@ -298,34 +285,23 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Resp {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 text(StatusCode::OK, format!("slept {ms}ms"))
             }
-            Err(_) => text(
-                StatusCode::BAD_REQUEST,
-                format!("bad delay {ms:?}: expected milliseconds as an integer"),
-            ),
+            Err(_) => text(StatusCode::BAD_REQUEST, format!("bad delay {ms:?}: expected milliseconds as an integer")),
         },
         (&Method::GET, ["headers"]) => headers_json(&req),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            format!("no route for {} {}", req.method(), path),
-        ),
+        _ => text(StatusCode::NOT_FOUND, format!("no route for {} {}", req.method(), path)),
     }
 }
 
 // ---------------------------------------------------------------- responses
 
 fn full(body: impl Into<Bytes>) -> RespBody {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(body.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }
 
@@ -334,10 +310,7 @@ fn json(status: StatusCode, value: &impl Serialize) -> Resp {
         Ok(body) => {
             let mut resp = Response::new(full(body));
             *resp.status_mut() = status;
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             resp
         }
         Err(_) => internal_error(),
@@ -377,8 +350,7 @@ fn decode_id(raw: &str) -> Result<String, String> {
             i += 1;
         }
     }
-    let id = String::from_utf8(out)
-        .map_err(|_| format!("device id {raw:?} does not decode to UTF-8"))?;
+    let id = String::from_utf8(out).map_err(|_| format!("device id {raw:?} does not decode to UTF-8"))?;
     if id.is_empty() {
         return Err("empty device id".to_owned());
     }
@@ -401,39 +373,24 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 fn websocket(shared: &Arc<Shared>, mut req: Request<Incoming>, device: String) -> Resp {
     let headers = req.headers();
     if !headers.contains_key(header::UPGRADE) {
-        let mut resp = text(
-            StatusCode::UPGRADE_REQUIRED,
-            "this endpoint needs a WebSocket upgrade (Upgrade: websocket)",
-        );
-        resp.headers_mut()
-            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let mut resp =
+            text(StatusCode::UPGRADE_REQUIRED, "this endpoint needs a WebSocket upgrade (Upgrade: websocket)");
+        resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         return resp;
     }
     if !header_has_token(headers, header::UPGRADE, "websocket") {
         return text(StatusCode::BAD_REQUEST, "Upgrade header must be websocket");
     }
     if !header_has_token(headers, header::CONNECTION, "upgrade") {
-        return text(
-            StatusCode::BAD_REQUEST,
-            "Connection header must contain the upgrade token",
-        );
+        return text(StatusCode::BAD_REQUEST, "Connection header must contain the upgrade token");
     }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes().trim_ascii())
-        != Some(b"13")
-    {
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes().trim_ascii()) != Some(b"13") {
         let mut resp = text(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13");
-        resp.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
+        resp.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return resp;
     }
     let accept = match headers.get(header::SEC_WEBSOCKET_KEY) {
-        Some(key) if !key.as_bytes().trim_ascii().is_empty() => {
-            derive_accept_key(key.as_bytes().trim_ascii())
-        }
+        Some(key) if !key.as_bytes().trim_ascii().is_empty() => derive_accept_key(key.as_bytes().trim_ascii()),
         _ => return text(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key header"),
     };
     let Ok(accept) = HeaderValue::from_str(&accept) else {
@@ -494,15 +451,8 @@ async fn hold_socket(shared: Arc<Shared>, device: String, mut ws: WsStream) {
     if *shared.shutdown_rx.borrow() {
         return;
     }
-    lock(&shared.registry)
-        .entry(device.clone())
-        .or_default()
-        .push(SocketEntry { id, tx });
-    let registration = Registration {
-        shared: shared.clone(),
-        device,
-        id,
-    };
+    lock(&shared.registry).entry(device.clone()).or_default().push(SocketEntry { id, tx });
+    let registration = Registration { shared: shared.clone(), device, id };
 
     let closing = tokio::select! {
         c = pump(&shared, &registration.device, &mut ws, &mut rx) => c,
@@ -521,12 +471,7 @@ async fn hold_socket(shared: Arc<Shared>, device: String, mut ws: WsStream) {
 
 /// Echo device frames and forward queued messages. Returns true if the peer
 /// started the closing handshake, false on EOF/error.
-async fn pump(
-    shared: &Shared,
-    device: &str,
-    ws: &mut WsStream,
-    rx: &mut mpsc::Receiver<Message>,
-) -> bool {
+async fn pump(shared: &Shared, device: &str, ws: &mut WsStream, rx: &mut mpsc::Receiver<Message>) -> bool {
     loop {
         let outgoing = tokio::select! {
             incoming = ws.next() => match incoming {
@@ -560,32 +505,16 @@ struct Delivered<'a> {
 }
 
 async fn deliver(shared: &Shared, req: Request<Incoming>, device: String) -> Resp {
-    let too_large = || {
-        text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("message body exceeds {MAX_MESSAGE_BYTES} bytes"),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || text(StatusCode::PAYLOAD_TOO_LARGE, format!("message body exceeds {MAX_MESSAGE_BYTES} bytes"));
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_MESSAGE_BYTES as u64) {
         return too_large();
     }
-    let body = match Limited::new(req.into_body(), MAX_MESSAGE_BYTES)
-        .collect()
-        .await
-    {
+    let body = match Limited::new(req.into_body(), MAX_MESSAGE_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Err(e) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                format!("could not read request body: {e}"),
-            )
-        }
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("could not read request body: {e}")),
     };
     let message = match Utf8Bytes::try_from(body.clone()) {
         Ok(t) => Message::Text(t),
@@ -602,23 +531,9 @@ async fn deliver(shared: &Shared, req: Request<Incoming>, device: String) -> Res
         }
     }
     if sockets == 0 {
-        return text(
-            StatusCode::NOT_FOUND,
-            format!(
-                "device {device} is not connected to instance {}",
-                shared.name
-            ),
-        );
+        return text(StatusCode::NOT_FOUND, format!("device {device} is not connected to instance {}", shared.name));
     }
-    json(
-        StatusCode::OK,
-        &Delivered {
-            delivered: true,
-            instance: &shared.name,
-            device: &device,
-            sockets,
-        },
-    )
+    json(StatusCode::OK, &Delivered { delivered: true, instance: &shared.name, device: &device, sockets })
 }
 
 // ---------------------------------------------------------------- streaming
@@ -654,18 +569,13 @@ impl Body for PatternBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
         let n = self.remaining.min(CHUNK_LEN as u64) as usize;
         self.remaining -= n as u64;
-        Poll::Ready(Some(Ok(Frame::data(
-            Bytes::from_static(&PATTERN).slice(..n),
-        ))))
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&PATTERN).slice(..n)))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -691,9 +601,6 @@ fn headers_json(req: &Request<Incoming>) -> Resp {
             .join(", ");
         map.insert(name.as_str().to_owned(), serde_json::Value::String(joined));
     }
-    map.insert(
-        "_uri".to_owned(),
-        serde_json::Value::String(req.uri().to_string()),
-    );
+    map.insert("_uri".to_owned(), serde_json::Value::String(req.uri().to_string()));
     json(StatusCode::OK, &map)
 }

@@ -90,22 +90,13 @@ impl KeyExtractor {
 
     /// "header x-device-id, path /devices/{id}/*, …" for error messages.
     pub fn describe(&self) -> String {
-        let parts: Vec<String> = self
-            .sources
-            .iter()
-            .map(|s| s.to_string().replacen(':', " ", 1))
-            .collect();
+        let parts: Vec<String> = self.sources.iter().map(|s| s.to_string().replacen(':', " ", 1)).collect();
         parts.join(", ")
     }
 }
 
 fn header_value<'r>(headers: &'r HeaderMap, name: &HeaderName) -> Option<Cow<'r, [u8]>> {
-    headers
-        .get_all(name)
-        .iter()
-        .map(|v| v.as_bytes().trim_ascii())
-        .find(|v| !v.is_empty())
-        .map(Cow::Borrowed)
+    headers.get_all(name).iter().map(|v| v.as_bytes().trim_ascii()).find(|v| !v.is_empty()).map(Cow::Borrowed)
 }
 
 fn query_value<'r>(query: &'r str, name: &str) -> Option<Cow<'r, [u8]>> {
@@ -125,10 +116,7 @@ fn cookie_value<'r>(headers: &'r HeaderMap, name: &str) -> Option<Cow<'r, [u8]>>
             if n != name.as_bytes() {
                 return None;
             }
-            let v = v
-                .strip_prefix(b"\"")
-                .and_then(|v| v.strip_suffix(b"\""))
-                .unwrap_or(v);
+            let v = v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v);
             Some(Cow::Borrowed(v))
         })
     })
@@ -158,10 +146,7 @@ impl PathPattern {
 /// Decodes `%XX` escapes (and `+` as space in query strings). Malformed
 /// escapes are kept literally, as browsers do, so every input has one key.
 pub fn percent_decode(input: &[u8], plus_as_space: bool) -> Cow<'_, [u8]> {
-    if !input
-        .iter()
-        .any(|&b| b == b'%' || (plus_as_space && b == b'+'))
-    {
+    if !input.iter().any(|&b| b == b'%' || (plus_as_space && b == b'+')) {
         return Cow::Borrowed(input);
     }
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
@@ -170,10 +155,8 @@ pub fn percent_decode(input: &[u8], plus_as_space: bool) -> Cow<'_, [u8]> {
     while i < input.len() {
         let b = input[i];
         if b == b'%' {
-            if let (Some(h), Some(l)) = (
-                input.get(i + 1).and_then(|&c| hex(c)),
-                input.get(i + 2).and_then(|&c| hex(c)),
-            ) {
+            if let (Some(h), Some(l)) = (input.get(i + 1).and_then(|&c| hex(c)), input.get(i + 2).and_then(|&c| hex(c)))
+            {
                 out.push(h << 4 | l);
                 i += 3;
                 continue;
@@ -189,16 +172,14 @@ impl FromStr for KeySource {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Self, String> {
-        let (kind, arg) = text.split_once(':').ok_or_else(|| {
-            format!("{text:?} must be kind:argument, e.g. \"header:x-device-id\"")
-        })?;
+        let (kind, arg) = text
+            .split_once(':')
+            .ok_or_else(|| format!("{text:?} must be kind:argument, e.g. \"header:x-device-id\""))?;
         let arg = arg.trim();
         let plain_name = |what: &str| -> Result<String, String> {
             if arg.is_empty()
                 || arg.bytes().any(|b| {
-                    matches!(b, b'=' | b'&' | b';' | b'%' | b'+')
-                        || b.is_ascii_whitespace()
-                        || b.is_ascii_control()
+                    matches!(b, b'=' | b'&' | b';' | b'%' | b'+') || b.is_ascii_whitespace() || b.is_ascii_control()
                 })
             {
                 Err(format!("{text:?}: {what} name must be non-empty and contain no '=', '&', ';', '%', '+' or spaces"))
@@ -210,15 +191,10 @@ impl FromStr for KeySource {
             "header" => HeaderName::from_bytes(arg.as_bytes())
                 .map(KeySource::Header)
                 .map_err(|_| format!("{text:?}: {arg:?} is not a valid header name")),
-            "path" => arg
-                .parse()
-                .map(KeySource::Path)
-                .map_err(|e| format!("{text:?}: {e}")),
+            "path" => arg.parse().map(KeySource::Path).map_err(|e| format!("{text:?}: {e}")),
             "query" => plain_name("query parameter").map(KeySource::Query),
             "cookie" => plain_name("cookie").map(KeySource::Cookie),
-            other => Err(format!(
-                "{text:?}: unknown key source {other:?}; use header:, path:, query: or cookie:"
-            )),
+            other => Err(format!("{text:?}: unknown key source {other:?}; use header:, path:, query: or cookie:")),
         }
     }
 }
@@ -227,18 +203,14 @@ impl FromStr for PathPattern {
     type Err = String;
 
     fn from_str(pattern: &str) -> Result<Self, String> {
-        let body = pattern
-            .strip_prefix('/')
-            .ok_or("a path pattern must start with '/'")?;
+        let body = pattern.strip_prefix('/').ok_or("a path pattern must start with '/'")?;
         let mut segments: Vec<&str> = body.split('/').collect();
         let rest = segments.last() == Some(&"*");
         if rest {
             segments.pop();
         }
-        let id_at = segments
-            .iter()
-            .position(|s| *s == "{id}")
-            .ok_or("a path pattern needs exactly one {id} segment")?;
+        let id_at =
+            segments.iter().position(|s| *s == "{id}").ok_or("a path pattern needs exactly one {id} segment")?;
         for (i, s) in segments.iter().enumerate() {
             if i != id_at && (s.is_empty() || s.contains(['{', '}', '*'])) {
                 return Err(format!(
@@ -247,11 +219,7 @@ impl FromStr for PathPattern {
             }
         }
         let owned = |s: &[&str]| s.iter().map(|s| s.to_string()).collect();
-        Ok(PathPattern {
-            before: owned(&segments[..id_at]),
-            after: owned(&segments[id_at + 1..]),
-            rest,
-        })
+        Ok(PathPattern { before: owned(&segments[..id_at]), after: owned(&segments[id_at + 1..]), rest })
     }
 }
 
@@ -288,25 +256,16 @@ mod tests {
     use hyper::header::HeaderValue;
 
     fn extractor(sources: &[&str]) -> KeyExtractor {
-        KeyExtractor::new(
-            sources
-                .iter()
-                .map(|s| s.parse().expect("valid source"))
-                .collect(),
-        )
+        KeyExtractor::new(sources.iter().map(|s| s.parse().expect("valid source")).collect())
     }
 
     fn key(x: &KeyExtractor, uri: &str, headers: &[(&str, &str)]) -> Option<(String, usize)> {
         let uri: Uri = uri.parse().expect("uri");
         let mut map = HeaderMap::new();
         for (n, v) in headers {
-            map.append(
-                HeaderName::from_bytes(n.as_bytes()).expect("name"),
-                HeaderValue::from_str(v).expect("value"),
-            );
+            map.append(HeaderName::from_bytes(n.as_bytes()).expect("name"), HeaderValue::from_str(v).expect("value"));
         }
-        x.extract(&uri, &map)
-            .map(|k| (k.display().into_owned(), k.source))
+        x.extract(&uri, &map).map(|k| (k.display().into_owned(), k.source))
     }
 
     fn some(id: &str, source: usize) -> Option<(String, usize)> {
@@ -334,62 +293,24 @@ mod tests {
 
     #[test]
     fn sources_are_tried_in_order() {
-        let x = extractor(&[
-            "header:x-device-id",
-            "path:/devices/{id}/*",
-            "query:device_id",
-            "cookie:device_id",
-        ]);
+        let x = extractor(&["header:x-device-id", "path:/devices/{id}/*", "query:device_id", "cookie:device_id"]);
         assert_eq!(
-            key(
-                &x,
-                "/devices/p/ws?device_id=q",
-                &[("x-device-id", "h"), ("cookie", "device_id=c")]
-            ),
+            key(&x, "/devices/p/ws?device_id=q", &[("x-device-id", "h"), ("cookie", "device_id=c")]),
             some("h", 0)
         );
-        assert_eq!(
-            key(
-                &x,
-                "/devices/p/ws?device_id=q",
-                &[("cookie", "device_id=c")]
-            ),
-            some("p", 1)
-        );
-        assert_eq!(
-            key(&x, "/other?a=1&device_id=q", &[("cookie", "device_id=c")]),
-            some("q", 2)
-        );
-        assert_eq!(
-            key(&x, "/other", &[("cookie", "a=1; device_id=c; b=2")]),
-            some("c", 3)
-        );
+        assert_eq!(key(&x, "/devices/p/ws?device_id=q", &[("cookie", "device_id=c")]), some("p", 1));
+        assert_eq!(key(&x, "/other?a=1&device_id=q", &[("cookie", "device_id=c")]), some("q", 2));
+        assert_eq!(key(&x, "/other", &[("cookie", "a=1; device_id=c; b=2")]), some("c", 3));
         assert_eq!(key(&x, "/other", &[]), None);
-        assert_eq!(
-            x.describe(),
-            "header x-device-id, path /devices/{id}/*, query device_id, cookie device_id"
-        );
+        assert_eq!(x.describe(), "header x-device-id, path /devices/{id}/*, query device_id, cookie device_id");
     }
 
     #[test]
     fn empty_values_fall_through() {
         let x = extractor(&["header:x-device-id", "query:device_id", "cookie:d"]);
-        assert_eq!(
-            key(&x, "/?device_id=&device_id=z", &[("x-device-id", "")]),
-            some("z", 1)
-        );
-        assert_eq!(
-            key(
-                &x,
-                "/?device_id=",
-                &[("x-device-id", " "), ("cookie", "d=\"\"")]
-            ),
-            None
-        );
-        assert_eq!(
-            key(&x, "/?device_id=", &[("cookie", "d=\"q\"")]),
-            some("q", 2)
-        );
+        assert_eq!(key(&x, "/?device_id=&device_id=z", &[("x-device-id", "")]), some("z", 1));
+        assert_eq!(key(&x, "/?device_id=", &[("x-device-id", " "), ("cookie", "d=\"\"")]), None);
+        assert_eq!(key(&x, "/?device_id=", &[("cookie", "d=\"q\"")]), some("q", 2));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::error::Error as StdError;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
 use crate::routing::{Backend, Decision, Router};
 use crate::tunnel;
 
@@ -44,7 +45,9 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 pub struct Proxy {
     router: Router,
     client: Client<HttpConnector, Incoming>,
-    pub(crate) upstream: UpstreamConfig,
+    /// Fixed at start: the pooled connector is built with it.
+    pub(crate) connect_timeout: Duration,
+    pub(crate) metrics: Arc<Metrics>,
     /// Flips to `true` when open tunnels must close (end of shutdown).
     pub(crate) close_tunnels: watch::Receiver<bool>,
 }
@@ -52,7 +55,8 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(
         router: Router,
-        upstream: UpstreamConfig,
+        upstream: &UpstreamConfig,
+        metrics: Arc<Metrics>,
         close_tunnels: watch::Receiver<bool>,
     ) -> Proxy {
         let mut connector = HttpConnector::new();
@@ -63,12 +67,7 @@ impl Proxy {
             .pool_max_idle_per_host(upstream.pool_max_idle)
             .pool_idle_timeout(upstream.pool_idle_timeout)
             .build(connector);
-        Proxy {
-            router,
-            client,
-            upstream,
-            close_tunnels,
-        }
+        Proxy { router, client, connect_timeout: upstream.connect_timeout, metrics, close_tunnels }
     }
 
     pub fn router(&self) -> &Router {
@@ -77,22 +76,20 @@ impl Proxy {
 
     /// Serves one request from `client_addr`. Never fails: every problem
     /// becomes a response with a status and a reason.
-    pub async fn handle(
-        self: Arc<Self>,
-        req: Request<Incoming>,
-        client_addr: SocketAddr,
-    ) -> Response<ProxyBody> {
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client_addr: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
-        let (device, backend) = {
+        let (device, backend, response_timeout) = {
             let table = self.router.load();
+            let response_timeout = table.config().upstream.response_timeout;
             match table.decide(req.uri(), req.headers()) {
-                Decision::Owner { key, backend } => (Some(key.display().into_owned()), backend),
-                Decision::Spread { backend } => (None, backend),
+                Decision::Owner { key, backend } => (Some(key.display().into_owned()), backend, response_timeout),
+                Decision::Spread { backend } => {
+                    self.metrics.missing_key();
+                    (None, backend, response_timeout)
+                }
                 Decision::NoKey => {
-                    let reason = format!(
-                        "no device ID in request: looked for {}\n",
-                        table.keys().describe()
-                    );
+                    self.metrics.missing_key();
+                    let reason = format!("no device ID in request: looked for {}\n", table.keys().describe());
                     info!(method = %req.method(), path = %req.uri().path(), status = 400, "rejected: no device ID");
                     return text_response(StatusCode::BAD_REQUEST, reason);
                 }
@@ -101,19 +98,24 @@ impl Proxy {
         let device = device.as_deref().unwrap_or("-");
 
         if is_websocket_upgrade(req.headers()) {
-            return tunnel::open(self, req, client_addr, backend, device.to_string(), started)
-                .await;
+            let tunnel =
+                tunnel::Request { client_addr, backend, device: device.to_string(), started, response_timeout };
+            return tunnel::open(self, req, tunnel).await;
         }
 
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let response = match self.forward(req, client_addr, &backend).await {
+        let response = match self.forward(req, client_addr, &backend, response_timeout).await {
             Ok(mut response) => {
                 strip_hop_by_hop(response.headers_mut());
                 response.map(Either::Left)
             }
-            Err(failure) => failure.response(&backend),
+            Err(failure) => {
+                backend.stats.upstream_error(failure);
+                failure.response(&backend)
+            }
         };
+        backend.stats.response(response.status().as_u16(), started.elapsed());
         info!(
             device,
             backend = %backend.id,
@@ -131,6 +133,7 @@ impl Proxy {
         req: Request<Incoming>,
         client_addr: SocketAddr,
         backend: &Backend,
+        response_timeout: Duration,
     ) -> Result<Response<Incoming>, UpstreamFailure> {
         let (mut parts, body) = req.into_parts();
         parts.uri = upstream_uri(&backend.address, &parts.uri)?;
@@ -138,9 +141,7 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         add_forwarded_headers(&mut parts.headers, client_addr, "http");
         let request = Request::from_parts(parts, body);
-        match tokio::time::timeout(self.upstream.response_timeout, self.client.request(request))
-            .await
-        {
+        match tokio::time::timeout(response_timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(UpstreamFailure::classify(&e, e.is_connect())),
             Err(_) => Err(UpstreamFailure::Timeout),
@@ -150,7 +151,7 @@ impl Proxy {
 
 /// Why a backend gave no response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum UpstreamFailure {
+pub enum UpstreamFailure {
     Refused,
     Unreachable,
     ConnectTimeout,
@@ -162,17 +163,12 @@ pub(crate) enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
-    pub(crate) fn classify(
-        err: &(dyn StdError + 'static),
-        during_connect: bool,
-    ) -> UpstreamFailure {
+    pub(crate) fn classify(err: &(dyn StdError + 'static), during_connect: bool) -> UpstreamFailure {
         let mut source: Option<&(dyn StdError + 'static)> = Some(err);
         while let Some(e) = source {
             if let Some(io) = e.downcast_ref::<io::Error>() {
                 match io.kind() {
-                    io::ErrorKind::TimedOut if during_connect => {
-                        return UpstreamFailure::ConnectTimeout
-                    }
+                    io::ErrorKind::TimedOut if during_connect => return UpstreamFailure::ConnectTimeout,
                     io::ErrorKind::TimedOut => return UpstreamFailure::Timeout,
                     io::ErrorKind::ConnectionRefused => return UpstreamFailure::Refused,
                     _ => {}
@@ -190,30 +186,23 @@ impl UpstreamFailure {
     pub(crate) fn response(self, backend: &Backend) -> Response<ProxyBody> {
         let (id, addr) = (&backend.id, &backend.address);
         let (status, reason) = match self {
-            UpstreamFailure::Refused => (
-                StatusCode::BAD_GATEWAY,
-                format!("backend {id} ({addr}) refused the connection"),
-            ),
-            UpstreamFailure::Unreachable => (
-                StatusCode::BAD_GATEWAY,
-                format!("backend {id} ({addr}) is unreachable"),
-            ),
-            UpstreamFailure::ConnectTimeout => (
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("backend {id} ({addr}) did not accept the connection in time"),
-            ),
-            UpstreamFailure::Timeout => (
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("backend {id} ({addr}) did not answer in time"),
-            ),
+            UpstreamFailure::Refused => {
+                (StatusCode::BAD_GATEWAY, format!("backend {id} ({addr}) refused the connection"))
+            }
+            UpstreamFailure::Unreachable => (StatusCode::BAD_GATEWAY, format!("backend {id} ({addr}) is unreachable")),
+            UpstreamFailure::ConnectTimeout => {
+                (StatusCode::GATEWAY_TIMEOUT, format!("backend {id} ({addr}) did not accept the connection in time"))
+            }
+            UpstreamFailure::Timeout => {
+                (StatusCode::GATEWAY_TIMEOUT, format!("backend {id} ({addr}) did not answer in time"))
+            }
             UpstreamFailure::Broken => (
                 StatusCode::BAD_GATEWAY,
                 format!("backend {id} ({addr}) closed the connection without a valid response"),
             ),
-            UpstreamFailure::BadAddress => (
-                StatusCode::BAD_GATEWAY,
-                format!("backend {id} has an unusable address {addr:?}"),
-            ),
+            UpstreamFailure::BadAddress => {
+                (StatusCode::BAD_GATEWAY, format!("backend {id} has an unusable address {addr:?}"))
+            }
         };
         warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
         text_response(status, reason + "\n")
@@ -223,11 +212,7 @@ impl UpstreamFailure {
 /// `http://{address}{path?query}` for the upstream request.
 pub(crate) fn upstream_uri(address: &str, original: &Uri) -> Result<Uri, UpstreamFailure> {
     // Asterisk-form (`OPTIONS *`) has no path to forward; ask for "/".
-    let path = original
-        .path_and_query()
-        .map(|p| p.as_str())
-        .filter(|p| p.starts_with('/'))
-        .unwrap_or("/");
+    let path = original.path_and_query().map(|p| p.as_str()).filter(|p| p.starts_with('/')).unwrap_or("/");
     Uri::builder()
         .scheme("http")
         .authority(address)
@@ -240,17 +225,13 @@ pub(crate) fn upstream_uri(address: &str, original: &Uri) -> Result<Uri, Upstrea
 pub fn text_response(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut response = Response::new(Either::Right(Full::new(body.into())));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
 /// True for `Connection: upgrade` + `Upgrade: websocket`.
 pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
-    has_token(headers, &header::CONNECTION, "upgrade")
-        && has_token(headers, &header::UPGRADE, "websocket")
+    has_token(headers, &header::CONNECTION, "upgrade") && has_token(headers, &header::UPGRADE, "websocket")
 }
 
 fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
@@ -290,11 +271,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Appends the client to `X-Forwarded-For` and sets `-Proto` and `-Host`.
-pub fn add_forwarded_headers(
-    headers: &mut HeaderMap,
-    client_addr: SocketAddr,
-    proto: &'static str,
-) {
+pub fn add_forwarded_headers(headers: &mut HeaderMap, client_addr: SocketAddr, proto: &'static str) {
     let client_ip = client_addr.ip().to_string();
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
@@ -317,16 +294,10 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_connection_tokens_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
         h.insert("x-device-id", HeaderValue::from_static("d1"));
         strip_hop_by_hop(&mut h);
@@ -338,10 +309,7 @@ mod tests {
     #[test]
     fn forwarded_headers_append_and_set() {
         let mut h = HeaderMap::new();
-        h.insert(
-            X_FORWARDED_FOR.clone(),
-            HeaderValue::from_static("10.1.1.1"),
-        );
+        h.insert(X_FORWARDED_FOR.clone(), HeaderValue::from_static("10.1.1.1"));
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
         h.insert(header::HOST, HeaderValue::from_static("api.example.com"));
         add_forwarded_headers(&mut h, "127.0.0.9:5555".parse().expect("addr"), "http");
@@ -353,10 +321,7 @@ mod tests {
     #[test]
     fn websocket_upgrade_detection_reads_tokens() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, Upgrade"),
-        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
         assert!(is_websocket_upgrade(&h));
         h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));

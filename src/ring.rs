@@ -107,17 +107,13 @@ impl Ring {
     pub fn new(members: &[Member<'_>], replicas: u32) -> Ring {
         let members = &members[..members.len().min(MAX_MEMBERS)];
         let counts = point_counts(members, replicas);
-        let mut points: Vec<(u32, u16)> =
-            Vec::with_capacity(counts.iter().map(|&c| c as usize).sum());
+        let mut points: Vec<(u32, u16)> = Vec::with_capacity(counts.iter().map(|&c| c as usize).sum());
         for (i, (m, &count)) in members.iter().zip(&counts).enumerate() {
             points.extend(point_hashes(m.identity, count).map(|h| (h, i as u16)));
         }
         points.sort_unstable_by(|a, b| {
             a.0.cmp(&b.0).then_with(|| {
-                let (ia, ib) = (
-                    members[a.1 as usize].identity,
-                    members[b.1 as usize].identity,
-                );
+                let (ia, ib) = (members[a.1 as usize].identity, members[b.1 as usize].identity);
                 ia.cmp(ib).then(a.1.cmp(&b.1))
             })
         });
@@ -134,10 +130,7 @@ impl Ring {
         }
         Ring {
             index,
-            slots: points
-                .iter()
-                .map(|&(h, o)| h << 16 | u32::from(o))
-                .collect(),
+            slots: points.iter().map(|&(h, o)| h << 16 | u32::from(o)).collect(),
             members: members.len(),
             live: has_point.iter().filter(|&&b| b).count(),
         }
@@ -180,8 +173,7 @@ impl Ring {
 
     /// The member owning an already-computed key hash.
     pub fn owner_of_hash(&self, hash: u32) -> Option<usize> {
-        self.point_index(hash)
-            .map(|i| usize::from(self.owner_at(i)))
+        self.point_index(hash).map(|i| usize::from(self.owner_at(i)))
     }
 
     /// Distinct members in ring order starting at the key's owner (owner
@@ -190,15 +182,7 @@ impl Ring {
     /// that a bitset of `members / 64` words is allocated.
     pub fn walk(&self, key: &[u8]) -> impl Iterator<Item = usize> + '_ {
         let start = self.point_index(Self::hash_key(key)).unwrap_or(0);
-        Walk {
-            ring: self,
-            pos: start,
-            steps: 0,
-            left: self.live,
-            first: [0; 8],
-            nfirst: 0,
-            seen: Vec::new(),
-        }
+        Walk { ring: self, pos: start, steps: 0, left: self.live, first: [0; 8], nfirst: 0, seen: Vec::new() }
     }
 
     /// Fraction of the 2^32 hash space each member owns, indexed like the
@@ -210,17 +194,11 @@ impl Ring {
         };
         // Point i owns (h[i-1], h[i]]; point 0 owns (h[last], 2^32) and [0, h[0]].
         for (i, hash) in self.hashes().enumerate() {
-            let arc = if self.slots.len() == 1 {
-                1 << 32
-            } else {
-                u64::from(hash.wrapping_sub(prev))
-            };
+            let arc = if self.slots.len() == 1 { 1 << 32 } else { u64::from(hash.wrapping_sub(prev)) };
             arcs[usize::from(self.owner_at(i))] += arc;
             prev = hash;
         }
-        arcs.iter()
-            .map(|&a| a as f64 / (1u64 << 32) as f64)
-            .collect()
+        arcs.iter().map(|&a| a as f64 / (1u64 << 32) as f64).collect()
     }
 
     /// Number of points on the ring (after dropping duplicate hashes).
@@ -302,14 +280,8 @@ mod tests {
     use super::*;
 
     fn ring(ids: &[&str], weights: &[u32], replicas: u32) -> Ring {
-        let members: Vec<Member> = ids
-            .iter()
-            .zip(weights)
-            .map(|(id, &weight)| Member {
-                identity: id.as_bytes(),
-                weight,
-            })
-            .collect();
+        let members: Vec<Member> =
+            ids.iter().zip(weights).map(|(id, &weight)| Member { identity: id.as_bytes(), weight }).collect();
         Ring::new(&members, replicas)
     }
 
@@ -333,10 +305,8 @@ mod tests {
         assert!(hashes.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(r.index.len(), (1 << 16) + 1);
         assert_eq!(r.index[1 << 16] as usize, r.points());
-        let mut all: Vec<u32> = [("a", 300), ("b", 600), ("c", 300)]
-            .iter()
-            .flat_map(|&(id, n)| point_hashes(id.as_bytes(), n))
-            .collect();
+        let mut all: Vec<u32> =
+            [("a", 300), ("b", 600), ("c", 300)].iter().flat_map(|&(id, n)| point_hashes(id.as_bytes(), n)).collect();
         all.sort_unstable();
         all.dedup();
         assert_eq!(hashes, all);
@@ -345,11 +315,7 @@ mod tests {
     #[test]
     fn lookup_matches_linear_scan() {
         let r = ring(&["app-1", "app-2", "app-3", "app-4"], &[1, 1, 3, 1], 500);
-        let points: Vec<(u32, u16)> = r
-            .hashes()
-            .enumerate()
-            .map(|(i, h)| (h, r.owner_at(i)))
-            .collect();
+        let points: Vec<(u32, u16)> = r.hashes().enumerate().map(|(i, h)| (h, r.owner_at(i))).collect();
         let naive = |h: u32| {
             let p = points.iter().find(|p| p.0 >= h).unwrap_or(&points[0]);
             usize::from(p.1)
@@ -380,10 +346,7 @@ mod tests {
 
     #[test]
     fn point_counts_saturate_in_proportion() {
-        let m = |weight| Member {
-            identity: b"m",
-            weight,
-        };
+        let m = |weight| Member { identity: b"m", weight };
         assert_eq!(point_counts(&[m(1), m(3), m(0)], 160), [160, 480, 0]);
         let c = point_counts(&[m(u32::MAX), m(u32::MAX / 2), m(0)], u32::MAX);
         assert!(c.iter().map(|&n| u64::from(n)).sum::<u64>() <= u64::from(MAX_POINTS));
@@ -416,9 +379,6 @@ mod tests {
     #[test]
     fn debug_is_a_summary() {
         let r = ring(&["a", "b"], &[1, 0], 4);
-        assert_eq!(
-            format!("{r:?}"),
-            "Ring { members: 2, live: 1, points: 4, .. }"
-        );
+        assert_eq!(format!("{r:?}"), "Ring { members: 2, live: 1, points: 4, .. }");
     }
 }

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +23,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::admin;
+use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::reload::{Reloader, Trigger};
 use crate::routing::{Router, RoutingTable};
 
 /// How long tunnels and leftover connections get to close after the grace.
@@ -37,39 +40,51 @@ pub struct RunningProxy {
     proxy_addr: SocketAddr,
     admin_addr: SocketAddr,
     router: Router,
-    grace: Duration,
+    reloader: Arc<Reloader>,
+    metrics: Arc<Metrics>,
     /// `true`: stop accepting and finish in-flight HTTP.
     drain: watch::Sender<bool>,
     /// `true`: close everything still open, tunnels included.
     close: watch::Sender<bool>,
 }
 
-/// Binds the listeners named in `config` and starts serving.
+/// Binds the listeners named in `config` and starts serving. Without a
+/// `path` the config can't be reloaded (the demo's embedded config).
 pub async fn start(config: &Config) -> io::Result<RunningProxy> {
+    start_inner(config.clone(), None).await
+}
+
+/// Like [`start`], for a config loaded from `path`: reloads re-read it, and
+/// it is watched for changes.
+pub async fn start_from_file(config: Config, path: PathBuf) -> io::Result<RunningProxy> {
+    start_inner(config, Some(path)).await
+}
+
+async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<RunningProxy> {
     let proxy_listener = bind(config.server.listen, "server.listen").await?;
     let admin_listener = bind(config.admin.listen, "admin.listen").await?;
-    let router = RoutingTable::new(config).into_router();
+    let metrics = Arc::new(Metrics::new());
+    let config = Arc::new(config);
+    let router = RoutingTable::new(Arc::clone(&config), 1, &metrics).into_router();
+    metrics.loaded_now();
+    metrics.set_backends("up", config.backends.len());
+    let reloader = Arc::new(Reloader::new(path, router.clone(), Arc::clone(&metrics)));
     let (drain, _) = watch::channel(false);
     let (close, _) = watch::channel(false);
-    let proxy = Arc::new(Proxy::new(
-        router.clone(),
-        config.upstream.clone(),
-        close.subscribe(),
-    ));
+    let proxy = Arc::new(Proxy::new(router.clone(), &config.upstream, Arc::clone(&metrics), close.subscribe()));
 
     let running = RunningProxy {
         proxy_addr: proxy_listener.local_addr()?,
         admin_addr: admin_listener.local_addr()?,
         router: router.clone(),
-        grace: config.server.shutdown_grace,
+        reloader: Arc::clone(&reloader),
+        metrics: Arc::clone(&metrics),
         drain,
         close,
     };
-    let connections = Connections {
-        header_read_timeout: config.server.header_read_timeout,
-        drain: running.drain.subscribe(),
-        close: running.close.subscribe(),
-    };
+    let connections =
+        Connections { router: router.clone(), drain: running.drain.subscribe(), close: running.close.subscribe() };
+    tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
 
     let proxy_service = move |addr: SocketAddr| {
         let proxy = proxy.clone();
@@ -78,16 +93,13 @@ pub async fn start(config: &Config) -> io::Result<RunningProxy> {
             async move { Ok::<_, Infallible>(proxy.handle(req, addr).await) }
         }
     };
-    tokio::spawn(
-        connections
-            .clone()
-            .accept_loop(proxy_listener, proxy_service),
-    );
+    tokio::spawn(connections.clone().accept_loop(proxy_listener, proxy_service));
+    let admin_state = AdminState { router, reloader, metrics };
     let admin_service = move |_addr: SocketAddr| {
-        let router = router.clone();
+        let state = admin_state.clone();
         move |req: Request<Incoming>| {
-            let router = router.clone();
-            async move { Ok::<_, Infallible>(admin::handle(req, &router)) }
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(admin::handle(req, &state).await) }
         }
     };
     tokio::spawn(connections.accept_loop(admin_listener, admin_service));
@@ -115,37 +127,59 @@ impl RunningProxy {
         &self.router
     }
 
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Stops accepting, waits up to the grace period for in-flight HTTP,
     /// then closes remaining connections and tunnels.
     pub async fn shutdown(self) {
-        info!(
-            grace = ?self.grace,
-            "shutting down: no new connections, finishing in-flight requests"
-        );
+        let grace = self.router.load().config().server.shutdown_grace;
+        info!(?grace, "shutting down: no new connections, finishing in-flight requests");
         let _ = self.drain.send(true);
-        if tokio::time::timeout(self.grace, self.drain.closed())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.drain.closed()).await.is_err() {
             warn!("grace period over with requests still in flight; closing them");
         }
         let _ = self.close.send(true);
-        if tokio::time::timeout(CLOSE_TIMEOUT, self.close.closed())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.close.closed()).await.is_err() {
             warn!("some connections did not close in time");
         }
         info!("stopped");
     }
 }
 
-/// Serves until SIGINT or SIGTERM, then shuts down gracefully.
-pub async fn run(config: &Config) -> io::Result<()> {
-    let running = start(config).await?;
+/// Serves the config loaded from `path` until SIGINT or SIGTERM, then shuts
+/// down gracefully; SIGHUP reloads the file.
+pub async fn run(config: Config, path: PathBuf) -> io::Result<()> {
+    let running = start_from_file(config, path).await?;
+    #[cfg(unix)]
+    tokio::spawn(reload_on_sighup(Arc::clone(&running.reloader), running.drain.subscribe()));
     wait_for_stop_signal().await;
     running.shutdown().await;
     Ok(())
+}
+
+#[cfg(unix)]
+async fn reload_on_sighup(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => return error!("cannot listen for SIGHUP, reload by signal is off: {e}"),
+    };
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => {
+                let reloader = Arc::clone(&reloader);
+                // The outcome is logged and counted by the reloader itself.
+                let _ = tokio::task::spawn_blocking(move || reloader.reload(Trigger::Signal)).await;
+            }
+            _ = raised(&mut stop) => return,
+        }
+    }
 }
 
 async fn wait_for_stop_signal() {
@@ -175,10 +209,10 @@ async fn wait_for_stop_signal() {
     }
 }
 
-/// What every connection task needs: its limits and the shutdown signals.
+/// What every connection task needs: live settings and the shutdown signals.
 #[derive(Clone)]
 struct Connections {
-    header_read_timeout: Duration,
+    router: Router,
     drain: watch::Receiver<bool>,
     close: watch::Receiver<bool>,
 }
@@ -226,7 +260,7 @@ impl Connections {
         let _ = stream.set_nodelay(true);
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
+            .header_read_timeout(self.router.load().config().server.header_read_timeout)
             .serve_connection(TokioIo::new(stream), service_fn(service))
             .with_upgrades();
         tokio::pin!(connection);
@@ -257,8 +291,6 @@ pub(crate) async fn raised(flag: &mut watch::Receiver<bool>) {
 fn is_per_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
     )
 }

@@ -12,15 +12,19 @@
 //! On shutdown, tunnels close once the HTTP grace period is over.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request as HttpRequest, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, info};
 
@@ -30,28 +34,34 @@ use crate::routing::Backend;
 /// Time allowed for both sides to complete the upgrade after a 101.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Sends a WebSocket upgrade to `backend` and, on 101, starts the tunnel.
-pub(crate) async fn open(
-    proxy: Arc<Proxy>,
-    mut req: Request<Incoming>,
-    client_addr: SocketAddr,
-    backend: Arc<Backend>,
-    device: String,
-    started: Instant,
-) -> Response<ProxyBody> {
+/// What the proxy decided for an upgrade request.
+pub(crate) struct Request {
+    pub client_addr: SocketAddr,
+    pub backend: Arc<Backend>,
+    pub device: String,
+    pub started: Instant,
+    pub response_timeout: Duration,
+}
+
+/// Sends a WebSocket upgrade to its backend and, on 101, starts the tunnel.
+pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunnel: Request) -> Response<ProxyBody> {
+    let Request { client_addr, backend, device, started, response_timeout } = tunnel;
     let client_upgrade = hyper::upgrade::on(&mut req);
     let path = req.uri().path().to_string();
 
-    let mut backend_response = match send_upgrade(&proxy, req, client_addr, &backend).await {
+    let mut backend_response = match send_upgrade(&proxy, req, client_addr, &backend, response_timeout).await {
         Ok(response) => response,
         Err(failure) => {
+            backend.stats.upstream_error(failure);
             let response = failure.response(&backend);
+            backend.stats.response(response.status().as_u16(), started.elapsed());
             info!(device, backend = %backend.id, path, status = response.status().as_u16(), "websocket upgrade failed");
             return response;
         }
     };
 
     let status = backend_response.status();
+    backend.stats.response(status.as_u16(), started.elapsed());
     if status != StatusCode::SWITCHING_PROTOCOLS {
         info!(device, backend = %backend.id, path, status = status.as_u16(), "websocket upgrade refused by backend");
         let mut response = backend_response.map(Either::Left);
@@ -67,9 +77,8 @@ pub(crate) async fn open(
 
     let mut close = proxy.close_tunnels.clone();
     tokio::spawn(async move {
-        let upgrades = tokio::time::timeout(UPGRADE_TIMEOUT, async {
-            tokio::try_join!(client_upgrade, backend_upgrade)
-        });
+        let upgrades =
+            tokio::time::timeout(UPGRADE_TIMEOUT, async { tokio::try_join!(client_upgrade, backend_upgrade) });
         let (client_io, backend_io) = match upgrades.await {
             Ok(Ok(pair)) => pair,
             Ok(Err(e)) => {
@@ -77,7 +86,10 @@ pub(crate) async fn open(
             }
             Err(_) => return debug!(device, backend = %backend.id, "websocket upgrade timed out"),
         };
-        let (mut client_io, mut backend_io) = (TokioIo::new(client_io), TokioIo::new(backend_io));
+        let _open = backend.stats.tunnel_opened();
+        // Reads from the device count as "up", reads from the backend as "down".
+        let mut client_io = Counted { io: TokioIo::new(client_io), read: backend.stats.bytes_up.clone() };
+        let mut backend_io = Counted { io: TokioIo::new(backend_io), read: backend.stats.bytes_down.clone() };
         debug!(device, backend = %backend.id, path, setup = ?started.elapsed(), "tunnel open");
         let opened = Instant::now();
         let outcome = tokio::select! {
@@ -95,23 +107,20 @@ pub(crate) async fn open(
 /// Connects to the backend on a dedicated connection and sends the upgrade.
 async fn send_upgrade(
     proxy: &Proxy,
-    req: Request<Incoming>,
+    req: HttpRequest<Incoming>,
     client_addr: SocketAddr,
     backend: &Backend,
+    response_timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamFailure> {
-    let connect = tokio::time::timeout(
-        proxy.upstream.connect_timeout,
-        TcpStream::connect(backend.address.as_str()),
-    );
+    let connect = tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(backend.address.as_str()));
     let stream = match connect.await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(UpstreamFailure::classify(&e, true)),
         Err(_) => return Err(UpstreamFailure::ConnectTimeout),
     };
     let _ = stream.set_nodelay(true);
-    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| UpstreamFailure::classify(&e, false))?;
+    let (mut sender, connection) =
+        http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamFailure::classify(&e, false))?;
     tokio::spawn(async move {
         if let Err(e) = connection.with_upgrades().await {
             debug!(error = %e, "backend connection for websocket upgrade ended");
@@ -119,18 +128,12 @@ async fn send_upgrade(
     });
 
     let (mut parts, body) = req.into_parts();
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .parse()
-        .map_err(|_| UpstreamFailure::BadAddress)?;
+    parts.uri =
+        parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().map_err(|_| UpstreamFailure::BadAddress)?;
     parts.version = hyper::Version::HTTP_11;
     let upgrade = parts.headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut parts.headers);
-    parts
-        .headers
-        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     if let Some(upgrade) = upgrade {
         parts.headers.insert(header::UPGRADE, upgrade);
     }
@@ -141,15 +144,43 @@ async fn send_upgrade(
     }
     add_forwarded_headers(&mut parts.headers, client_addr, "http");
 
-    let request = Request::from_parts(parts, body);
-    match tokio::time::timeout(
-        proxy.upstream.response_timeout,
-        sender.send_request(request),
-    )
-    .await
-    {
+    let request = HttpRequest::from_parts(parts, body);
+    match tokio::time::timeout(response_timeout, sender.send_request(request)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) => Err(UpstreamFailure::classify(&e, false)),
         Err(_) => Err(UpstreamFailure::Timeout),
+    }
+}
+
+/// An upgraded connection that counts the bytes read from it, so tunnel
+/// traffic shows in the metrics while it flows, not only when it ends.
+struct Counted<T> {
+    io: T,
+    read: Counter,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.read.inc_by(read as u64);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -56,10 +56,7 @@ impl Reply {
         serde_json::from_slice(&self.body).expect("json body")
     }
     fn instance(&self) -> &str {
-        self.headers
-            .get("x-instance")
-            .and_then(|v| v.to_str().ok())
-            .expect("X-Instance header")
+        self.headers.get("x-instance").and_then(|v| v.to_str().ok()).expect("X-Instance header")
     }
 }
 
@@ -68,36 +65,24 @@ async fn send(req: Request<Full<Bytes>>) -> Reply {
         let resp = client().request(req).await.expect("request");
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.expect("body").to_bytes();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        }
+        Reply { status: parts.status, headers: parts.headers, body }
     })
     .await
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Reply {
-    let req = Request::get(format!("http://{addr}{path}"))
-        .body(Full::default())
-        .expect("request");
+    let req = Request::get(format!("http://{addr}{path}")).body(Full::default()).expect("request");
     send(req).await
 }
 
 async fn post(addr: SocketAddr, path: &str, body: impl Into<Bytes>) -> Reply {
-    let req = Request::post(format!("http://{addr}{path}"))
-        .body(Full::new(body.into()))
-        .expect("request");
+    let req = Request::post(format!("http://{addr}{path}")).body(Full::new(body.into())).expect("request");
     send(req).await
 }
 
 async fn ws_connect(addr: SocketAddr, id: &str) -> Ws {
-    let (ws, resp) = within(
-        "ws connect",
-        connect_async(format!("ws://{addr}/devices/{id}/ws")),
-    )
-    .await
-    .expect("ws handshake");
+    let (ws, resp) =
+        within("ws connect", connect_async(format!("ws://{addr}/devices/{id}/ws"))).await.expect("ws handshake");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     ws
 }
@@ -143,10 +128,7 @@ async fn whoami_health_and_instance_header() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.text(), "app-1");
     assert_eq!(r.instance(), "app-1");
-    assert!(r.headers["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain"));
+    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
 
     let r = get(app.addr(), "/health").await;
     assert_eq!((r.status, r.text()), (StatusCode::OK, "ok"));
@@ -164,9 +146,7 @@ async fn whoami_health_and_instance_header() {
 #[tokio::test]
 async fn two_instances_answer_with_their_own_names() {
     let a = start("app-1").await;
-    let b = DemoInstance::bind("app-2", "127.0.0.1:0".parse().unwrap())
-        .await
-        .expect("bind");
+    let b = DemoInstance::bind("app-2", "127.0.0.1:0".parse().unwrap()).await.expect("bind");
     assert_eq!(b.name(), "app-2");
     assert_eq!(get(a.addr(), "/whoami").await.text(), "app-1");
     let r = get(b.addr(), "/whoami").await;
@@ -201,10 +181,7 @@ async fn post_delivers_to_the_socket() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.headers["content-type"], "application/json");
     assert_eq!(r.instance(), "app-1");
-    assert_eq!(
-        r.json(),
-        serde_json::json!({"delivered": true, "instance": "app-1", "device": "dev-42", "sockets": 1})
-    );
+    assert_eq!(r.json(), serde_json::json!({"delivered": true, "instance": "app-1", "device": "dev-42", "sockets": 1}));
     assert_eq!(ws_recv(&mut ws).await, Message::text("hello device"));
 
     // Non-UTF-8 bodies arrive as binary frames.
@@ -219,10 +196,7 @@ async fn post_for_unconnected_device_is_404() {
     let r = post(app.addr(), "/devices/dev-42/messages", "hi").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.text(), "device dev-42 is not connected to instance app-1");
-    assert!(r.headers["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain"));
+    assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
 }
 
 #[tokio::test]
@@ -230,12 +204,7 @@ async fn oversized_message_is_413() {
     let app = start("app-1").await;
     let mut ws = ws_connect(app.addr(), "dev-1").await;
     ws_ping(&mut ws).await;
-    let r = post(
-        app.addr(),
-        "/devices/dev-1/messages",
-        vec![b'a'; (1 << 20) + 1],
-    )
-    .await;
+    let r = post(app.addr(), "/devices/dev-1/messages", vec![b'a'; (1 << 20) + 1]).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     // Exactly the limit is fine.
     let r = post(app.addr(), "/devices/dev-1/messages", vec![b'a'; 1 << 20]).await;
@@ -330,11 +299,7 @@ async fn bad_ws_handshakes_are_400() {
     let app = start("app-1").await;
     let cases: [&[(&str, &str)]; 4] = [
         // no key
-        &[
-            ("upgrade", "websocket"),
-            ("connection", "Upgrade"),
-            ("sec-websocket-version", "13"),
-        ],
+        &[("upgrade", "websocket"), ("connection", "Upgrade"), ("sec-websocket-version", "13")],
         // wrong version
         &[
             ("upgrade", "websocket"),
@@ -372,9 +337,7 @@ async fn bad_ws_handshakes_are_400() {
 #[tokio::test]
 async fn echo_returns_identical_bytes() {
     let app = start("app-1").await;
-    let data: Vec<u8> = (0..5 * 1024 * 1024u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let data: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     let req = Request::post(format!("http://{}/echo", app.addr()))
         .header("content-type", "application/x-test")
         .body(Full::new(Bytes::from(data.clone())))
@@ -392,10 +355,7 @@ struct ChannelBody(mpsc::Receiver<Bytes>);
 impl Body for ChannelBody {
     type Data = Bytes;
     type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
     }
 }
@@ -419,24 +379,14 @@ async fn next_chunk(body: &mut hyper::body::Incoming) -> Option<Bytes> {
 #[tokio::test]
 async fn echo_streams_without_buffering_the_whole_body() {
     let app = start("app-1").await;
-    let stream = within("connect", TcpStream::connect(app.addr()))
-        .await
-        .unwrap();
-    let (mut sender, conn) = within(
-        "handshake",
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)),
-    )
-    .await
-    .unwrap();
+    let stream = within("connect", TcpStream::connect(app.addr())).await.unwrap();
+    let (mut sender, conn) =
+        within("handshake", hyper::client::conn::http1::handshake(TokioIo::new(stream))).await.unwrap();
     tokio::spawn(conn);
     let (tx, rx) = mpsc::channel(1);
-    let req = Request::post(format!("http://{}/echo", app.addr()))
-        .body(ChannelBody(rx))
-        .unwrap();
+    let req = Request::post(format!("http://{}/echo", app.addr())).body(ChannelBody(rx)).unwrap();
     tx.send(Bytes::from_static(b"first ")).await.unwrap();
-    let resp = within("response head", sender.send_request(req))
-        .await
-        .unwrap();
+    let resp = within("response head", sender.send_request(req)).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     // The first chunk comes back while the request body is still open.
@@ -471,10 +421,7 @@ async fn delay_and_headers() {
     let app = start("app-1").await;
     let r = get(app.addr(), "/delay/20").await;
     assert_eq!((r.status, r.text()), (StatusCode::OK, "slept 20ms"));
-    assert_eq!(
-        get(app.addr(), "/delay/soon").await.status,
-        StatusCode::BAD_REQUEST
-    );
+    assert_eq!(get(app.addr(), "/delay/soon").await.status, StatusCode::BAD_REQUEST);
 
     let req = Request::get(format!("http://{}/headers?x=1", app.addr()))
         .header("x-forwarded-for", "10.0.0.1")
@@ -498,16 +445,9 @@ async fn garbage_on_one_connection_does_not_affect_others() {
     let mut ws = ws_connect(app.addr(), "dev-1").await;
     ws_ping(&mut ws).await;
     let mut raw = TcpStream::connect(app.addr()).await.unwrap();
-    raw.write_all(b"\x00\x01 not http at all\r\n\r\n")
-        .await
-        .unwrap();
+    raw.write_all(b"\x00\x01 not http at all\r\n\r\n").await.unwrap();
     let mut sink = Vec::new();
-    within(
-        "server closes garbage connection",
-        raw.read_to_end(&mut sink),
-    )
-    .await
-    .ok();
+    within("server closes garbage connection", raw.read_to_end(&mut sink)).await.ok();
     assert_eq!(get(app.addr(), "/whoami").await.text(), "app-1");
     ws_ping(&mut ws).await;
 }
@@ -521,24 +461,15 @@ async fn shutdown_refuses_connects_and_closes_everything() {
 
     // An idle keep-alive HTTP connection.
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     let conn = tokio::spawn(conn);
-    let req = Request::get(format!("http://{addr}/whoami"))
-        .body(Full::<Bytes>::default())
-        .unwrap();
+    let req = Request::get(format!("http://{addr}/whoami")).body(Full::<Bytes>::default()).unwrap();
     let resp = within("whoami", sender.send_request(req)).await.unwrap();
-    within("whoami body", resp.into_body().collect())
-        .await
-        .unwrap();
+    within("whoami body", resp.into_body().collect()).await.unwrap();
 
     app.shutdown();
     assert_eq!(app.connected_devices(), 0);
-    assert!(
-        TcpStream::connect(addr).await.is_err(),
-        "connect after shutdown"
-    );
+    assert!(TcpStream::connect(addr).await.is_err(), "connect after shutdown");
     ws_expect_end(&mut ws).await;
     // Ok or a reset error are both fine: what matters is that it ends.
     let _ = within("keep-alive connection closed", conn).await;

@@ -11,13 +11,7 @@ fn device_owned_by(proxy: &sticky_proxy::server::RunningProxy, backend: &str) ->
     let mut ids = Ids::new(99);
     loop {
         let id = ids.next_id();
-        if proxy
-            .router()
-            .load()
-            .owner(id.as_bytes())
-            .map(|b| b.id.as_str())
-            == Some(backend)
-        {
+        if proxy.router().load().owner(id.as_bytes()).map(|b| b.id.as_str()) == Some(backend) {
             return id;
         }
     }
@@ -47,10 +41,7 @@ async fn forwarded_headers_are_set_and_hop_by_hop_headers_dropped() {
     assert_eq!(seen["x-forwarded-host"], "api.example.test");
     assert_eq!(seen["x-device-id"], "d1");
     assert_eq!(seen["_uri"], "/headers?x=1");
-    assert!(
-        seen.get("x-hop").is_none(),
-        "header named in Connection must not be forwarded: {seen}"
-    );
+    assert!(seen.get("x-hop").is_none(), "header named in Connection must not be forwarded: {seen}");
     assert!(seen.get("proxy-authorization").is_none(), "{seen}");
     proxy.shutdown().await;
 }
@@ -62,36 +53,14 @@ async fn a_backend_that_vanishes_gives_502_and_others_keep_serving() {
     let addr = proxy.proxy_addr();
     let doomed = device_owned_by(&proxy, "app-2");
     let survivor = device_owned_by(&proxy, "app-1");
-    assert_eq!(
-        http.get(
-            &format!("http://{addr}/whoami"),
-            &[("x-device-id", &doomed)]
-        )
-        .await
-        .body,
-        "app-2"
-    );
+    assert_eq!(http.get(&format!("http://{addr}/whoami"), &[("x-device-id", &doomed)]).await.body, "app-2");
 
     apps[1].shutdown();
-    let reply = http
-        .get(
-            &format!("http://{addr}/whoami"),
-            &[("x-device-id", &doomed)],
-        )
-        .await;
+    let reply = http.get(&format!("http://{addr}/whoami"), &[("x-device-id", &doomed)]).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.body);
-    assert!(
-        reply.body.contains("app-2"),
-        "the reason names the backend: {}",
-        reply.body
-    );
+    assert!(reply.body.contains("app-2"), "the reason names the backend: {}", reply.body);
 
-    let reply = http
-        .get(
-            &format!("http://{addr}/whoami"),
-            &[("x-device-id", &survivor)],
-        )
-        .await;
+    let reply = http.get(&format!("http://{addr}/whoami"), &[("x-device-id", &survivor)]).await;
     assert_eq!((reply.status.as_u16(), reply.body.as_str()), (200, "app-1"));
 
     // A WebSocket for the dead backend's device fails the same way.
@@ -108,24 +77,16 @@ async fn a_backend_that_vanishes_gives_502_and_others_keep_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_refusing_connections_gives_502_with_the_reason() {
     let closed = {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         l.local_addr().expect("addr")
     }; // dropped: nothing listens there now
     let apps = start_apps(1).await;
     let mut text = config_for(&apps, ALL_KEYS, "");
-    text.push_str(&format!(
-        "\n[[backends]]\nid = \"gone\"\naddress = \"{closed}\"\n"
-    ));
+    text.push_str(&format!("\n[[backends]]\nid = \"gone\"\naddress = \"{closed}\"\n"));
     let proxy = start_proxy(&text).await;
     let device = device_owned_by(&proxy, "gone");
-    let reply = Http::default()
-        .get(
-            &format!("http://{}/whoami", proxy.proxy_addr()),
-            &[("x-device-id", &device)],
-        )
-        .await;
+    let reply =
+        Http::default().get(&format!("http://{}/whoami", proxy.proxy_addr()), &[("x-device-id", &device)]).await;
     assert_eq!(reply.status, 502);
     assert!(reply.body.contains("refused"), "{}", reply.body);
     proxy.shutdown().await;
@@ -134,29 +95,13 @@ async fn a_backend_refusing_connections_gives_502_with_the_reason() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_backend_gives_504_and_the_proxy_keeps_serving() {
     let apps = start_apps(1).await;
-    let proxy = start_proxy(&config_for(
-        &apps,
-        ALL_KEYS,
-        "[upstream]\nresponse_timeout = \"300ms\"",
-    ))
-    .await;
+    let proxy = start_proxy(&config_for(&apps, ALL_KEYS, "[upstream]\nresponse_timeout = \"300ms\"")).await;
     let http = Http::default();
     let addr = proxy.proxy_addr();
-    let reply = http
-        .get(
-            &format!("http://{addr}/delay/5000"),
-            &[("x-device-id", "d1")],
-        )
-        .await;
+    let reply = http.get(&format!("http://{addr}/delay/5000"), &[("x-device-id", "d1")]).await;
     assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.body);
-    assert!(
-        reply.body.contains("did not answer in time"),
-        "{}",
-        reply.body
-    );
-    let reply = http
-        .get(&format!("http://{addr}/delay/10"), &[("x-device-id", "d1")])
-        .await;
+    assert!(reply.body.contains("did not answer in time"), "{}", reply.body);
+    let reply = http.get(&format!("http://{addr}/delay/10"), &[("x-device-id", "d1")]).await;
     assert_eq!(reply.status, 200);
     proxy.shutdown().await;
 }
@@ -169,10 +114,7 @@ async fn a_websocket_refused_by_the_backend_passes_its_answer_back() {
     match within("ws connect", tokio_tungstenite::connect_async(&url)).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), 404);
-            assert!(
-                response.headers().contains_key("x-instance"),
-                "the backend's own answer"
-            );
+            assert!(response.headers().contains_key("x-instance"), "the backend's own answer");
         }
         other => panic!("expected the backend's 404, got {other:?}"),
     }

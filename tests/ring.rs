@@ -49,13 +49,8 @@ fn apps(range: std::ops::RangeInclusive<usize>) -> Backends {
 }
 
 fn build(backends: &Backends) -> Ring {
-    let members: Vec<Member> = backends
-        .iter()
-        .map(|(id, weight)| Member {
-            identity: id.as_bytes(),
-            weight: *weight,
-        })
-        .collect();
+    let members: Vec<Member> =
+        backends.iter().map(|(id, weight)| Member { identity: id.as_bytes(), weight: *weight }).collect();
     Ring::new(&members, DEFAULT_REPLICAS)
 }
 
@@ -66,9 +61,7 @@ fn owner_id<'a>(ring: &Ring, backends: &'a Backends, key: &str) -> &'a str {
 }
 
 fn walk_ids<'a>(ring: &Ring, backends: &'a Backends, key: &str) -> Vec<&'a str> {
-    ring.walk(key.as_bytes())
-        .map(|i| backends[i].0.as_str())
-        .collect()
+    ring.walk(key.as_bytes()).map(|i| backends[i].0.as_str()).collect()
 }
 
 #[test]
@@ -89,16 +82,10 @@ fn member_order_does_not_matter() {
         let ring = build(&shuffled);
         assert_eq!(ring.points(), reference.points());
         for key in &keys {
-            assert_eq!(
-                owner_id(&ring, &shuffled, key),
-                owner_id(&reference, &backends, key)
-            );
+            assert_eq!(owner_id(&ring, &shuffled, key), owner_id(&reference, &backends, key));
         }
         for key in &keys[..200] {
-            assert_eq!(
-                walk_ids(&ring, &shuffled, key),
-                walk_ids(&reference, &backends, key)
-            );
+            assert_eq!(walk_ids(&ring, &shuffled, key), walk_ids(&reference, &backends, key));
         }
     }
 }
@@ -108,16 +95,10 @@ fn placement_is_pinned() {
     // Generated once from this implementation. If this fails, placement
     // changed and every deployed device would move: that needs a decision,
     // not an update of the table.
-    let backends: Backends = [
-        ("app-1", 1),
-        ("app-2", 1),
-        ("app-3", 2),
-        ("app-4", 1),
-        ("app-5", 1),
-    ]
-    .iter()
-    .map(|&(id, w)| (id.to_string(), w))
-    .collect();
+    let backends: Backends = [("app-1", 1), ("app-2", 1), ("app-3", 2), ("app-4", 1), ("app-5", 1)]
+        .iter()
+        .map(|&(id, w)| (id.to_string(), w))
+        .collect();
     let ring = build(&backends);
     assert_eq!(DEFAULT_REPLICAS, 2048);
     assert_eq!(ring.points(), 12288);
@@ -168,10 +149,7 @@ fn ten_equal_backends_spread_within_ten_percent() {
         counts[ring.owner(key.as_bytes()).unwrap_or(0)] += 1;
     }
     let max = *counts.iter().max().unwrap_or(&0);
-    assert!(
-        max as f64 <= 1.10 * 1_000.0,
-        "busiest holds {max} of 10,000: {counts:?}"
-    );
+    assert!(max as f64 <= 1.10 * 1_000.0, "busiest holds {max} of 10,000: {counts:?}");
 }
 
 #[test]
@@ -202,41 +180,25 @@ fn adding_a_backend_moves_only_its_share_to_it() {
     let keys = device_ids(6, 100_000);
     let mut moved = 0;
     for key in &keys {
-        let (old, new) = (
-            owner_id(&before, &before_b, key),
-            owner_id(&after, &after_b, key),
-        );
+        let (old, new) = (owner_id(&before, &before_b, key), owner_id(&after, &after_b, key));
         if old != new {
             assert_eq!(new, "app-11", "{key} moved between two old backends");
             moved += 1;
         }
     }
     let fraction = moved as f64 / keys.len() as f64;
-    assert!(
-        (0.8 / 11.0..=1.2 / 11.0).contains(&fraction),
-        "moved {fraction}"
-    );
+    assert!((0.8 / 11.0..=1.2 / 11.0).contains(&fraction), "moved {fraction}");
     let share = after.shares()[10];
-    assert!(
-        (fraction - share).abs() < 0.005,
-        "moved {fraction}, share {share}"
-    );
+    assert!((fraction - share).abs() < 0.005, "moved {fraction}, share {share}");
 }
 
 #[test]
 fn removing_a_backend_moves_only_its_keys() {
     let before_b = apps(1..=10);
-    let after_b: Backends = before_b
-        .iter()
-        .filter(|b| b.0 != "app-4")
-        .cloned()
-        .collect();
+    let after_b: Backends = before_b.iter().filter(|b| b.0 != "app-4").cloned().collect();
     let (before, after) = (build(&before_b), build(&after_b));
     for key in device_ids(7, 100_000) {
-        let (old, new) = (
-            owner_id(&before, &before_b, &key),
-            owner_id(&after, &after_b, &key),
-        );
+        let (old, new) = (owner_id(&before, &before_b, &key), owner_id(&after, &after_b, &key));
         if old != "app-4" {
             assert_eq!(old, new, "{key} moved from a backend that stayed");
         }
@@ -258,10 +220,7 @@ fn weight_two_gets_twice_the_share() {
     }
     let others = (50_000 - counts[3]) as f64 / 9.0;
     let ratio = counts[3] as f64 / others;
-    assert!(
-        (1.8..=2.2).contains(&ratio),
-        "key ratio {ratio}: {counts:?}"
-    );
+    assert!((1.8..=2.2).contains(&ratio), "key ratio {ratio}: {counts:?}");
 }
 
 #[test]
@@ -306,20 +265,8 @@ fn walk_order_predicts_owners_after_removal() {
 fn empty_rings_own_nothing() {
     let no_points = [
         Ring::new(&[], DEFAULT_REPLICAS),
-        Ring::new(
-            &[Member {
-                identity: b"a",
-                weight: 0,
-            }],
-            DEFAULT_REPLICAS,
-        ),
-        Ring::new(
-            &[Member {
-                identity: b"a",
-                weight: 5,
-            }],
-            0,
-        ),
+        Ring::new(&[Member { identity: b"a", weight: 0 }], DEFAULT_REPLICAS),
+        Ring::new(&[Member { identity: b"a", weight: 5 }], 0),
     ];
     for ring in &no_points {
         assert!(ring.is_empty());
@@ -335,19 +282,9 @@ fn empty_rings_own_nothing() {
 
 #[test]
 fn a_single_member_owns_everything() {
-    let ring = Ring::new(
-        &[Member {
-            identity: b"only",
-            weight: 1,
-        }],
-        DEFAULT_REPLICAS,
-    );
+    let ring = Ring::new(&[Member { identity: b"only", weight: 1 }], DEFAULT_REPLICAS);
     assert!(!ring.is_empty());
-    for key in device_ids(11, 1_000)
-        .iter()
-        .map(String::as_bytes)
-        .chain([&b""[..]])
-    {
+    for key in device_ids(11, 1_000).iter().map(String::as_bytes).chain([&b""[..]]) {
         assert_eq!(ring.owner(key), Some(0));
         assert_eq!(ring.walk(key).collect::<Vec<_>>(), [0]);
     }
@@ -371,13 +308,7 @@ fn a_weight_zero_member_owns_nothing() {
 #[test]
 fn odd_keys_and_identities_work() {
     let identities: [&[u8]; 4] = [b"", b"\0", &[0xff; 300], "bäckend-ü".as_bytes()];
-    let members: Vec<Member> = identities
-        .iter()
-        .map(|&identity| Member {
-            identity,
-            weight: 1,
-        })
-        .collect();
+    let members: Vec<Member> = identities.iter().map(|&identity| Member { identity, weight: 1 }).collect();
     let ring = Ring::new(&members, 64);
     assert_eq!(ring.walk(b"").count(), 4);
     for key in [&b""[..], b"\0", &[0xff; 10_000], b"\xc3\x28"] {

@@ -20,25 +20,16 @@ async fn shutdown_finishes_in_flight_requests_then_closes_tunnels() {
     // headers have arrived, its 20 MB body has not (nobody reads it yet).
     const SIZE: usize = 20 * 1024 * 1024;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let request = Request::get(format!("http://{addr}/bytes/{SIZE}"))
-        .header("x-device-id", "slow")
-        .body(Full::default());
-    let response = within(
-        "response headers",
-        client.request(request.expect("request")),
-    )
-    .await
-    .expect("response");
+    let request =
+        Request::get(format!("http://{addr}/bytes/{SIZE}")).header("x-device-id", "slow").body(Full::default());
+    let response = within("response headers", client.request(request.expect("request"))).await.expect("response");
     assert_eq!(response.status(), 200);
 
     let shutdown = tokio::spawn(proxy.shutdown());
     let mut body = response.into_body();
     let mut received = 0;
     while let Some(frame) = within("body frame", body.frame()).await {
-        received += frame
-            .expect("in-flight body completes")
-            .into_data()
-            .map_or(0, |d| d.len());
+        received += frame.expect("in-flight body completes").into_data().map_or(0, |d| d.len());
     }
     assert_eq!(received, SIZE, "the in-flight response is delivered whole");
     within("shutdown", shutdown).await.expect("shutdown task");
@@ -51,8 +42,5 @@ async fn shutdown_finishes_in_flight_requests_then_closes_tunnels() {
             Some(Ok(_)) => continue,
         }
     }
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "listener closed"
-    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener closed");
 }

@@ -33,23 +33,15 @@ async fn deliver_to_all(proxy: std::net::SocketAddr, seed: u64) -> (usize, Vec<S
     let mut answered_by = vec![String::new(); DEVICES];
     for &i in &order {
         let reply = http
-            .post(
-                &format!("http://{proxy}/devices/{}/messages", devices[i]),
-                &format!("hello {}", devices[i]),
-            )
+            .post(&format!("http://{proxy}/devices/{}/messages", devices[i]), &format!("hello {}", devices[i]))
             .await;
         match reply.status.as_u16() {
             200 => {
-                let json: serde_json::Value =
-                    serde_json::from_str(&reply.body).expect("json reply");
+                let json: serde_json::Value = serde_json::from_str(&reply.body).expect("json reply");
                 answered_by[i] = json["instance"].as_str().unwrap_or_default().to_string();
                 delivered[i] = true;
             }
-            404 => assert!(
-                reply.body.contains("is not connected to instance"),
-                "{}",
-                reply.body
-            ),
+            404 => assert!(reply.body.contains("is not connected to instance"), "{}", reply.body),
             other => panic!("unexpected status {other}: {}", reply.body),
         }
     }
@@ -60,15 +52,8 @@ async fn deliver_to_all(proxy: std::net::SocketAddr, seed: u64) -> (usize, Vec<S
         if delivered[i] {
             assert_eq!(next_text(ws).await, format!("hello {}", devices[i]));
         }
-        within("send marker", ws.send(Message::text("marker")))
-            .await
-            .expect("send");
-        assert_eq!(
-            next_text(ws).await,
-            "marker",
-            "device {} received something unexpected",
-            devices[i]
-        );
+        within("send marker", ws.send(Message::text("marker"))).await.expect("send");
+        assert_eq!(next_text(ws).await, "marker", "device {} received something unexpected", devices[i]);
     }
     (delivered.iter().filter(|d| **d).count(), answered_by)
 }
@@ -77,19 +62,12 @@ async fn deliver_to_all(proxy: std::net::SocketAddr, seed: u64) -> (usize, Vec<S
 async fn every_message_reaches_its_device_through_the_ring() {
     let (apps, proxy) = stack(3).await;
     let (delivered, answered_by) = deliver_to_all(proxy.proxy_addr(), 1).await;
-    assert_eq!(
-        delivered, DEVICES,
-        "sticky routing must deliver every message"
-    );
+    assert_eq!(delivered, DEVICES, "sticky routing must deliver every message");
 
     // Every instance took part, so the test didn't pass by sending all to one.
     for app in &apps {
         let answered = answered_by.iter().filter(|a| *a == app.name()).count();
-        assert!(
-            answered > DEVICES / 6,
-            "{} delivered only {answered} messages",
-            app.name()
-        );
+        assert!(answered > DEVICES / 6, "{} delivered only {answered} messages", app.name());
     }
     proxy.shutdown().await;
 }

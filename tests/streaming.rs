@@ -33,21 +33,13 @@ fn memory_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
         .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
+        .find_map(|l| l.strip_prefix(field)?.trim().strip_suffix("kB")?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// Starts `sticky-proxy run` and reads its bound address from its log.
 fn spawn_proxy(config: &str) -> (ChildProxy, String) {
-    let path =
-        std::env::temp_dir().join(format!("sticky-proxy-stream-{}.toml", std::process::id()));
+    let path = std::env::temp_dir().join(format!("sticky-proxy-stream-{}.toml", std::process::id()));
     std::fs::write(&path, config).expect("write config");
     let mut child = Command::new(env!("CARGO_BIN_EXE_sticky-proxy"))
         .args(["run", "--config"])
@@ -64,18 +56,11 @@ fn spawn_proxy(config: &str) -> (ChildProxy, String) {
         // Keep draining the log so the proxy never blocks on a full pipe.
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(rest) = line.split("listen=").nth(1) {
-                let _ = tx.send(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
-                );
+                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("proxy logs its listen address");
+    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("proxy logs its listen address");
     (child, addr)
 }
 
@@ -90,22 +75,15 @@ async fn fifty_megabytes_stream_both_ways_in_constant_memory() {
     let warm = Request::post(format!("http://{addr}/echo"))
         .header("x-device-id", "d1")
         .body(Full::new(Bytes::from(vec![7u8; 1 << 20])));
-    let response = within("warm-up", client.request(warm.expect("request")))
-        .await
-        .expect("warm-up");
-    within("warm-up body", response.into_body().collect())
-        .await
-        .expect("warm-up body");
+    let response = within("warm-up", client.request(warm.expect("request"))).await.expect("warm-up");
+    within("warm-up body", response.into_body().collect()).await.expect("warm-up body");
     let baseline = memory_kb(pid, "VmHWM:");
 
     // Upload 50 MB to /echo and count what streams back.
     let payload: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
-    let request = Request::post(format!("http://{addr}/echo"))
-        .header("x-device-id", "d1")
-        .body(Full::new(Bytes::from(payload)));
-    let response = within("echo", client.request(request.expect("request")))
-        .await
-        .expect("echo");
+    let request =
+        Request::post(format!("http://{addr}/echo")).header("x-device-id", "d1").body(Full::new(Bytes::from(payload)));
+    let response = within("echo", client.request(request.expect("request"))).await.expect("echo");
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let (mut received, mut mismatch) = (0usize, None);
@@ -123,12 +101,9 @@ async fn fifty_megabytes_stream_both_ways_in_constant_memory() {
     assert_eq!(mismatch, None, "echoed bytes are identical");
 
     // Download 50 MB.
-    let request = Request::get(format!("http://{addr}/bytes/{SIZE}"))
-        .header("x-device-id", "d1")
-        .body(Full::new(Bytes::new()));
-    let response = within("download", client.request(request.expect("request")))
-        .await
-        .expect("download");
+    let request =
+        Request::get(format!("http://{addr}/bytes/{SIZE}")).header("x-device-id", "d1").body(Full::new(Bytes::new()));
+    let response = within("download", client.request(request.expect("request"))).await.expect("download");
     let mut body = response.into_body();
     let mut received = 0usize;
     while let Some(frame) = within("download frame", body.frame()).await {

@@ -34,9 +34,7 @@ pub async fn within<F: Future>(what: &str, work: F) -> F::Output {
 pub async fn start_apps(n: usize) -> Vec<DemoInstance> {
     let mut apps = Vec::new();
     for i in 1..=n {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind demo app");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind demo app");
         apps.push(DemoInstance::spawn(format!("app-{i}"), listener).expect("spawn demo app"));
     }
     apps
@@ -48,21 +46,17 @@ pub fn config_for(apps: &[DemoInstance], routing: &str, extra: &str) -> String {
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[routing]\n{routing}\n\n{extra}\n"
     );
     for app in apps {
-        text.push_str(&format!(
-            "\n[[backends]]\nid = \"{}\"\naddress = \"{}\"\n",
-            app.name(),
-            app.addr()
-        ));
+        text.push_str(&format!("\n[[backends]]\nid = \"{}\"\naddress = \"{}\"\n", app.name(), app.addr()));
     }
     text
 }
 
 /// The routing used by most tests: every key source, reject when missing.
-pub const ALL_KEYS: &str = r#"key = ["header:x-device-id", "path:/devices/{id}/*", "query:device_id", "cookie:device_id"]"#;
+pub const ALL_KEYS: &str =
+    r#"key = ["header:x-device-id", "path:/devices/{id}/*", "query:device_id", "cookie:device_id"]"#;
 
 pub async fn start_proxy(config_text: &str) -> RunningProxy {
-    let config = Config::parse(config_text)
-        .unwrap_or_else(|e| panic!("test config invalid: {e}\n{config_text}"));
+    let config = Config::parse(config_text).unwrap_or_else(|e| panic!("test config invalid: {e}\n{config_text}"));
     server::start(&config).await.expect("start proxy")
 }
 
@@ -94,38 +88,21 @@ pub struct Http {
 
 impl Default for Http {
     fn default() -> Self {
-        Http {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-        }
+        Http { client: Client::builder(TokioExecutor::new()).build_http() }
     }
 }
 
 impl Http {
-    pub async fn send(
-        &self,
-        method: Method,
-        url: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<Bytes>,
-    ) -> Reply {
+    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
         let mut req = Request::builder().method(method).uri(url);
         for (n, v) in headers {
             req = req.header(*n, *v);
         }
         let req = req.body(Full::new(body.into())).expect("request");
-        let response = within(url, self.client.request(req))
-            .await
-            .unwrap_or_else(|e| panic!("{url}: {e:?}"));
+        let response = within(url, self.client.request(req)).await.unwrap_or_else(|e| panic!("{url}: {e:?}"));
         let (parts, body) = response.into_parts();
-        let body = within("response body", body.collect())
-            .await
-            .expect("body")
-            .to_bytes();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        }
+        let body = within("response body", body.collect()).await.expect("body").to_bytes();
+        Reply { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() }
     }
 
     pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
@@ -142,21 +119,11 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// Opens a WebSocket through `addr` and proves it works with an echo round trip.
 pub async fn connect_device(addr: SocketAddr, device: &str) -> Ws {
     let url = format!("ws://{addr}/devices/{device}/ws");
-    let (mut ws, response) = within(&url, tokio_tungstenite::connect_async(&url))
-        .await
-        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let (mut ws, response) =
+        within(&url, tokio_tungstenite::connect_async(&url)).await.unwrap_or_else(|e| panic!("{url}: {e}"));
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    within(
-        "echo send",
-        ws.send(Message::text(format!("ping {device}"))),
-    )
-    .await
-    .expect("send");
-    assert_eq!(
-        next_text(&mut ws).await,
-        format!("ping {device}"),
-        "echo through the tunnel"
-    );
+    within("echo send", ws.send(Message::text(format!("ping {device}")))).await.expect("send");
+    assert_eq!(next_text(&mut ws).await, format!("ping {device}"), "echo through the tunnel");
     ws
 }
 

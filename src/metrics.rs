@@ -1,0 +1,444 @@
+//! Prometheus metrics, served as text on the admin port at `GET /metrics`.
+//!
+//! One [`Metrics`] registry lives as long as the process. Per-backend
+//! series are resolved into a [`BackendStats`] of plain handles when a
+//! routing snapshot is built, so the request path increments atomics and
+//! never looks a series up by its labels; when a backend leaves the config,
+//! its series are removed. No label ever carries a device ID.
+
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::proxy::UpstreamFailure;
+
+/// Status codes that get a pre-resolved counter per backend; any other code
+/// is looked up in its family (a read lock), which is rare by definition.
+const COMMON_CODES: [u16; 16] = [101, 200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendCode {
+    backend: String,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendKind {
+    backend: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendDirection {
+    backend: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+const ERROR_KINDS: [&str; 3] = ["connect", "timeout", "reset"];
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms … ~8 s, doubling.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+/// Every metric the proxy exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<BackendCode, Counter>,
+    duration: Family<BackendLabel, Histogram, fn() -> Histogram>,
+    upstream_errors: Family<BackendKind, Counter>,
+    missing_key: Counter,
+    ws_open: Family<BackendLabel, Gauge>,
+    ws_total: Family<BackendLabel, Counter>,
+    ws_bytes: Family<BackendDirection, Counter>,
+    reloads: Family<ResultLabel, Counter>,
+    last_reload_success: Gauge<f64, AtomicU64>,
+    backends: Family<StateLabel, Gauge>,
+    admin_unauthorized: Counter,
+    /// Responses per backend for the admin API (not exported: the sum of
+    /// `requests_total` over codes says the same).
+    served: Family<BackendLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            upstream_errors: Family::default(),
+            missing_key: Counter::default(),
+            ws_open: Family::default(),
+            ws_total: Family::default(),
+            ws_bytes: Family::default(),
+            reloads: Family::default(),
+            last_reload_success: Gauge::default(),
+            backends: Family::default(),
+            admin_unauthorized: Counter::default(),
+            served: Family::default(),
+        };
+        m.registry.register_collector(Box::new(ProcessCollector));
+        let r = m.registry.sub_registry_with_prefix("sticky_proxy");
+        r.register("requests", "HTTP responses sent, by backend and status code", m.requests.clone());
+        r.register("request_duration_seconds", "Time from request to response headers, by backend", m.duration.clone());
+        r.register(
+            "upstream_errors",
+            "Requests that got no response from their backend, by kind (connect, timeout, reset)",
+            m.upstream_errors.clone(),
+        );
+        r.register("missing_key", "Requests that carried no device ID", m.missing_key.clone());
+        r.register("websocket_connections", "Open WebSocket tunnels, by backend", m.ws_open.clone());
+        // The same base name as the gauge: the counter is exposed as
+        // `websocket_connections_total` (see `encode`).
+        r.register("websocket_connections", "WebSocket tunnels opened, by backend", m.ws_total.clone());
+        r.register(
+            "websocket_bytes",
+            "Bytes carried by WebSocket tunnels, by backend and direction (up: device to backend)",
+            m.ws_bytes.clone(),
+        );
+        r.register("config_reloads", "Config reloads, by result", m.reloads.clone());
+        r.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful config load",
+            m.last_reload_success.clone(),
+        );
+        r.register("backends", "Configured backends, by state", m.backends.clone());
+        r.register(
+            "admin_unauthorized",
+            "Admin API calls refused for a missing or wrong token",
+            m.admin_unauthorized.clone(),
+        );
+        let build_info: Family<VersionLabel, Gauge> = Family::default();
+        build_info.get_or_create(&VersionLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
+        r.register("build_info", "Always 1, labelled with the version", build_info);
+        m
+    }
+
+    /// The exposition in Prometheus' text format 0.0.4
+    /// (`text/plain; version=0.0.4`).
+    ///
+    /// prometheus-client writes OpenMetrics, where a counter family `x`
+    /// owns the sample name `x_total`; that would collide with the gauge
+    /// `websocket_connections` next to the counter
+    /// `websocket_connections_total`. In the classic format the two are
+    /// separate families, so counter families are named with their
+    /// `_total` suffix, and the OpenMetrics-only `# UNIT` and `# EOF` lines
+    /// are dropped.
+    pub fn encode(&self) -> String {
+        let mut openmetrics = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry).is_err() {
+            return "# metrics encoding failed\n".to_string();
+        }
+        to_classic_text(&openmetrics)
+    }
+
+    /// Handles for one backend's series (created if new).
+    pub fn backend(&self, id: &str) -> BackendStats {
+        let label = || BackendLabel { backend: id.to_string() };
+        let code = |code| self.requests.get_or_create_owned(&BackendCode { backend: id.to_string(), code });
+        let kind = |kind| self.upstream_errors.get_or_create_owned(&BackendKind { backend: id.to_string(), kind });
+        let bytes =
+            |direction| self.ws_bytes.get_or_create_owned(&BackendDirection { backend: id.to_string(), direction });
+        BackendStats {
+            id: id.to_string(),
+            common_codes: COMMON_CODES.map(|c| (c, code(c))),
+            requests: self.requests.clone(),
+            duration: self.duration.get_or_create_owned(&label()),
+            errors: ERROR_KINDS.map(kind),
+            served: self.served.get_or_create_owned(&label()),
+            ws_open: self.ws_open.get_or_create_owned(&label()),
+            ws_total: self.ws_total.get_or_create_owned(&label()),
+            bytes_up: bytes("up"),
+            bytes_down: bytes("down"),
+        }
+    }
+
+    /// Drops every series of a backend that left the config.
+    pub fn remove_backend(&self, id: &str) {
+        let backend = id.to_string();
+        for code in 100..=599 {
+            self.requests.remove(&BackendCode { backend: backend.clone(), code });
+        }
+        for kind in ERROR_KINDS {
+            self.upstream_errors.remove(&BackendKind { backend: backend.clone(), kind });
+        }
+        for direction in ["up", "down"] {
+            self.ws_bytes.remove(&BackendDirection { backend: backend.clone(), direction });
+        }
+        let label = BackendLabel { backend };
+        self.duration.remove(&label);
+        self.served.remove(&label);
+        self.ws_open.remove(&label);
+        self.ws_total.remove(&label);
+    }
+
+    pub fn missing_key(&self) {
+        self.missing_key.inc();
+    }
+
+    pub fn admin_unauthorized(&self) {
+        self.admin_unauthorized.inc();
+    }
+
+    /// Counts a reload attempt; a success also stamps the time.
+    pub fn reload(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+        if success {
+            self.loaded_now();
+        }
+    }
+
+    /// Stamps the time of a successful config load (also the first one).
+    pub fn loaded_now(&self) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.last_reload_success.set(now.as_secs_f64());
+    }
+
+    /// Sets the number of backends in each state.
+    pub fn set_backends(&self, state: &'static str, count: usize) {
+        self.backends.get_or_create(&StateLabel { state }).set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+}
+
+/// One backend's metric handles, resolved once per routing snapshot.
+#[derive(Debug)]
+pub struct BackendStats {
+    id: String,
+    common_codes: [(u16, Counter); COMMON_CODES.len()],
+    requests: Family<BackendCode, Counter>,
+    duration: Histogram,
+    served: Counter,
+    errors: [Counter; ERROR_KINDS.len()],
+    ws_open: Gauge,
+    ws_total: Counter,
+    pub(crate) bytes_up: Counter,
+    pub(crate) bytes_down: Counter,
+}
+
+impl BackendStats {
+    /// Counts a response and how long its headers took.
+    pub fn response(&self, code: u16, elapsed: Duration) {
+        match self.common_codes.iter().find(|(c, _)| *c == code) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                self.requests.get_or_create(&BackendCode { backend: self.id.clone(), code }).inc();
+            }
+        }
+        self.duration.observe(elapsed.as_secs_f64());
+        self.served.inc();
+    }
+
+    pub fn upstream_error(&self, failure: UpstreamFailure) {
+        let kind = match failure {
+            UpstreamFailure::Refused | UpstreamFailure::Unreachable | UpstreamFailure::BadAddress => 0,
+            UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => 1,
+            UpstreamFailure::Broken => 2,
+        };
+        self.errors[kind].inc();
+    }
+
+    /// A tunnel opened; the returned guard marks it closed when dropped.
+    pub fn tunnel_opened(&self) -> TunnelGauge {
+        self.ws_total.inc();
+        self.ws_open.inc();
+        TunnelGauge(self.ws_open.clone())
+    }
+
+    /// Requests answered so far (every response is observed once).
+    pub fn served(&self) -> u64 {
+        self.served.get()
+    }
+
+    /// Tunnels open now.
+    pub fn open_tunnels(&self) -> i64 {
+        self.ws_open.get()
+    }
+}
+
+/// Decrements the open-tunnel gauge when the tunnel ends, however it ends.
+#[derive(Debug)]
+pub struct TunnelGauge(Gauge);
+
+impl Drop for TunnelGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// `process_*` metrics from /proc/self, read at scrape time (Linux only;
+/// elsewhere they are omitted).
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(p) = ProcessStats::read() else { return Ok(()) };
+        let gauge =
+            |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64| -> Result<(), std::fmt::Error> {
+                let g = ConstGauge::new(value);
+                g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+            };
+        gauge(&mut encoder, "process_resident_memory_bytes", "Resident memory size in bytes", p.resident_bytes)?;
+        gauge(&mut encoder, "process_open_fds", "Open file descriptors", p.open_fds)?;
+        gauge(&mut encoder, "process_max_fds", "Limit of open file descriptors", p.max_fds)?;
+        gauge(&mut encoder, "process_start_time_seconds", "Start time since the Unix epoch, seconds", p.start_time)?;
+        let cpu = ConstCounter::new(p.cpu_seconds);
+        cpu.encode(encoder.encode_descriptor(
+            "process_cpu_seconds",
+            "User and system CPU time, seconds",
+            None,
+            cpu.metric_type(),
+        )?)
+    }
+}
+
+struct ProcessStats {
+    resident_bytes: f64,
+    cpu_seconds: f64,
+    open_fds: f64,
+    max_fds: f64,
+    start_time: f64,
+}
+
+impl ProcessStats {
+    fn read() -> Option<ProcessStats> {
+        // Fields after the command name (which may contain spaces) in /proc/self/stat.
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+        // Linux reports these in clock ticks and pages; USER_HZ is 100 and
+        // pages are 4 KiB on every mainstream Linux target.
+        let ticks = 100.0;
+        let page = 4096.0;
+        let cpu_seconds = (field(14)? + field(15)?) / ticks;
+        let resident_bytes = field(24)? * page;
+        let boot_time = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<f64>().ok())));
+        let start_time = boot_time.map_or(0.0, |b| b + field(22).unwrap_or(0.0) / ticks);
+        let open_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count()) as f64;
+        let max_fds = std::fs::read_to_string("/proc/self/limits").ok().and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).and_then(|v| v.parse::<f64>().ok()))
+        });
+        Some(ProcessStats { resident_bytes, cpu_seconds, open_fds, max_fds: max_fds.unwrap_or(0.0), start_time })
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text format 0.0.4 (see
+/// [`Metrics::encode`]).
+fn to_classic_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    let mut pending_help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            pending_help = Some(line);
+            continue;
+        }
+        if let Some(name) = line.strip_prefix("# TYPE ").and_then(|t| t.strip_suffix(" counter")) {
+            if let Some(help) = pending_help.take() {
+                let text = help.strip_prefix("# HELP ").and_then(|h| h.strip_prefix(name)).unwrap_or("");
+                out.push_str(&format!("# HELP {name}_total{text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name}_total counter\n"));
+            continue;
+        }
+        if let Some(help) = pending_help.take() {
+            out.push_str(help);
+            out.push('\n');
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_and_gauges_keep_their_name() {
+        let text = to_classic_text(
+            "# HELP a_x Open.\n# TYPE a_x gauge\na_x 1\n# HELP a_x Opened.\n# TYPE a_x counter\na_x_total 5\n# UNIT a_s seconds\n# EOF\n",
+        );
+        assert_eq!(
+            text,
+            "# HELP a_x Open.\n# TYPE a_x gauge\na_x 1\n# HELP a_x_total Opened.\n# TYPE a_x_total counter\na_x_total 5\n"
+        );
+    }
+
+    #[test]
+    fn backend_series_appear_and_disappear() {
+        let m = Metrics::new();
+        let stats = m.backend("app-9");
+        stats.response(200, Duration::from_millis(3));
+        stats.response(418, Duration::from_millis(3));
+        let tunnel = stats.tunnel_opened();
+        let text = m.encode();
+        assert!(text.contains("sticky_proxy_requests_total{backend=\"app-9\",code=\"200\"} 1"), "{text}");
+        assert!(text.contains("sticky_proxy_requests_total{backend=\"app-9\",code=\"418\"} 1"), "{text}");
+        assert!(text.contains("sticky_proxy_websocket_connections{backend=\"app-9\"} 1"), "{text}");
+        assert!(text.contains("sticky_proxy_websocket_connections_total{backend=\"app-9\"} 1"), "{text}");
+        assert!(text.contains("# TYPE sticky_proxy_websocket_connections_total counter"), "{text}");
+        assert_eq!(stats.served(), 2);
+        drop(tunnel);
+        assert_eq!(stats.open_tunnels(), 0);
+        m.remove_backend("app-9");
+        assert!(!m.encode().contains("app-9"), "removed backend's series are gone");
+    }
+
+    #[test]
+    fn process_metrics_are_exported() {
+        let text = Metrics::new().encode();
+        for name in [
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
+            "sticky_proxy_build_info{version=",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
+        }
+    }
+}

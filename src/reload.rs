@@ -1,0 +1,270 @@
+//! Hot reload: re-read the config file and swap in a new routing snapshot.
+//!
+//! Three triggers end up in [`Reloader::reload`]: SIGHUP, `POST /reload` on
+//! the admin port, and a change of the file's content (polled, see
+//! [`Reloader::watch_file`]). A reload parses and validates the whole file
+//! and builds a complete new [`RoutingTable`] before one atomic swap, so a
+//! request sees either the old table or the new one, never a mix. Requests
+//! in flight finish with the backend they already chose; WebSocket tunnels
+//! stay open on theirs. A file that fails validation changes nothing.
+//!
+//! Listen addresses and the upstream connection pool's settings (including
+//! `upstream.connect_timeout`) are fixed
+//! at start: a reload that changes them reports them as needing a restart,
+//! keeps the running values, and applies everything else.
+//!
+//! The watcher polls the file's content rather than using inotify: polling
+//! survives editors that save by rename and Kubernetes ConfigMap updates
+//! (an atomic swap of a symlinked directory), which inotify watches lose,
+//! and reading a small file once a second costs nothing measurable.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::routing::{Router, RoutingTable};
+use crate::server::raised;
+
+/// After the watcher sees a change, the content must stay the same this
+/// long before it is loaded, so a save in several writes reloads once.
+const SETTLE: Duration = Duration::from_millis(200);
+/// Bound on settle rounds for a file that keeps changing.
+const MAX_SETTLE_ROUNDS: usize = 25;
+
+/// What asked for a reload (for logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Signal,
+    FileChange,
+    Admin,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Signal => "SIGHUP",
+            Trigger::FileChange => "file change",
+            Trigger::Admin => "POST /reload",
+        }
+    }
+}
+
+/// A reload that took effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub generation: u64,
+    pub backends: usize,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Changed settings that only a restart applies (their old values stay).
+    pub needs_restart: Vec<&'static str>,
+    pub took: Duration,
+}
+
+/// Reload progress, published for anyone waiting on it (tests, mostly).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadStatus {
+    /// Reload attempts so far, successful or not.
+    pub attempts: u64,
+    /// Generation of the table in use.
+    pub generation: u64,
+    /// The error of the last attempt, if it failed.
+    pub last_error: Option<String>,
+}
+
+/// Owns reloading for one running proxy.
+#[derive(Debug)]
+pub struct Reloader {
+    path: Option<PathBuf>,
+    router: Router,
+    metrics: Arc<Metrics>,
+    /// Serialises reloads; holds the hash of the file content last read, so
+    /// the watcher neither reloads unchanged content nor retries a bad file
+    /// every second.
+    last_seen: Mutex<Option<u64>>,
+    status: watch::Sender<ReloadStatus>,
+}
+
+impl Reloader {
+    /// `path` is the file the running config came from (`None` for an
+    /// embedded config, which can't be reloaded).
+    pub fn new(path: Option<PathBuf>, router: Router, metrics: Arc<Metrics>) -> Reloader {
+        let last_seen = path.as_ref().and_then(|p| std::fs::read(p).ok()).map(|bytes| hash(&bytes));
+        let generation = router.load().generation();
+        let (status, _) = watch::channel(ReloadStatus { attempts: 0, generation, last_error: None });
+        Reloader { path, router, metrics, last_seen: Mutex::new(last_seen), status }
+    }
+
+    /// Reload progress; `changed()` fires after every attempt.
+    pub fn subscribe(&self) -> watch::Receiver<ReloadStatus> {
+        self.status.subscribe()
+    }
+
+    /// Re-reads the config file and, if it is valid, swaps in a new table.
+    /// Blocking (file read, ring build): call it off the async workers.
+    pub fn reload(&self, trigger: Trigger) -> Result<Applied, ConfigError> {
+        let mut last_seen = self.last_seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let started = Instant::now();
+        let result = self.load_and_swap(&mut last_seen, started);
+        match &result {
+            Ok(applied) => {
+                self.metrics.reload(true);
+                self.metrics.set_backends("up", applied.backends);
+                info!(
+                    trigger = trigger.as_str(),
+                    generation = applied.generation,
+                    backends = applied.backends,
+                    added = ?applied.added,
+                    removed = ?applied.removed,
+                    took = ?applied.took,
+                    "config reloaded"
+                );
+                if !applied.needs_restart.is_empty() {
+                    warn!(
+                        settings = ?applied.needs_restart,
+                        "config reloaded, but these changed settings need a restart; their old values stay in effect"
+                    );
+                }
+            }
+            Err(e) => {
+                self.metrics.reload(false);
+                error!(trigger = trigger.as_str(), "config reload failed, the running config stays: {e}");
+            }
+        }
+        self.status.send_modify(|s| {
+            s.attempts += 1;
+            s.generation = self.router.load().generation();
+            s.last_error = result.as_ref().err().map(ToString::to_string);
+        });
+        result
+    }
+
+    fn load_and_swap(&self, last_seen: &mut Option<u64>, started: Instant) -> Result<Applied, ConfigError> {
+        let Some(path) = &self.path else {
+            return Err(ConfigError {
+                file: None,
+                line: None,
+                field: None,
+                message: "this proxy runs an embedded config (demo), there is no file to reload".into(),
+            });
+        };
+        let bytes = std::fs::read(path).map_err(|e| ConfigError {
+            file: Some(path.clone()),
+            line: None,
+            field: None,
+            message: format!("cannot read config file: {e}"),
+        })?;
+        *last_seen = Some(hash(&bytes));
+        let text = String::from_utf8(bytes).map_err(|_| ConfigError {
+            file: Some(path.clone()),
+            line: None,
+            field: None,
+            message: "the file is not UTF-8".into(),
+        })?;
+        let base = path.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
+        let mut new = Config::parse_in(&text, &base).map_err(|mut e| {
+            e.file = Some(path.clone());
+            e
+        })?;
+
+        let old = self.router.load_full();
+        let needs_restart = keep_fixed_settings(old.config(), &mut new);
+        let removed: Vec<String> = old
+            .backends()
+            .iter()
+            .filter(|b| !new.backends.iter().any(|n| n.id == b.id))
+            .map(|b| b.id.clone())
+            .collect();
+        let added: Vec<String> = new
+            .backends
+            .iter()
+            .filter(|n| !old.backends().iter().any(|b| b.id == n.id))
+            .map(|n| n.id.clone())
+            .collect();
+        let generation = old.generation() + 1;
+        let table = RoutingTable::new(Arc::new(new), generation, &self.metrics);
+        let backends = table.backends().len();
+        self.router.store(Arc::new(table));
+        for id in &removed {
+            self.metrics.remove_backend(id);
+        }
+        Ok(Applied { generation, backends, added, removed, needs_restart, took: started.elapsed() })
+    }
+
+    /// Polls the config file and reloads when its content changes, until
+    /// `stop` is raised. Uses `reload.watch` and `reload.interval` of the
+    /// running config, so both can be changed by a reload.
+    pub async fn watch_file(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(path) = self.path.clone() else { return };
+        loop {
+            let reload = self.router.load().config().reload.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(reload.interval) => {}
+                _ = raised(&mut stop) => return,
+            }
+            if !reload.watch {
+                continue;
+            }
+            let Some(mut seen) = content_hash(&path).await else { continue };
+            if Some(seen) == *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) {
+                continue;
+            }
+            // Changed: wait until it holds still, then load it once.
+            for _ in 0..MAX_SETTLE_ROUNDS {
+                tokio::select! {
+                    _ = tokio::time::sleep(SETTLE) => {}
+                    _ = raised(&mut stop) => return,
+                }
+                match content_hash(&path).await {
+                    Some(now) if now != seen => seen = now,
+                    _ => break,
+                }
+            }
+            let this = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || this.reload(Trigger::FileChange)).await;
+        }
+    }
+}
+
+/// Carries over settings a reload can't change, naming those that differ.
+fn keep_fixed_settings(running: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    if new.server.listen != running.server.listen {
+        changed.push("server.listen");
+        new.server.listen = running.server.listen;
+    }
+    if new.admin.listen != running.admin.listen {
+        changed.push("admin.listen");
+        new.admin.listen = running.admin.listen;
+    }
+    if new.upstream.connect_timeout != running.upstream.connect_timeout {
+        changed.push("upstream.connect_timeout");
+        new.upstream.connect_timeout = running.upstream.connect_timeout;
+    }
+    if new.upstream.pool_max_idle != running.upstream.pool_max_idle {
+        changed.push("upstream.pool_max_idle");
+        new.upstream.pool_max_idle = running.upstream.pool_max_idle;
+    }
+    if new.upstream.pool_idle_timeout != running.upstream.pool_idle_timeout {
+        changed.push("upstream.pool_idle_timeout");
+        new.upstream.pool_idle_timeout = running.upstream.pool_idle_timeout;
+    }
+    changed
+}
+
+fn hash(bytes: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+async fn content_hash(path: &std::path::Path) -> Option<u64> {
+    tokio::fs::read(path).await.ok().map(|bytes| hash(&bytes))
+}
