@@ -3,11 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
-
 use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, Full};
@@ -19,15 +14,6 @@ const SIZE: usize = 50 * 1024 * 1024;
 /// Allowed growth of the proxy's peak RSS while moving 100 MB.
 const MAX_GROWTH_KB: u64 = 8 * 1024;
 
-struct ChildProxy(Child);
-
-impl Drop for ChildProxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `VmRSS` / `VmHWM` of a process, in kB.
 fn memory_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -37,38 +23,12 @@ fn memory_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
-/// Starts `sticky-proxy run` and reads its bound address from its log.
-fn spawn_proxy(config: &str) -> (ChildProxy, String) {
-    let path = std::env::temp_dir().join(format!("sticky-proxy-stream-{}.toml", std::process::id()));
-    std::fs::write(&path, config).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sticky-proxy"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn proxy");
-    let stderr = child.stderr.take().expect("stderr");
-    let child = ChildProxy(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        // Keep draining the log so the proxy never blocks on a full pipe.
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listen=").nth(1) {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("proxy logs its listen address");
-    (child, addr)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_megabytes_stream_both_ways_in_constant_memory() {
     let apps = start_apps(1).await;
-    let (child, addr) = spawn_proxy(&config_for(&apps, ALL_KEYS, ""));
-    let pid = child.0.id();
+    let file = ConfigFile::new("stream.toml", &config_for(&apps, ALL_KEYS, ""));
+    let proxy = ChildProxy::spawn(&file.path);
+    let (pid, addr) = (proxy.child.id(), proxy.addr.clone());
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
 
     // Warm up (pools, allocator arenas), then take the baseline peak.

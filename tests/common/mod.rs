@@ -155,3 +155,177 @@ impl Ids {
         format!("dev-{:016x}", z ^ (z >> 31))
     }
 }
+
+/// A config file in a fresh temp directory, rewritten by tests to trigger reloads.
+pub struct ConfigFile {
+    pub path: std::path::PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(name: &str, text: &str) -> ConfigFile {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sticky-proxy-test-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = ConfigFile { path: dir.join(name) };
+        file.write(text);
+        file
+    }
+
+    /// Replaces the content atomically (write + rename), as editors and
+    /// Kubernetes do, so a watcher never reads half a file.
+    pub fn write(&self, text: &str) {
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, &self.path).expect("rename config");
+    }
+}
+
+/// Starts a proxy in-process from a config file (reloadable).
+pub async fn start_proxy_from(file: &ConfigFile) -> RunningProxy {
+    let config = Config::load(&file.path).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    server::start_from_file(config, file.path.clone()).await.expect("start proxy")
+}
+
+/// `sticky-proxy run` as a child process, with its log lines readable.
+pub struct ChildProxy {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub admin: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for ChildProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ChildProxy {
+    /// Starts the binary and waits for its "serving" log line.
+    pub fn spawn(config: &std::path::Path) -> ChildProxy {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sticky-proxy"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn proxy");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Keep draining the log so the proxy never blocks on a full pipe.
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut proxy = ChildProxy { child, addr: String::new(), admin: String::new(), lines };
+        let serving = proxy.wait_for_log("sticky-proxy serving");
+        let field = |name: &str| {
+            serving
+                .split(&format!("{name}="))
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_else(|| panic!("no {name}= in {serving:?}"))
+                .to_string()
+        };
+        proxy.addr = field("listen");
+        proxy.admin = field("admin");
+        proxy
+    }
+
+    /// The next log line containing `needle` (bounded wait).
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(e) => panic!("no log line with {needle:?} within {STEP:?}: {e}"),
+            }
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name}");
+    }
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// Parses Prometheus text format 0.0.4 strictly enough that a malformed
+/// exposition fails the test: every sample line must parse, and every
+/// sample must belong to a family declared with `# TYPE`.
+pub fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut types = std::collections::HashMap::new();
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or_else(|| panic!("bad TYPE line {line:?}"));
+            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line:?}");
+            assert!(types.insert(name.to_string(), kind.to_string()).is_none(), "family {name} declared twice");
+            continue;
+        }
+        if line.starts_with('#') {
+            assert!(line.starts_with("# HELP "), "unexpected comment {line:?}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let (name, labels) = match series.split_once('{') {
+            None => (series, std::collections::BTreeMap::new()),
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels in {line:?}"));
+                let mut labels = std::collections::BTreeMap::new();
+                for pair in body.split("\",").filter(|p| !p.is_empty()) {
+                    let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                    labels.insert(k.to_string(), v.trim_end_matches('"').to_string());
+                }
+                (name, labels)
+            }
+        };
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'), "bad name {name:?}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                name.strip_suffix(suffix).filter(|base| types.get(*base).map(String::as_str) == Some("histogram"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "sample {name} has no # TYPE");
+        samples.push(Sample { name: name.to_string(), labels, value });
+    }
+    samples
+}
+
+/// The value of one series, if present.
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+        .map(|s| s.value)
+}
+
+/// Sum of a metric over all series matching `labels`.
+pub fn metric_sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+        .map(|s| s.value)
+        .sum()
+}
