@@ -132,17 +132,28 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+impl ConfigError {
+    /// A problem with the file as a whole (unreadable, not UTF-8, …).
+    pub fn whole_file(file: Option<&Path>, message: impl Into<String>) -> ConfigError {
+        ConfigError { file: file.map(Path::to_path_buf), line: None, field: None, message: message.into() }
+    }
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: Some(path.to_path_buf()),
-            line: None,
-            field: None,
-            message: format!("cannot read config file: {e}"),
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| ConfigError::whole_file(Some(path), format!("cannot read config file: {e}")))?;
+        Config::from_file_bytes(path, &bytes)
+    }
+
+    /// Validates the content of the file at `path` (already read); errors
+    /// name the file, and relative paths in it start at its directory.
+    pub fn from_file_bytes(path: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
+        let text =
+            std::str::from_utf8(bytes).map_err(|_| ConfigError::whole_file(Some(path), "the file is not UTF-8"))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse_in(&text, base).map_err(|mut e| {
+        Config::parse_in(text, base).map_err(|mut e| {
             e.file = Some(path.to_path_buf());
             e
         })

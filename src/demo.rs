@@ -44,7 +44,7 @@ use futures_util::{SinkExt, StreamExt};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -58,6 +58,8 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
+
+use crate::proxy::has_token;
 
 /// Largest body accepted by `POST /devices/{id}/messages`.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -359,16 +361,6 @@ fn decode_id(raw: &str) -> Result<String, String> {
 
 // ---------------------------------------------------------------- websockets
 
-/// Does any comma-separated token of any `name` header equal `token` (case-insensitively)?
-fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
 /// Validate the upgrade request; on success answer 101 and adopt the socket in a new task.
 fn websocket(shared: &Arc<Shared>, mut req: Request<Incoming>, device: String) -> Resp {
     let headers = req.headers();
@@ -378,10 +370,10 @@ fn websocket(shared: &Arc<Shared>, mut req: Request<Incoming>, device: String) -
         resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         return resp;
     }
-    if !header_has_token(headers, header::UPGRADE, "websocket") {
+    if !has_token(headers, &header::UPGRADE, "websocket") {
         return text(StatusCode::BAD_REQUEST, "Upgrade header must be websocket");
     }
-    if !header_has_token(headers, header::CONNECTION, "upgrade") {
+    if !has_token(headers, &header::CONNECTION, "upgrade") {
         return text(StatusCode::BAD_REQUEST, "Connection header must contain the upgrade token");
     }
     if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes().trim_ascii()) != Some(b"13") {

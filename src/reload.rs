@@ -148,31 +148,15 @@ impl Reloader {
 
     fn load_and_swap(&self, last_seen: &mut Option<u64>, started: Instant) -> Result<Applied, ConfigError> {
         let Some(path) = &self.path else {
-            return Err(ConfigError {
-                file: None,
-                line: None,
-                field: None,
-                message: "this proxy runs an embedded config (demo), there is no file to reload".into(),
-            });
+            return Err(ConfigError::whole_file(
+                None,
+                "this proxy runs an embedded config (demo), there is no file to reload",
+            ));
         };
-        let bytes = std::fs::read(path).map_err(|e| ConfigError {
-            file: Some(path.clone()),
-            line: None,
-            field: None,
-            message: format!("cannot read config file: {e}"),
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| ConfigError::whole_file(Some(path), format!("cannot read config file: {e}")))?;
         *last_seen = Some(hash(&bytes));
-        let text = String::from_utf8(bytes).map_err(|_| ConfigError {
-            file: Some(path.clone()),
-            line: None,
-            field: None,
-            message: "the file is not UTF-8".into(),
-        })?;
-        let base = path.parent().map(|p| p.to_path_buf()).unwrap_or_else(|| PathBuf::from("."));
-        let mut new = Config::parse_in(&text, &base).map_err(|mut e| {
-            e.file = Some(path.clone());
-            e
-        })?;
+        let mut new = Config::from_file_bytes(path, &bytes)?;
 
         let old = self.router.load_full();
         let needs_restart = keep_fixed_settings(old.config(), &mut new);
