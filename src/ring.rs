@@ -24,13 +24,18 @@
 //! binary-searched within the bucket. Each point is one `u32` slot,
 //! `low16 << 16 | owner`, so the owner sits next to the hash that found it.
 //! Four bytes per point keeps 1,000 backends × 2,048 points in 8 MiB; see
-//! `RING_NOTES.md` for the layouts measured.
+//! `docs/ring-measurements.md` for the layouts measured.
+//!
+//! Building is a radix sort rather than a comparison sort, and point hashes
+//! come from a small crc table rather than crc32fast; both give exactly the
+//! placement above (see [`Ring::new`] and `docs/ring-measurements.md`).
 
 use std::fmt;
 
-/// Points per unit of weight. Chosen by measurement (see `RING_NOTES.md`,
-/// `examples/ring_spread.rs`): with 10 equal members and 10,000 random IDs
-/// the busiest member stays within 1.10× the mean. (nginx uses 160.)
+/// Points per unit of weight. Chosen by measurement (see
+/// `docs/ring-measurements.md`, `examples/ring_spread.rs`): with 10 equal
+/// members and 10,000 random IDs the busiest member stays within 1.10× the
+/// mean. (nginx uses 160.)
 pub const DEFAULT_REPLICAS: u32 = 2048;
 
 /// Upper bound on the total number of points (128 MiB of ring). If the
@@ -77,7 +82,51 @@ impl fmt::Debug for Ring {
     }
 }
 
-/// The chained point hashes of one member: `count` of them.
+/// crc32 (IEEE, reflected) slicing-by-4 tables, built at compile time:
+/// `CRC_TABLES[k][b]` is the crc register after byte `b` then `k` zero bytes.
+const CRC_TABLES: [[u32; 256]; 4] = crc_tables();
+
+const fn crc_tables() -> [[u32; 256]; 4] {
+    let mut t = [[0u32; 256]; 4];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            c = if c & 1 == 1 { 0xEDB8_8320 ^ c >> 1 } else { c >> 1 };
+            bit += 1;
+        }
+        t[0][i] = c;
+        i += 1;
+    }
+    let mut k = 1;
+    while k < 4 {
+        let mut i = 0;
+        while i < 256 {
+            let c = t[k - 1][i];
+            t[k][i] = c >> 8 ^ t[0][(c & 0xff) as usize];
+            i += 1;
+        }
+        k += 1;
+    }
+    t
+}
+
+/// The linear part of feeding 4 bytes (`x.to_le_bytes()`) to a crc32
+/// register: one slicing-by-4 step, four lookups in 4 KiB of tables.
+#[inline]
+fn crc_feed4(x: u32) -> u32 {
+    let t = &CRC_TABLES;
+    t[3][(x & 0xff) as usize]
+        ^ t[2][(x >> 8 & 0xff) as usize]
+        ^ t[1][(x >> 16 & 0xff) as usize]
+        ^ t[0][(x >> 24) as usize]
+}
+
+/// The chained point hashes of one member: `count` of them, computed the
+/// straightforward way. This is the definition; the build computes the same
+/// hashes with [`for_each_point`].
+#[cfg(test)]
 fn point_hashes(identity: &[u8], count: u32) -> impl Iterator<Item = u32> {
     let mut base = crc32fast::Hasher::new();
     base.update(identity);
@@ -88,6 +137,133 @@ fn point_hashes(identity: &[u8], count: u32) -> impl Iterator<Item = u32> {
         prev = h.finalize();
         prev
     })
+}
+
+/// A member's first point: crc32 of its identity then four zero bytes.
+///
+/// crc32 is affine in its input, so with the identity fixed every point is
+/// `crc32(identity ‖ prev) = first_point(identity) ^ crc_feed4(prev)`:
+/// bit-identical to cloning a crc32fast state and feeding it `prev` (see
+/// `tests::crc_feed4_matches_crc32fast`), at the cost of four table lookups
+/// instead of a call into crc32fast, which is built for long inputs.
+fn first_point(identity: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(identity);
+    h.update(&[0; 4]);
+    h.finalize()
+}
+
+/// One member's point chain while [`for_each_point`] walks it.
+#[derive(Clone, Copy, Default)]
+struct Chain {
+    first: u32,
+    prev: u32,
+    left: u32,
+    rank: u32,
+}
+
+/// Calls `each(hash, rank)` for every point of every chain, where
+/// `chains[rank]` is `(first_point, count)` (see [`first_point`]). Four
+/// chains advance side by side: each step waits on the previous step's
+/// lookups, and interleaving independent chains lets the CPU overlap them
+/// (measured 5× faster than one chain at a time). So calls do not come in
+/// rank order, but each chain's come in chain order.
+fn for_each_point(chains: &[(u32, u32)], mut each: impl FnMut(u32, u32)) {
+    let mut queue = (0u32..).zip(chains).filter(|(_, &(_, count))| count > 0).map(|(rank, &(first, count))| Chain {
+        first,
+        prev: 0,
+        left: count,
+        rank,
+    });
+    // A lane with `left == 0` is idle.
+    let mut lanes = [Chain::default(); 4];
+    loop {
+        for lane in lanes.iter_mut().filter(|l| l.left == 0) {
+            if let Some(chain) = queue.next() {
+                *lane = chain;
+            }
+        }
+        let steps = lanes.iter().map(|l| l.left).min().unwrap_or(0);
+        if steps == 0 {
+            break; // the queue is empty and a lane is idle
+        }
+        for _ in 0..steps {
+            for lane in &mut lanes {
+                lane.prev = lane.first ^ crc_feed4(lane.prev);
+                each(lane.prev, lane.rank);
+            }
+        }
+        for lane in &mut lanes {
+            lane.left -= steps;
+        }
+    }
+    // Fewer than four chains are left: finish them one at a time.
+    for mut lane in lanes {
+        for _ in 0..lane.left {
+            lane.prev = lane.first ^ crc_feed4(lane.prev);
+            each(lane.prev, lane.rank);
+        }
+    }
+}
+
+/// Sorts one region's points (those sharing the top 8 hash bits) by hash,
+/// reusing its buffers from region to region. A region of a 2M-point ring
+/// holds about 8K points, so the whole sort stays in L2 cache.
+struct RegionSorter {
+    /// `hash << 16 | rank` per point, sorted on return.
+    keys: Vec<u64>,
+    tmp: Vec<u64>,
+    /// Histograms of hash bits 0..12 and 12..24, then their start offsets.
+    counts: [[u32; 1 << 12]; 2],
+}
+
+impl RegionSorter {
+    /// Below this many points a comparison sort beats clearing and summing
+    /// two 4,096-entry histograms (small rings have small regions).
+    const RADIX_MIN: usize = 512;
+
+    fn new() -> Self {
+        RegionSorter { keys: Vec::new(), tmp: Vec::new(), counts: [[0; 1 << 12]; 2] }
+    }
+
+    /// The region's points as `hash << 16 | rank`, ordered by hash; points
+    /// of equal hash are adjacent but in no particular rank order.
+    fn sort(&mut self, hashes: &[u32], ranks: &[u16]) -> &[u64] {
+        let key = |(&h, &r): (&u32, &u16)| u64::from(h) << 16 | u64::from(r);
+        self.keys.clear();
+        if hashes.len() < Self::RADIX_MIN {
+            self.keys.extend(hashes.iter().zip(ranks).map(key));
+            self.keys.sort_unstable();
+            return &self.keys;
+        }
+        // LSD radix sort on the low 24 bits of the hash, 12 bits a pass;
+        // the top 8 are the same for the whole region.
+        let digit = |h: u32, pass: usize| (h >> (12 * pass) & 0xfff) as usize;
+        self.counts = [[0; 1 << 12]; 2];
+        for &h in hashes {
+            self.counts[0][digit(h, 0)] += 1;
+            self.counts[1][digit(h, 1)] += 1;
+        }
+        for counts in &mut self.counts {
+            let mut start = 0;
+            for c in counts.iter_mut() {
+                (*c, start) = (start, start + *c);
+            }
+        }
+        self.tmp.resize(hashes.len(), 0);
+        self.keys.resize(hashes.len(), 0);
+        for (h, r) in hashes.iter().zip(ranks) {
+            let next = &mut self.counts[0][digit(*h, 0)];
+            self.tmp[*next as usize] = key((h, r));
+            *next += 1;
+        }
+        for &k in &self.tmp {
+            let next = &mut self.counts[1][digit((k >> 16) as u32, 1)];
+            self.keys[*next as usize] = k;
+            *next += 1;
+        }
+        &self.keys
+    }
 }
 
 /// Points per member: `weight × replicas`, all scaled down in proportion if
@@ -107,32 +283,85 @@ impl Ring {
     pub fn new(members: &[Member<'_>], replicas: u32) -> Ring {
         let members = &members[..members.len().min(MAX_MEMBERS)];
         let counts = point_counts(members, replicas);
-        let mut points: Vec<(u32, u16)> = Vec::with_capacity(counts.iter().map(|&c| c as usize).sum());
-        for (i, (m, &count)) in members.iter().zip(&counts).enumerate() {
-            points.extend(point_hashes(m.identity, count).map(|h| (h, i as u16)));
-        }
-        points.sort_unstable_by(|a, b| {
-            a.0.cmp(&b.0).then_with(|| {
-                let (ia, ib) = (members[a.1 as usize].identity, members[b.1 as usize].identity);
-                ia.cmp(ib).then(a.1.cmp(&b.1))
-            })
-        });
-        points.dedup_by_key(|p| p.0);
+        // Members with points in tie order: by identity, equal identities in
+        // member order (the sort is stable). A member's position here is its
+        // rank; at most MAX_MEMBERS of them, so a rank fits in a u16.
+        let mut by_rank: Vec<usize> = (0..members.len()).filter(|&m| counts[m] > 0).collect();
+        by_rank.sort_by_key(|&m| members[m].identity);
+        let chains: Vec<(u32, u32)> = by_rank.iter().map(|&m| (first_point(members[m].identity), counts[m])).collect();
+        // At most MAX_POINTS (2^25), so positions fit in a u32.
+        let total: usize = counts.iter().map(|&c| c as usize).sum();
 
+        // Sorting 2M points with a comparison sort was most of the build, so
+        // instead: (1) count the points in each of 256 regions (top 8 bits
+        // of the hash); (2) generate them again and place each in its region
+        // (256 write streams, cache-friendly, unlike 65,536); (3) radix-sort
+        // each region in cache and write it back deduplicated. Generating
+        // twice is cheaper than keeping the hashes: fresh memory costs page
+        // faults.
+        let mut region = [0u32; 257];
+        for_each_point(&chains, |h, _| region[(h >> 24) as usize + 1] += 1);
+        for r in 1..region.len() {
+            region[r] += region[r - 1];
+        }
+        let mut slots = vec![0u32; total];
+        let mut ranks = vec![0u16; total];
+        let mut next = region;
+        for_each_point(&chains, |h, rank| {
+            let r = (h >> 24) as usize;
+            let i = next[r] as usize;
+            (slots[i], ranks[i]) = (h, rank as u16);
+            next[r] += 1;
+        });
+
+        // Points dropped as duplicates, per rank: a member is live unless it
+        // lost all of its points.
+        let mut lost = vec![0u32; by_rank.len()];
         let mut index = vec![0u32; (1 << 16) + 1];
-        let mut has_point = vec![false; members.len()];
-        for &(hash, owner) in &points {
-            index[(hash >> 16) as usize + 1] += 1;
-            has_point[owner as usize] = true;
+        let mut sorter = RegionSorter::new();
+        // Slots written so far; never past the region being read, and the
+        // sorter works on its own copy of that region.
+        let mut out = 0;
+        // Index entries 0..=bucket are filled in.
+        let mut bucket = 0;
+        for r in 0..256 {
+            let (lo, hi) = (region[r] as usize, region[r + 1] as usize);
+            let sorted = sorter.sort(&slots[lo..hi], &ranks[lo..hi]);
+            // The key of the point last kept; u64::MAX matches no hash.
+            let mut kept = u64::MAX;
+            for &key in sorted {
+                let (hash, rank) = ((key >> 16) as u32, key as u16);
+                if key >> 16 == kept >> 16 {
+                    // Equal hashes: keep the smaller identity (rank).
+                    let kept_rank = kept as u16;
+                    let drop = if rank < kept_rank {
+                        slots[out - 1] = hash << 16 | by_rank[usize::from(rank)] as u32;
+                        kept = key;
+                        kept_rank
+                    } else {
+                        rank
+                    };
+                    lost[usize::from(drop)] += 1;
+                    continue;
+                }
+                kept = key;
+                let b = (hash >> 16) as usize;
+                if b != bucket {
+                    index[bucket + 1..=b].fill(out as u32);
+                    bucket = b;
+                }
+                slots[out] = hash << 16 | by_rank[usize::from(rank)] as u32;
+                out += 1;
+            }
         }
-        for b in 1..index.len() {
-            index[b] += index[b - 1];
-        }
+        index[bucket + 1..].fill(out as u32);
+        slots.truncate(out);
+
         Ring {
             index,
-            slots: points.iter().map(|&(h, o)| h << 16 | u32::from(o)).collect(),
+            slots,
             members: members.len(),
-            live: has_point.iter().filter(|&&b| b).count(),
+            live: (0..by_rank.len()).filter(|&r| lost[r] < chains[r].1).count(),
         }
     }
 
@@ -295,6 +524,145 @@ mod tests {
         second.extend_from_slice(&p[0].to_le_bytes());
         assert_eq!(p[1], crc32fast::hash(&second));
         assert_eq!(p, [0xca5a472c, 0x6e8e529f, 0x4f4bb59a]);
+    }
+
+    /// splitmix64, for test inputs.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    #[test]
+    fn crc_feed4_matches_crc32fast() {
+        let mut rng = Rng(7);
+        for i in 0..20_000 {
+            let len = (rng.next() % 48) as usize;
+            let identity: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            // Every byte value in every position, then random words.
+            let prev = if i < 1024 { (i as u32 & 0xff) << (8 * (i / 256)) } else { rng.next() as u32 };
+            let mut base = crc32fast::Hasher::new();
+            base.update(&identity);
+            let mut h = base.clone();
+            h.update(&prev.to_le_bytes());
+            assert_eq!(first_point(&identity) ^ crc_feed4(prev), h.finalize(), "{identity:?} {prev:#x}");
+        }
+    }
+
+    #[test]
+    fn for_each_point_walks_every_chain() {
+        let ids = ["a", "b", "", "app-1", "c", "d", "e", "f", "g"];
+        let counts = [5, 0, 1, 300, 7, 7, 7, 2048, 3];
+        let chains: Vec<(u32, u32)> = ids.iter().zip(counts).map(|(id, n)| (first_point(id.as_bytes()), n)).collect();
+        let mut got = vec![Vec::new(); ids.len()];
+        for_each_point(&chains, |h, rank| got[rank as usize].push(h));
+        for (rank, (id, n)) in ids.iter().zip(counts).enumerate() {
+            let want: Vec<u32> = point_hashes(id.as_bytes(), n).collect();
+            assert_eq!(got[rank], want, "{id}");
+        }
+    }
+
+    /// The build as first written: a comparison sort of all points by
+    /// (hash, identity, member), keeping the first of equal hashes.
+    fn reference_build(members: &[Member<'_>], replicas: u32) -> Ring {
+        let members = &members[..members.len().min(MAX_MEMBERS)];
+        let counts = point_counts(members, replicas);
+        let mut points: Vec<(u32, u16)> = Vec::new();
+        for (i, (m, &count)) in members.iter().zip(&counts).enumerate() {
+            points.extend(point_hashes(m.identity, count).map(|h| (h, i as u16)));
+        }
+        points.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0).then_with(|| {
+                let (ia, ib) = (members[a.1 as usize].identity, members[b.1 as usize].identity);
+                ia.cmp(ib).then(a.1.cmp(&b.1))
+            })
+        });
+        points.dedup_by_key(|p| p.0);
+        let mut index = vec![0u32; (1 << 16) + 1];
+        let mut has_point = vec![false; members.len()];
+        for &(hash, owner) in &points {
+            index[(hash >> 16) as usize + 1] += 1;
+            has_point[owner as usize] = true;
+        }
+        for b in 1..index.len() {
+            index[b] += index[b - 1];
+        }
+        Ring {
+            index,
+            slots: points.iter().map(|&(h, o)| h << 16 | u32::from(o)).collect(),
+            members: members.len(),
+            live: has_point.iter().filter(|&&b| b).count(),
+        }
+    }
+
+    fn assert_same_ring(members: &[Member<'_>], replicas: u32) {
+        let (got, want) = (Ring::new(members, replicas), reference_build(members, replicas));
+        assert_eq!(got.members, want.members);
+        assert_eq!(got.live, want.live, "live members");
+        assert_eq!(got.slots.len(), want.slots.len(), "points");
+        assert!(got.slots == want.slots, "slots differ");
+        assert!(got.index == want.index, "index differs");
+    }
+
+    #[test]
+    fn build_matches_a_comparison_sort() {
+        let mut rng = Rng(42);
+        // Small random rings; identities from a tiny alphabet, so many
+        // members share an identity (and so all their points).
+        for _ in 0..60 {
+            let n = (rng.next() % 12) as usize;
+            let ids: Vec<Vec<u8>> =
+                (0..n).map(|_| (0..rng.next() % 3).map(|_| b"ab\0"[(rng.next() % 3) as usize]).collect()).collect();
+            let members: Vec<Member> =
+                ids.iter().map(|id| Member { identity: id, weight: (rng.next() % 4) as u32 }).collect();
+            assert_same_ring(&members, 1 + (rng.next() % 700) as u32);
+        }
+        // Rings big enough for the radix sort, where distinct identities
+        // also collide (about n² / 2^33 pairs), listed in either order.
+        let mut ids: Vec<String> = (0..160).map(|i| format!("m{i}")).collect();
+        ids.push("m7".into());
+        let weight = |id: &str| id.len() as u32 % 2 + 1;
+        let distinct: u32 = ids[..160].iter().map(|id| weight(id)).sum();
+        for _ in 0..2 {
+            let members: Vec<Member> =
+                ids.iter().map(|id| Member { identity: id.as_bytes(), weight: weight(id) }).collect();
+            let ring = Ring::new(&members, DEFAULT_REPLICAS);
+            let distinct = (distinct * DEFAULT_REPLICAS) as usize;
+            assert!(ring.points() < distinct, "no two members collided");
+            assert_same_ring(&members, DEFAULT_REPLICAS);
+            ids.reverse();
+        }
+    }
+
+    #[test]
+    fn a_tie_goes_to_the_smaller_identity_even_if_met_later() {
+        // "a" and "b14" share a hash: point 17,326 of "a" but point 1,206
+        // of "b14", so the build generates the larger identity's first.
+        let hash = 0x6571_3b95;
+        assert_eq!(point_hashes(b"a", 17_327).last(), Some(hash));
+        assert_eq!(point_hashes(b"b14", 1_207).last(), Some(hash));
+        let ids = ["c0", "c1", "b14", "a"];
+        let members: Vec<Member> = ids.iter().map(|id| Member { identity: id.as_bytes(), weight: 1 }).collect();
+        let replicas = 1 << 17;
+        let r = Ring::new(&members, replicas);
+        // The hash's region is big enough for the radix sort.
+        let region = r.index[0x6600] - r.index[0x6500];
+        assert!(region as usize >= RegionSorter::RADIX_MIN, "{region}");
+        assert_eq!(r.owner_of_hash(hash), Some(3));
+        assert_same_ring(&members, replicas);
+    }
+
+    #[test]
+    fn build_matches_a_comparison_sort_at_max_members() {
+        let ids: Vec<String> = (0..MAX_MEMBERS + 1).map(|i| format!("{}", i % 60_000)).collect();
+        let members: Vec<Member> = ids.iter().map(|id| Member { identity: id.as_bytes(), weight: 1 }).collect();
+        assert_same_ring(&members, 1);
     }
 
     #[test]
