@@ -25,7 +25,7 @@ use sticky_proxy::server;
 
 const BACKENDS: usize = 1000;
 const CLIENTS: usize = 8;
-const REQUESTS_PER_PHASE: usize = 8_000;
+const REQUESTS_PER_PHASE: usize = 40_000;
 const ROUNDS: usize = 4;
 const RELOAD_EVERY: Duration = Duration::from_millis(100);
 

@@ -132,9 +132,8 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
 }
 
 async fn reload(state: &AdminState) -> Response<ProxyBody> {
-    let reloader = Arc::clone(&state.reloader);
-    match tokio::task::spawn_blocking(move || reloader.reload(Trigger::Admin)).await {
-        Ok(Ok(applied)) => json_response(
+    match state.reloader.reload_in_background(Trigger::Admin).await {
+        Ok(applied) => json_response(
             StatusCode::OK,
             &json!({
                 "reloaded": true,
@@ -146,8 +145,7 @@ async fn reload(state: &AdminState) -> Response<ProxyBody> {
                 "took_ms": applied.took.as_secs_f64() * 1000.0,
             }),
         ),
-        Ok(Err(e)) => text_response(StatusCode::BAD_REQUEST, format!("reload failed, the running config stays: {e}\n")),
-        Err(_) => text_response(StatusCode::INTERNAL_SERVER_ERROR, "reload task failed\n"),
+        Err(e) => text_response(StatusCode::BAD_REQUEST, format!("reload failed, the running config stays: {e}\n")),
     }
 }
 

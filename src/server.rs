@@ -173,9 +173,8 @@ async fn reload_on_sighup(reloader: Arc<Reloader>, mut stop: watch::Receiver<boo
     loop {
         tokio::select! {
             Some(()) = hangups.recv() => {
-                let reloader = Arc::clone(&reloader);
                 // The outcome is logged and counted by the reloader itself.
-                let _ = tokio::task::spawn_blocking(move || reloader.reload(Trigger::Signal)).await;
+                let _ = reloader.reload_in_background(Trigger::Signal).await;
             }
             _ = raised(&mut stop) => return,
         }
