@@ -108,8 +108,8 @@ impl Reloader {
         self.status.subscribe()
     }
 
-    /// Runs [`reload`](Self::reload) on a thread of its own at the lowest
-    /// CPU priority, so that on a busy machine the rebuild (tens of
+    /// Runs [`reload`](Self::reload) on a thread of its own in the idle
+    /// scheduling class, so that on a busy machine the rebuild (tens of
     /// milliseconds for a thousand backends) yields to request threads.
     pub async fn reload_in_background(self: &Arc<Self>, trigger: Trigger) -> Result<Applied, ConfigError> {
         let (done, result) = tokio::sync::oneshot::channel();
@@ -255,12 +255,15 @@ fn keep_fixed_settings(running: &Config, new: &mut Config) -> Vec<&'static str> 
     changed
 }
 
-/// Nice 19 for the calling thread (Linux keeps niceness per thread).
+/// Puts the calling thread in Linux's SCHED_IDLE class: it runs only when
+/// no normal thread wants the CPU (stronger than nice 19, which still takes
+/// whole time slices from request threads). Scheduling is per thread.
 fn lower_this_threads_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: plain syscalls on the calling thread's own id; no memory is shared.
+    // SAFETY: a plain syscall about the calling thread; `param` outlives it.
     unsafe {
-        let _ = libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+        let param = libc::sched_param { sched_priority: 0 };
+        let _ = libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
     }
 }
 
