@@ -9,29 +9,9 @@ use sticky_proxy::ring::{Member, Ring, DEFAULT_REPLICAS};
 /// Number of pre-generated device IDs cycled through by lookups (a power of 2).
 const KEYS: usize = 1 << 16;
 
-/// Deterministic UUID-shaped device IDs (splitmix64).
+/// Deterministic UUID-shaped device IDs.
 fn device_ids(n: usize) -> Vec<String> {
-    let mut s: u64 = 0x5EED;
-    let mut next = move || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    (0..n)
-        .map(|_| {
-            let (a, b) = (next(), next());
-            format!(
-                "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-                a >> 32,
-                (a >> 16) & 0xffff,
-                a & 0xfff,
-                (b >> 48) & 0x3fff | 0x8000,
-                b & 0xffff_ffff_ffff
-            )
-        })
-        .collect()
+    sticky_proxy::sample::uuids(0x5EED, n)
 }
 
 fn backend_ids(n: usize) -> Vec<String> {

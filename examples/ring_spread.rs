@@ -11,36 +11,11 @@
 //! backend's count / mean: median, worst, and how many seeds exceeded 1.10.
 
 use sticky_proxy::ring::{Member, Ring};
+use sticky_proxy::sample::SplitMix64;
 
 const BACKENDS: usize = 10;
 const KEYS: usize = 10_000;
 const CANDIDATES: &[u32] = &[160, 256, 512, 768, 1024, 1536, 2048, 4096];
-
-/// splitmix64: tiny, deterministic, good enough for test keys.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A random UUID-v4-shaped string, like a device ID.
-    fn uuid(&mut self) -> String {
-        let (a, b) = (self.next(), self.next());
-        format!(
-            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-            a >> 32,
-            (a >> 16) & 0xffff,
-            a & 0xfff,
-            (b >> 48) & 0x3fff | 0x8000,
-            b & 0xffff_ffff_ffff
-        )
-    }
-}
 
 /// Busiest count / mean count for `keys` placed by `place`.
 fn max_over_mean(keys: &[String], place: impl Fn(&[u8]) -> usize) -> f64 {
@@ -55,7 +30,7 @@ fn max_over_mean(keys: &[String], place: impl Fn(&[u8]) -> usize) -> f64 {
 fn key_sets(seeds: u64) -> Vec<Vec<String>> {
     (0..seeds)
         .map(|s| {
-            let mut rng = Rng(0xD15E_A5E0 + s);
+            let mut rng = SplitMix64::new(0xD15E_A5E0 + s);
             (0..KEYS).map(|_| rng.uuid()).collect()
         })
         .collect()
@@ -74,7 +49,7 @@ fn schemes() -> Vec<(String, Vec<Vec<u8>>)> {
             (1..=BACKENDS).map(|i| format!("10.0.0.{i}\08080").into_bytes()).collect(),
         ),
     ];
-    let mut rng = Rng(42);
+    let mut rng = SplitMix64::new(42);
     for n in 1..=3 {
         let ids = (0..BACKENDS).map(|_| rng.uuid().into_bytes()).collect();
         out.push((format!("uuid set {n}"), ids));
@@ -140,7 +115,7 @@ fn main() {
     println!("ring max share x10 over 200 random 10-uuid name sets:");
     println!("{:>8} {:>8} {:>8} {:>8} {:>10}", "replicas", "median", "p95", "worst", ">=1.05");
     for &replicas in CANDIDATES {
-        let mut rng = Rng(7);
+        let mut rng = SplitMix64::new(7);
         let mut maxes: Vec<f64> = (0..200)
             .map(|_| {
                 let ids: Vec<Vec<u8>> = (0..BACKENDS).map(|_| rng.uuid().into_bytes()).collect();

@@ -25,5 +25,6 @@ pub mod proxy;
 pub mod reload;
 pub mod ring;
 pub mod routing;
+pub mod sample;
 pub mod server;
 pub mod tunnel;

@@ -526,27 +526,16 @@ mod tests {
         assert_eq!(p, [0xca5a472c, 0x6e8e529f, 0x4f4bb59a]);
     }
 
-    /// splitmix64, for test inputs.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-    }
+    use crate::sample::SplitMix64 as Rng;
 
     #[test]
     fn crc_feed4_matches_crc32fast() {
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         for i in 0..20_000 {
-            let len = (rng.next() % 48) as usize;
-            let identity: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let len = (rng.next_u64() % 48) as usize;
+            let identity: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
             // Every byte value in every position, then random words.
-            let prev = if i < 1024 { (i as u32 & 0xff) << (8 * (i / 256)) } else { rng.next() as u32 };
+            let prev = if i < 1024 { (i as u32 & 0xff) << (8 * (i / 256)) } else { rng.next_u64() as u32 };
             let mut base = crc32fast::Hasher::new();
             base.update(&identity);
             let mut h = base.clone();
@@ -612,16 +601,17 @@ mod tests {
 
     #[test]
     fn build_matches_a_comparison_sort() {
-        let mut rng = Rng(42);
+        let mut rng = Rng::new(42);
         // Small random rings; identities from a tiny alphabet, so many
         // members share an identity (and so all their points).
         for _ in 0..60 {
-            let n = (rng.next() % 12) as usize;
-            let ids: Vec<Vec<u8>> =
-                (0..n).map(|_| (0..rng.next() % 3).map(|_| b"ab\0"[(rng.next() % 3) as usize]).collect()).collect();
+            let n = (rng.next_u64() % 12) as usize;
+            let ids: Vec<Vec<u8>> = (0..n)
+                .map(|_| (0..rng.next_u64() % 3).map(|_| b"ab\0"[(rng.next_u64() % 3) as usize]).collect())
+                .collect();
             let members: Vec<Member> =
-                ids.iter().map(|id| Member { identity: id, weight: (rng.next() % 4) as u32 }).collect();
-            assert_same_ring(&members, 1 + (rng.next() % 700) as u32);
+                ids.iter().map(|id| Member { identity: id, weight: (rng.next_u64() % 4) as u32 }).collect();
+            assert_same_ring(&members, 1 + (rng.next_u64() % 700) as u32);
         }
         // Rings big enough for the radix sort, where distinct identities
         // also collide (about n² / 2^33 pairs), listed in either order.

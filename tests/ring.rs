@@ -1,40 +1,11 @@
 //! Properties of the consistent-hash ring, through its public API only.
 
 use sticky_proxy::ring::{Member, Ring, DEFAULT_REPLICAS};
-
-/// splitmix64: deterministic pseudo-random numbers without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+use sticky_proxy::sample::SplitMix64;
 
 /// `n` UUID-shaped device IDs, the same for the same seed.
 fn device_ids(seed: u64, n: usize) -> Vec<String> {
-    let mut rng = Rng(seed);
-    (0..n)
-        .map(|_| {
-            let (a, b) = (rng.next(), rng.next());
-            format!(
-                "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-                a >> 32,
-                (a >> 16) & 0xffff,
-                a & 0xfff,
-                (b >> 48) & 0x3fff | 0x8000,
-                b & 0xffff_ffff_ffff
-            )
-        })
-        .collect()
+    sticky_proxy::sample::uuids(seed, n)
 }
 
 /// Backends as (id, weight); the ring refers to them by index.
@@ -72,7 +43,7 @@ fn member_order_does_not_matter() {
     }
     let reference = build(&backends);
     let keys = device_ids(1, 100_000);
-    let mut rng = Rng(2);
+    let mut rng = SplitMix64::new(2);
     for _ in 0..2 {
         let mut shuffled = backends.clone();
         for i in (1..shuffled.len()).rev() {

@@ -139,20 +139,16 @@ pub async fn next_text(ws: &mut Ws) -> String {
     }
 }
 
-/// Small deterministic PRNG for device IDs (splitmix64).
-pub struct Ids(u64);
+/// Deterministic device IDs (`dev-` and 16 hex digits).
+pub struct Ids(sticky_proxy::sample::SplitMix64);
 
 impl Ids {
     pub fn new(seed: u64) -> Self {
-        Ids(seed)
+        Ids(sticky_proxy::sample::SplitMix64::new(seed))
     }
 
     pub fn next_id(&mut self) -> String {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        format!("dev-{:016x}", z ^ (z >> 31))
+        format!("dev-{:016x}", self.0.next_u64())
     }
 }
 
