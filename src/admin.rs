@@ -79,9 +79,12 @@ pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Prox
 
 fn readyz(state: &AdminState) -> Response<ProxyBody> {
     let table = state.router.load();
-    match table.backends().len() {
-        0 => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no usable backend\n"),
-        n => text_response(StatusCode::OK, format!("ready: config generation {}, {n} backends\n", table.generation())),
+    match table.backends_up() {
+        0 => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no backend is up\n"),
+        n => text_response(
+            StatusCode::OK,
+            format!("ready: config generation {}, {n} of {} backends up\n", table.generation(), table.backends().len()),
+        ),
     }
 }
 
@@ -97,7 +100,7 @@ fn backends(state: &AdminState) -> Response<ProxyBody> {
                 "id": b.id,
                 "address": b.address,
                 "weight": b.weight,
-                "state": "up",
+                "state": if table.is_up(&b.id) == Some(false) { "down" } else { "up" },
                 "open_websockets": b.stats.open_tunnels(),
                 "requests_served": b.stats.served(),
                 "ring_share": shares.get(i).copied().unwrap_or(0.0),
@@ -120,7 +123,8 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
             StatusCode::OK,
             &json!({
                 "key": String::from_utf8_lossy(&key),
-                "backend": { "id": why.owner.id, "address": why.owner.address },
+                "backend": why.serving.as_ref().map(|b| json!({ "id": b.id, "address": b.address })),
+                "ring_owner": { "id": why.owner.id, "address": why.owner.address, "up": table.is_up(&why.owner.id) },
                 "reason": why.reason,
                 "ring_hash": why.hash,
                 "failover_order": why.failover_order,

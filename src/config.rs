@@ -103,6 +103,40 @@ pub struct BackendConfig {
     /// `host:port`, where host is an IP address, `[IPv6]` or a DNS name.
     pub address: String,
     pub weight: u32,
+    /// `[health]` with this backend's overrides applied.
+    pub health: HealthConfig,
+}
+
+/// How a backend's health is judged (`[health]`, per-backend overrides).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Path of the active check (`GET`); `None`: active checks are off and
+    /// only failures on real traffic count.
+    pub path: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive failures (active checks, or connects/timeouts on real
+    /// traffic) that mark a backend down.
+    pub fall: u32,
+    /// Consecutive successful active checks that mark it up again.
+    pub rise: u32,
+    /// Without active checks: how long a failed backend stays down before a
+    /// probe (a TCP connect) may bring it back.
+    pub fail_timeout: Duration,
+}
+
+impl HealthConfig {
+    /// No `[health]` section: like nginx's `max_fails=1 fail_timeout=10s`.
+    fn passive_only() -> HealthConfig {
+        HealthConfig {
+            path: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            fall: 1,
+            rise: 1,
+            fail_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// A configuration problem, located as precisely as the input allows.
@@ -190,6 +224,7 @@ struct RawConfig {
     upstream: RawUpstream,
     #[serde(default)]
     reload: RawReload,
+    health: Option<RawHealth>,
     #[serde(default)]
     backends: Option<Spanned<Vec<RawBackend>>>,
 }
@@ -240,6 +275,18 @@ struct RawBackend {
     id: Spanned<String>,
     address: Spanned<String>,
     weight: Option<Spanned<i64>>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    path: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    fall: Option<Spanned<i64>>,
+    rise: Option<Spanned<i64>>,
+    fail_timeout: Option<Spanned<String>>,
 }
 
 // ---- validation -------------------------------------------------------------
@@ -288,7 +335,7 @@ impl Validator<'_> {
             watch: raw.reload.watch.unwrap_or(true),
             interval: self.duration(raw.reload.interval.as_ref(), "reload.interval", Duration::from_secs(1))?,
         };
-        let backends = self.backends(raw.backends, routing.replicas)?;
+        let backends = self.backends(raw.backends, routing.replicas, raw.health.as_ref())?;
         Ok(Config { server, admin, routing, upstream, reload, backends })
     }
 
@@ -404,6 +451,7 @@ impl Validator<'_> {
         &self,
         raw: Option<Spanned<Vec<RawBackend>>>,
         replicas: u32,
+        global_health: Option<&RawHealth>,
     ) -> Result<Vec<BackendConfig>, ConfigError> {
         let Some(raw) = raw else {
             return Err(ConfigError {
@@ -427,6 +475,12 @@ impl Validator<'_> {
                 format!("at most {} backends are supported, got {}", ring::MAX_MEMBERS, raw.get_ref().len()),
             );
         }
+        // With a [health] section, HAProxy-like defaults (fall 3, rise 2).
+        let active_defaults = HealthConfig { fall: 3, rise: 2, ..HealthConfig::passive_only() };
+        let health = match global_health {
+            Some(raw) => self.health(raw, active_defaults.clone(), "health")?,
+            None => HealthConfig::passive_only(),
+        };
         let mut out: Vec<BackendConfig> = Vec::with_capacity(raw.get_ref().len());
         let mut points: u64 = 0;
         for (i, b) in raw.get_ref().iter().enumerate() {
@@ -470,9 +524,48 @@ impl Validator<'_> {
                     format!("the ring would need more than {MAX_RING_POINTS} points (sum of weight × routing.replicas); lower the weights or replicas"),
                 );
             }
-            out.push(BackendConfig { id: id.to_string(), address: address.to_string(), weight });
+            let health = match &b.health {
+                // A backend's own section starts from the active defaults
+                // when there is no [health] section to inherit from.
+                Some(own) => {
+                    let base = if global_health.is_some() { health.clone() } else { active_defaults.clone() };
+                    self.health(own, base, &field("health"))?
+                }
+                None => health.clone(),
+            };
+            out.push(BackendConfig { id: id.to_string(), address: address.to_string(), weight, health });
         }
         Ok(out)
+    }
+
+    /// Overlays the fields present in `raw` onto `base`; errors name
+    /// `{section}.{field}`.
+    fn health(&self, raw: &RawHealth, base: HealthConfig, section: &str) -> Result<HealthConfig, ConfigError> {
+        let name = |field: &str| format!("{section}.{field}");
+        let count = |v: &Option<Spanned<i64>>, field: &str, current: u32| -> Result<u32, ConfigError> {
+            match v {
+                None => Ok(current),
+                Some(n) => match u32::try_from(*n.get_ref()) {
+                    Ok(n) if (1..=100).contains(&n) => Ok(n),
+                    _ => self.err(n.span(), &name(field), format!("must be between 1 and 100, got {}", n.get_ref())),
+                },
+            }
+        };
+        let path = match &raw.path {
+            Some(p) if !p.get_ref().starts_with('/') => {
+                return self.err(p.span(), &name("path"), format!("{:?} must start with '/'", p.get_ref()))
+            }
+            Some(p) => Some(p.get_ref().clone()),
+            None => base.path,
+        };
+        Ok(HealthConfig {
+            interval: self.duration(raw.interval.as_ref(), &name("interval"), base.interval)?,
+            timeout: self.duration(raw.timeout.as_ref(), &name("timeout"), base.timeout)?,
+            fall: count(&raw.fall, "fall", base.fall)?,
+            rise: count(&raw.rise, "rise", base.rise)?,
+            fail_timeout: self.duration(raw.fail_timeout.as_ref(), &name("fail_timeout"), base.fail_timeout)?,
+            path,
+        })
     }
 
     fn socket_addr(&self, value: &Spanned<String>, field: &str) -> Result<SocketAddr, ConfigError> {

@@ -47,6 +47,18 @@ struct BackendDirection {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendResult {
+    backend: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendTo {
+    backend: String,
+    to: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -83,6 +95,12 @@ pub struct Metrics {
     last_reload_success: Gauge<f64, AtomicU64>,
     backends: Family<StateLabel, Gauge>,
     admin_unauthorized: Counter,
+    backend_up: Family<BackendLabel, Gauge>,
+    health_checks: Family<BackendResult, Counter>,
+    health_check_duration: Family<BackendLabel, Histogram, fn() -> Histogram>,
+    health_transitions: Family<BackendTo, Counter>,
+    failovers: Family<BackendLabel, Counter>,
+    retries: Family<BackendLabel, Counter>,
     /// Responses per backend for the admin API (not exported: the sum of
     /// `requests_total` over codes says the same).
     served: Family<BackendLabel, Counter>,
@@ -110,6 +128,12 @@ impl Metrics {
             backends: Family::default(),
             admin_unauthorized: Counter::default(),
             served: Family::default(),
+            backend_up: Family::default(),
+            health_checks: Family::default(),
+            health_check_duration: Family::new_with_constructor(latency_histogram),
+            health_transitions: Family::default(),
+            failovers: Family::default(),
+            retries: Family::default(),
         };
         m.registry.register_collector(Box::new(ProcessCollector));
         let r = m.registry.sub_registry_with_prefix("sticky_proxy");
@@ -142,6 +166,28 @@ impl Metrics {
             "Admin API calls refused for a missing or wrong token",
             m.admin_unauthorized.clone(),
         );
+        r.register("backend_up", "1 while the backend takes traffic, 0 while it is down", m.backend_up.clone());
+        r.register("health_checks", "Active health checks and probes, by backend and result", m.health_checks.clone());
+        r.register(
+            "health_check_duration_seconds",
+            "Time an active health check or probe took, by backend",
+            m.health_check_duration.clone(),
+        );
+        r.register(
+            "health_transitions",
+            "Backends turning up or down, by backend and new state",
+            m.health_transitions.clone(),
+        );
+        r.register(
+            "failovers",
+            "Requests served by a failover owner because their ring owner was down, by ring owner",
+            m.failovers.clone(),
+        );
+        r.register(
+            "retries",
+            "Requests retried on the next backend after a failed connect, by the backend that failed",
+            m.retries.clone(),
+        );
         let build_info: Family<VersionLabel, Gauge> = Family::default();
         build_info.get_or_create(&VersionLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("build_info", "Always 1, labelled with the version", build_info);
@@ -168,6 +214,10 @@ impl Metrics {
 
     /// Handles for one backend's series (created if new).
     pub fn backend(&self, id: &str) -> BackendStats {
+        // New backends start up; a known one keeps its gauge as it is.
+        if self.backend_up.get(&BackendLabel { backend: id.to_string() }).is_none() {
+            self.backend_up.get_or_create(&BackendLabel { backend: id.to_string() }).set(1);
+        }
         let label = || BackendLabel { backend: id.to_string() };
         let code = |code| self.requests.get_or_create_owned(&BackendCode { backend: id.to_string(), code });
         let kind = |kind| self.upstream_errors.get_or_create_owned(&BackendKind { backend: id.to_string(), kind });
@@ -180,6 +230,8 @@ impl Metrics {
             duration: self.duration.get_or_create_owned(&label()),
             errors: ERROR_KINDS.map(kind),
             served: self.served.get_or_create_owned(&label()),
+            failovers: self.failovers.get_or_create_owned(&label()),
+            retries: self.retries.get_or_create_owned(&label()),
             ws_open: self.ws_open.get_or_create_owned(&label()),
             ws_total: self.ws_total.get_or_create_owned(&label()),
             bytes_up: bytes("up"),
@@ -202,8 +254,32 @@ impl Metrics {
         let label = BackendLabel { backend };
         self.duration.remove(&label);
         self.served.remove(&label);
+        self.backend_up.remove(&label);
+        self.health_check_duration.remove(&label);
+        self.failovers.remove(&label);
+        self.retries.remove(&label);
+        for result in ["success", "failure"] {
+            self.health_checks.remove(&BackendResult { backend: label.backend.clone(), result });
+        }
+        for to in ["up", "down"] {
+            self.health_transitions.remove(&BackendTo { backend: label.backend.clone(), to });
+        }
         self.ws_open.remove(&label);
         self.ws_total.remove(&label);
+    }
+
+    /// A backend turned up or down.
+    pub fn health_transition(&self, id: &str, up: bool) {
+        let to = if up { "up" } else { "down" };
+        self.health_transitions.get_or_create(&BackendTo { backend: id.to_string(), to }).inc();
+        self.backend_up.get_or_create(&BackendLabel { backend: id.to_string() }).set(i64::from(up));
+    }
+
+    /// An active check or probe finished.
+    pub fn health_check(&self, id: &str, ok: bool, took: Duration) {
+        let result = if ok { "success" } else { "failure" };
+        self.health_checks.get_or_create(&BackendResult { backend: id.to_string(), result }).inc();
+        self.health_check_duration.get_or_create(&BackendLabel { backend: id.to_string() }).observe(took.as_secs_f64());
     }
 
     pub fn missing_key(&self) {
@@ -243,6 +319,8 @@ pub struct BackendStats {
     requests: Family<BackendCode, Counter>,
     duration: Histogram,
     served: Counter,
+    failovers: Counter,
+    retries: Counter,
     errors: [Counter; ERROR_KINDS.len()],
     ws_open: Gauge,
     ws_total: Counter,
@@ -263,6 +341,16 @@ impl BackendStats {
         }
         self.duration.observe(elapsed.as_secs_f64());
         self.served.inc();
+    }
+
+    /// A request for a device this backend owns went to its failover owner.
+    pub fn failover(&self) {
+        self.failovers.inc();
+    }
+
+    /// A request whose connect to this backend failed was retried elsewhere.
+    pub fn retried(&self) {
+        self.retries.inc();
     }
 
     pub fn upstream_error(&self, failure: UpstreamFailure) {

@@ -12,6 +12,7 @@
 //! short plain-text reason: 502 when the backend refused, was unreachable or
 //! broke the connection, 504 when it was too slow.
 
+use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::io;
 use std::net::SocketAddr;
@@ -19,7 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{Either, Full};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri};
@@ -30,12 +32,21 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::UpstreamConfig;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Decision, Router};
 use crate::tunnel;
 
 /// Response bodies: a backend's streamed body, or a short message of ours.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Request bodies sent upstream: streamed from the client, or buffered
+/// (small bodies, so that a request whose connect failed can be retried).
+pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+
+/// Largest request body buffered to make a request retryable; larger or
+/// chunked bodies stream and are never retried.
+const REPLAYABLE_BODY: u64 = 64 * 1024;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -44,7 +55,8 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// State shared by every connection of one running proxy.
 pub struct Proxy {
     router: Router,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, UpstreamBody>,
+    pub(crate) health: Arc<Health>,
     /// Fixed at start: the pooled connector is built with it.
     pub(crate) connect_timeout: Duration,
     pub(crate) metrics: Arc<Metrics>,
@@ -57,6 +69,7 @@ impl Proxy {
         router: Router,
         upstream: &UpstreamConfig,
         metrics: Arc<Metrics>,
+        health: Arc<Health>,
         close_tunnels: watch::Receiver<bool>,
     ) -> Proxy {
         let mut connector = HttpConnector::new();
@@ -67,7 +80,7 @@ impl Proxy {
             .pool_max_idle_per_host(upstream.pool_max_idle)
             .pool_idle_timeout(upstream.pool_idle_timeout)
             .build(connector);
-        Proxy { router, client, connect_timeout: upstream.connect_timeout, metrics, close_tunnels }
+        Proxy { router, client, health, connect_timeout: upstream.connect_timeout, metrics, close_tunnels }
     }
 
     pub fn router(&self) -> &Router {
@@ -78,11 +91,16 @@ impl Proxy {
     /// becomes a response with a status and a reason.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client_addr: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
-        let (device, backend, response_timeout) = {
+        let (key, backend, response_timeout) = {
             let table = self.router.load();
             let response_timeout = table.config().upstream.response_timeout;
             match table.decide(req.uri(), req.headers()) {
-                Decision::Owner { key, backend } => (Some(key.display().into_owned()), backend, response_timeout),
+                Decision::Owner { key, backend, failed_over_from } => {
+                    if let Some(owner) = &failed_over_from {
+                        owner.stats.failover();
+                    }
+                    (Some(key.id.into_owned()), backend, response_timeout)
+                }
                 Decision::Spread { backend } => {
                     self.metrics.missing_key();
                     (None, backend, response_timeout)
@@ -93,28 +111,24 @@ impl Proxy {
                     info!(method = %req.method(), path = %req.uri().path(), status = 400, "rejected: no device ID");
                     return text_response(StatusCode::BAD_REQUEST, reason);
                 }
+                Decision::AllDown => {
+                    let reason =
+                        format!("no backend can take this request: all {} backends are down\n", table.backends().len());
+                    warn!(method = %req.method(), path = %req.uri().path(), status = 503, "every backend is down");
+                    return text_response(StatusCode::SERVICE_UNAVAILABLE, reason);
+                }
             }
         };
-        let device = device.as_deref().unwrap_or("-");
+        let device = key.as_deref().map_or(Cow::Borrowed("-"), String::from_utf8_lossy).into_owned();
 
         if is_websocket_upgrade(req.headers()) {
-            let tunnel =
-                tunnel::Request { client_addr, backend, device: device.to_string(), started, response_timeout };
+            let tunnel = tunnel::Request { client_addr, backend, key, device, started, response_timeout };
             return tunnel::open(self, req, tunnel).await;
         }
 
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let response = match self.forward(req, client_addr, &backend, response_timeout).await {
-            Ok(mut response) => {
-                strip_hop_by_hop(response.headers_mut());
-                response.map(Either::Left)
-            }
-            Err(failure) => {
-                backend.stats.upstream_error(failure);
-                failure.response(&backend)
-            }
-        };
+        let (backend, response) = self.forward(req, client_addr, key.as_deref(), backend, response_timeout).await;
         backend.stats.response(response.status().as_u16(), started.elapsed());
         info!(
             device,
@@ -128,25 +142,107 @@ impl Proxy {
         response
     }
 
+    /// Sends the request to `backend`; if the connect fails and the body
+    /// can be sent again (none, or buffered because small), retries once on
+    /// the next backend up in ring order. Returns who answered.
     async fn forward(
         &self,
         req: Request<Incoming>,
         client_addr: SocketAddr,
-        backend: &Backend,
+        key: Option<&[u8]>,
+        mut backend: Arc<Backend>,
         response_timeout: Duration,
-    ) -> Result<Response<Incoming>, UpstreamFailure> {
+    ) -> (Arc<Backend>, Response<ProxyBody>) {
         let (mut parts, body) = req.into_parts();
-        parts.uri = upstream_uri(&backend.address, &parts.uri)?;
-        parts.version = hyper::Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         add_forwarded_headers(&mut parts.headers, client_addr, "http");
-        let request = Request::from_parts(parts, body);
-        match tokio::time::timeout(response_timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
+        let replay = match body.size_hint().exact() {
+            Some(0) => Some(Bytes::new()),
+            Some(n) if n <= REPLAYABLE_BODY => match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
+                Ok(collected) => Some(collected.to_bytes()),
+                Err(_) => {
+                    let response = text_response(StatusCode::BAD_REQUEST, "could not read the request body\n");
+                    return (backend, response);
+                }
+            },
+            _ => {
+                let request = upstream_request(&parts, &backend, Either::Left(body));
+                return match self.send(request, response_timeout).await {
+                    Ok(response) => (backend, response),
+                    Err(failure) => {
+                        self.failed(&backend, failure);
+                        let response = failure.response(&backend);
+                        (backend, response)
+                    }
+                };
+            }
+        };
+        let replay = replay.unwrap_or_default();
+        let mut retried = false;
+        loop {
+            let request = upstream_request(&parts, &backend, Either::Right(Full::new(replay.clone())));
+            match self.send(request, response_timeout).await {
+                Ok(response) => return (backend, response),
+                Err(failure) => {
+                    self.failed(&backend, failure);
+                    let next = if failure.is_connect() && !retried {
+                        self.router.load().retry_target(key, &backend)
+                    } else {
+                        None
+                    };
+                    match next {
+                        Some(next) => {
+                            backend.stats.retried();
+                            warn!(from = %backend.id, to = %next.id, "connect failed before any byte was sent; retrying once");
+                            backend = next;
+                            retried = true;
+                        }
+                        None => {
+                            let response = failure.response(&backend);
+                            return (backend, response);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send(
+        &self,
+        request: Result<Request<UpstreamBody>, UpstreamFailure>,
+        response_timeout: Duration,
+    ) -> Result<Response<ProxyBody>, UpstreamFailure> {
+        match tokio::time::timeout(response_timeout, self.client.request(request?)).await {
+            Ok(Ok(mut response)) => {
+                strip_hop_by_hop(response.headers_mut());
+                Ok(response.map(Either::Left))
+            }
             Ok(Err(e)) => Err(UpstreamFailure::classify(&e, e.is_connect())),
             Err(_) => Err(UpstreamFailure::Timeout),
         }
     }
+
+    /// Counts a failure against `backend`, and tells health about the
+    /// kinds that say the backend itself is in trouble.
+    pub(crate) fn failed(&self, backend: &Backend, failure: UpstreamFailure) {
+        backend.stats.upstream_error(failure);
+        if failure.is_connect() || failure == UpstreamFailure::Timeout {
+            self.health.traffic_failure(backend);
+        }
+    }
+}
+
+/// The upstream request for `backend`, from the client's (cleaned) parts.
+fn upstream_request(
+    parts: &hyper::http::request::Parts,
+    backend: &Backend,
+    body: UpstreamBody,
+) -> Result<Request<UpstreamBody>, UpstreamFailure> {
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = upstream_uri(&backend.address, &parts.uri)?;
+    *request.headers_mut() = parts.headers.clone();
+    Ok(request)
 }
 
 /// Why a backend gave no response.
@@ -163,6 +259,11 @@ pub enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
+    /// The connection was never made, so nothing reached the backend.
+    pub fn is_connect(self) -> bool {
+        matches!(self, UpstreamFailure::Refused | UpstreamFailure::Unreachable | UpstreamFailure::ConnectTimeout)
+    }
+
     pub(crate) fn classify(err: &(dyn StdError + 'static), during_connect: bool) -> UpstreamFailure {
         let mut source: Option<&(dyn StdError + 'static)> = Some(err);
         while let Some(e) = source {

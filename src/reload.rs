@@ -175,18 +175,20 @@ impl Reloader {
         *last_seen = Some(hash(&bytes));
         let mut new = Config::from_file_bytes(path, &bytes)?;
 
-        let old = self.router.load_full();
-        let needs_restart = keep_fixed_settings(old.config(), &mut new);
-        let old_ids: HashSet<&str> = old.backends().iter().map(|b| b.id.as_str()).collect();
-        let new_ids: HashSet<&str> = new.backends.iter().map(|b| b.id.as_str()).collect();
-        let removed: Vec<String> =
-            old.backends().iter().filter(|b| !new_ids.contains(b.id.as_str())).map(|b| b.id.clone()).collect();
-        let added: Vec<String> =
-            new.backends.iter().filter(|b| !old_ids.contains(b.id.as_str())).map(|b| b.id.clone()).collect();
-        let generation = old.generation() + 1;
-        let table = RoutingTable::new(Arc::new(new), generation, &self.metrics);
-        let backends = table.backends().len();
-        self.router.store(Arc::new(table));
+        let metrics = &self.metrics;
+        let (old, (generation, backends, added, removed, needs_restart)) = self.router.update(|old| {
+            let needs_restart = keep_fixed_settings(old.config(), &mut new);
+            let old_ids: HashSet<&str> = old.backends().iter().map(|b| b.id.as_str()).collect();
+            let new_ids: HashSet<&str> = new.backends.iter().map(|b| b.id.as_str()).collect();
+            let removed: Vec<String> =
+                old.backends().iter().filter(|b| !new_ids.contains(b.id.as_str())).map(|b| b.id.clone()).collect();
+            let added: Vec<String> =
+                new.backends.iter().filter(|b| !old_ids.contains(b.id.as_str())).map(|b| b.id.clone()).collect();
+            let generation = old.generation() + 1;
+            let table = RoutingTable::new(Arc::new(new), generation, metrics).with_health_of(old);
+            let backends = table.backends().len();
+            Ok::<_, ConfigError>((table, (generation, backends, added, removed, needs_restart)))
+        })?;
         for id in &removed {
             self.metrics.remove_backend(id);
         }

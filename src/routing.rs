@@ -1,16 +1,22 @@
-//! The live routing state: one immutable snapshot of backends, ring and key
-//! rules, swapped atomically.
+//! The live routing state: one immutable snapshot of backends, ring, key
+//! rules and backend health, swapped atomically.
 //!
-//! Every request loads the current [`RoutingTable`] from an [`ArcSwap`]
+//! Every request loads the current [`RoutingTable`] from a [`LiveTable`]
 //! (no lock, no contention between requests), decides its backend, and keeps
-//! an `Arc` of that backend for as long as it runs. A later reload builds a
-//! whole new table and swaps it in; requests and tunnels already running keep
-//! what they started with.
+//! an `Arc` of that backend for as long as it runs. Writers (a reload, a
+//! health transition) build a whole new table and swap it in, one at a time
+//! so that neither loses the other's change; requests and tunnels already
+//! running keep what they started with.
+//!
+//! A device's backend is its ring owner while that owner is up. When the
+//! owner is down, the device goes to the next distinct backend that is up in
+//! ring order (the same rule in every replica, so replicas that agree on
+//! health agree on placement), and comes back when the owner is up again.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 use hyper::header::HeaderMap;
 use hyper::Uri;
 
@@ -20,7 +26,40 @@ use crate::metrics::{BackendStats, Metrics};
 use crate::ring::{Member, Ring};
 
 /// The shared handle through which the hot path reads the current table.
-pub type Router = Arc<ArcSwap<RoutingTable>>;
+pub type Router = Arc<LiveTable>;
+
+/// The current [`RoutingTable`]: read without locks, replaced by writers in turn.
+#[derive(Debug)]
+pub struct LiveTable {
+    current: ArcSwap<RoutingTable>,
+    writers: Mutex<()>,
+}
+
+impl LiveTable {
+    /// The table in use (a cheap guard; hold it only while deciding).
+    pub fn load(&self) -> Guard<Arc<RoutingTable>> {
+        self.current.load()
+    }
+
+    /// The table in use, as an `Arc` that may be kept.
+    pub fn load_full(&self) -> Arc<RoutingTable> {
+        self.current.load_full()
+    }
+
+    /// Builds the next table from the current one and swaps it in. Writers
+    /// are serialised, so a reload and a health change can't overwrite each
+    /// other. Returns the replaced table, for the caller to free.
+    pub fn update<T, E>(
+        &self,
+        next: impl FnOnce(&Arc<RoutingTable>) -> Result<(RoutingTable, T), E>,
+    ) -> Result<(Arc<RoutingTable>, T), E> {
+        let _turn = self.writers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = self.current.load_full();
+        let (table, out) = next(&current)?;
+        self.current.store(Arc::new(table));
+        Ok((current, out))
+    }
+}
 
 /// One app instance requests can be sent to.
 #[derive(Debug)]
@@ -38,16 +77,18 @@ pub struct Backend {
 /// Where a request goes.
 #[derive(Debug)]
 pub enum Decision<'r> {
-    /// The device's owner on the ring.
-    Owner { key: DeviceKey<'r>, backend: Arc<Backend> },
-    /// No device ID, `missing_key = "spread"`: round-robin.
+    /// The device's backend: its ring owner, or the failover owner when the
+    /// ring owner is down (`failed_over_from`).
+    Owner { key: DeviceKey<'r>, backend: Arc<Backend>, failed_over_from: Option<Arc<Backend>> },
+    /// No device ID, `missing_key = "spread"`: round-robin over backends up.
     Spread { backend: Arc<Backend> },
     /// No device ID, `missing_key = "reject"`.
     NoKey,
+    /// Every backend is down.
+    AllDown,
 }
 
-/// Backends, ring, key rules and live settings of one configuration
-/// generation.
+/// Backends, ring, key rules, health and live settings of one moment.
 #[derive(Debug)]
 pub struct RoutingTable {
     /// The config this table was built from; settings read per request
@@ -55,15 +96,18 @@ pub struct RoutingTable {
     config: Arc<Config>,
     /// Counts successful loads: 1 for the first config, +1 per reload.
     generation: u64,
-    backends: Vec<Arc<Backend>>,
-    ring: Ring,
-    keys: KeyExtractor,
+    backends: Arc<Vec<Arc<Backend>>>,
+    ring: Arc<Ring>,
+    keys: Arc<KeyExtractor>,
+    /// Health, by backend index: `true` while the backend may take traffic.
+    up: Vec<bool>,
     missing_key: MissingKey,
     next_spread: AtomicUsize,
 }
 
 impl RoutingTable {
-    /// Builds a table; `metrics` supplies each backend's metric handles.
+    /// Builds a table with every backend up; `metrics` supplies each
+    /// backend's metric handles.
     pub fn new(config: Arc<Config>, generation: u64, metrics: &Metrics) -> RoutingTable {
         let backends: Vec<Arc<Backend>> = config
             .backends
@@ -76,9 +120,10 @@ impl RoutingTable {
         let members: Vec<Member<'_>> =
             backends.iter().map(|b| Member { identity: b.id.as_bytes(), weight: b.weight }).collect();
         RoutingTable {
-            ring: Ring::new(&members, config.routing.replicas),
-            backends,
-            keys: KeyExtractor::new(config.routing.keys.clone()),
+            ring: Arc::new(Ring::new(&members, config.routing.replicas)),
+            up: vec![true; backends.len()],
+            backends: Arc::new(backends),
+            keys: Arc::new(KeyExtractor::new(config.routing.keys.clone())),
             missing_key: config.routing.missing_key,
             next_spread: AtomicUsize::new(0),
             config,
@@ -91,6 +136,35 @@ impl RoutingTable {
         RoutingTable::new(Arc::new(config.clone()), 0, &Metrics::new())
     }
 
+    /// This table with one backend's health changed (ring and backends shared).
+    pub fn with_health(&self, id: &str, up: bool) -> RoutingTable {
+        let mut health = self.up.clone();
+        if let Some(i) = self.backends.iter().position(|b| b.id == id) {
+            health[i] = up;
+        }
+        self.with_all_health(health)
+    }
+
+    /// This table with health carried over from `previous` by backend id
+    /// (backends new to this table stay up).
+    pub fn with_health_of(self, previous: &RoutingTable) -> RoutingTable {
+        let health = self.backends.iter().map(|b| previous.is_up(&b.id).unwrap_or(true)).collect();
+        self.with_all_health(health)
+    }
+
+    fn with_all_health(&self, up: Vec<bool>) -> RoutingTable {
+        RoutingTable {
+            config: Arc::clone(&self.config),
+            generation: self.generation,
+            backends: Arc::clone(&self.backends),
+            ring: Arc::clone(&self.ring),
+            keys: Arc::clone(&self.keys),
+            up,
+            missing_key: self.missing_key,
+            next_spread: AtomicUsize::new(self.next_spread.load(Ordering::Relaxed)),
+        }
+    }
+
     pub fn config(&self) -> &Arc<Config> {
         &self.config
     }
@@ -101,44 +175,92 @@ impl RoutingTable {
 
     /// A shareable handle holding this table, for the proxy and admin API.
     pub fn into_router(self) -> Router {
-        Arc::new(ArcSwap::from_pointee(self))
+        Arc::new(LiveTable { current: ArcSwap::from_pointee(self), writers: Mutex::new(()) })
     }
 
     /// Decides the backend for a request.
     pub fn decide<'r>(&self, uri: &'r Uri, headers: &'r HeaderMap) -> Decision<'r> {
         match self.keys.extract(uri, headers) {
-            Some(key) => match self.owner(&key.id) {
-                Some(backend) => Decision::Owner { backend: Arc::clone(backend), key },
-                None => Decision::NoKey,
+            Some(key) => match self.serving(&key.id) {
+                Some((backend, failed_over_from)) => Decision::Owner { key, backend, failed_over_from },
+                None => Decision::AllDown,
             },
             None => match self.missing_key {
                 MissingKey::Reject => Decision::NoKey,
-                MissingKey::Spread => {
-                    let i = self.next_spread.fetch_add(1, Ordering::Relaxed) % self.backends.len().max(1);
-                    match self.backends.get(i) {
-                        Some(b) => Decision::Spread { backend: Arc::clone(b) },
-                        None => Decision::NoKey,
-                    }
-                }
+                MissingKey::Spread => match self.spread() {
+                    Some(backend) => Decision::Spread { backend },
+                    None => Decision::AllDown,
+                },
             },
         }
+    }
+
+    /// The backend serving a device now, and the ring owner it stands in
+    /// for if that one is down. `None` when every backend is down.
+    pub fn serving(&self, device_id: &[u8]) -> Option<(Arc<Backend>, Option<Arc<Backend>>)> {
+        let mut walk = self.ring.walk(device_id);
+        let owner = walk.next()?;
+        if self.up.get(owner) == Some(&true) {
+            return self.backends.get(owner).map(|b| (Arc::clone(b), None));
+        }
+        let standby = walk.find(|&i| self.up.get(i) == Some(&true))?;
+        Some((Arc::clone(self.backends.get(standby)?), self.backends.get(owner).cloned()))
+    }
+
+    /// The next backend that is up after `failed` for a device (or, without
+    /// a device ID, any other backend that is up): where a request whose
+    /// connection to `failed` was refused is retried.
+    pub fn retry_target(&self, device_id: Option<&[u8]>, failed: &Backend) -> Option<Arc<Backend>> {
+        let usable = |b: &&Arc<Backend>| b.id != failed.id;
+        match device_id {
+            Some(id) => self
+                .ring
+                .walk(id)
+                .filter(|&i| self.up.get(i) == Some(&true))
+                .filter_map(|i| self.backends.get(i))
+                .find(usable)
+                .cloned(),
+            None => self.backends.iter().enumerate().filter(|(i, _)| self.up[*i]).map(|(_, b)| b).find(usable).cloned(),
+        }
+    }
+
+    fn spread(&self) -> Option<Arc<Backend>> {
+        let n = self.backends.len();
+        let start = self.next_spread.fetch_add(1, Ordering::Relaxed);
+        (0..n).map(|k| (start + k) % n).find(|&i| self.up[i]).map(|i| Arc::clone(&self.backends[i]))
     }
 
     /// Where a device ID goes and why, for the admin API.
     pub fn explain(&self, device_id: &[u8]) -> Option<Explanation<'_>> {
         let owner = self.owner(device_id)?;
+        let serving = self.serving(device_id).map(|(b, _)| b);
+        let reason = match &serving {
+            Some(s) if s.id == owner.id => "ring owner",
+            Some(_) => "failover: the ring owner is down; next backend up in ring order",
+            None => "every backend is down",
+        };
         let failover_order =
             self.ring.walk(device_id).skip(1).filter_map(|i| self.backends.get(i)).map(|b| b.id.as_str()).collect();
-        Some(Explanation { owner, reason: "ring owner", hash: Ring::hash_key(device_id), failover_order })
+        Some(Explanation { owner, serving, reason, hash: Ring::hash_key(device_id), failover_order })
     }
 
-    /// The ring owner of a device ID.
+    /// The ring owner of a device ID, whatever its health.
     pub fn owner(&self, device_id: &[u8]) -> Option<&Arc<Backend>> {
         self.ring.owner(device_id).and_then(|i| self.backends.get(i))
     }
 
+    /// Whether the backend with this id is up (`None`: no such backend).
+    pub fn is_up(&self, id: &str) -> Option<bool> {
+        self.backends.iter().position(|b| b.id == id).map(|i| self.up[i])
+    }
+
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
+    }
+
+    /// Backends up now.
+    pub fn backends_up(&self) -> usize {
+        self.up.iter().filter(|u| **u).count()
     }
 
     pub fn keys(&self) -> &KeyExtractor {
@@ -154,7 +276,10 @@ impl RoutingTable {
 /// Why a device goes where it goes.
 #[derive(Debug)]
 pub struct Explanation<'t> {
+    /// The ring owner.
     pub owner: &'t Arc<Backend>,
+    /// Who serves it now (`None`: every backend is down).
+    pub serving: Option<Arc<Backend>>,
     pub reason: &'static str,
     /// CRC-32 of the device ID: its position on the ring.
     pub hash: u32,

@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::config::Config;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, Trigger};
@@ -42,6 +43,7 @@ pub struct RunningProxy {
     router: Router,
     reloader: Arc<Reloader>,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     /// `true`: stop accepting and finish in-flight HTTP.
     drain: watch::Sender<bool>,
     /// `true`: close everything still open, tunnels included.
@@ -71,7 +73,14 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     let reloader = Arc::new(Reloader::new(path, router.clone(), Arc::clone(&metrics)));
     let (drain, _) = watch::channel(false);
     let (close, _) = watch::channel(false);
-    let proxy = Arc::new(Proxy::new(router.clone(), &config.upstream, Arc::clone(&metrics), close.subscribe()));
+    let health = Health::new(router.clone(), Arc::clone(&metrics));
+    let proxy = Arc::new(Proxy::new(
+        router.clone(),
+        &config.upstream,
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+        close.subscribe(),
+    ));
 
     let running = RunningProxy {
         proxy_addr: proxy_listener.local_addr()?,
@@ -79,12 +88,14 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         router: router.clone(),
         reloader: Arc::clone(&reloader),
         metrics: Arc::clone(&metrics),
+        health: Arc::clone(&health),
         drain,
         close,
     };
     let connections =
         Connections { router: router.clone(), drain: running.drain.subscribe(), close: running.close.subscribe() };
     tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
+    tokio::spawn(health.run(running.drain.subscribe()));
 
     let proxy_service = move |addr: SocketAddr| {
         let proxy = proxy.clone();
@@ -133,6 +144,10 @@ impl RunningProxy {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
     }
 
     /// Stops accepting, waits up to the grace period for in-flight HTTP,

@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http_body_util::Either;
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
@@ -26,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::proxy::{add_forwarded_headers, strip_hop_by_hop, Proxy, ProxyBody, UpstreamFailure};
 use crate::routing::Backend;
@@ -38,6 +39,8 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Request {
     pub client_addr: SocketAddr,
     pub backend: Arc<Backend>,
+    /// The device ID's bytes, to find a retry target on the ring.
+    pub key: Option<Vec<u8>>,
     pub device: String,
     pub started: Instant,
     pub response_timeout: Duration,
@@ -45,18 +48,43 @@ pub(crate) struct Request {
 
 /// Sends a WebSocket upgrade to its backend and, on 101, starts the tunnel.
 pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunnel: Request) -> Response<ProxyBody> {
-    let Request { client_addr, backend, device, started, response_timeout } = tunnel;
+    let Request { client_addr, mut backend, key, device, started, response_timeout } = tunnel;
     let client_upgrade = hyper::upgrade::on(&mut req);
     let path = req.uri().path().to_string();
+    // The upgrade's headers, cleaned once; the request itself has no body,
+    // so a failed connect can be retried on the next backend up.
+    let (mut parts, _empty) = req.into_parts();
+    let upgrade = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(upgrade) = upgrade {
+        parts.headers.insert(header::UPGRADE, upgrade);
+    }
+    add_forwarded_headers(&mut parts.headers, client_addr, "http");
 
-    let mut backend_response = match send_upgrade(&proxy, req, client_addr, &backend, response_timeout).await {
-        Ok(response) => response,
-        Err(failure) => {
-            backend.stats.upstream_error(failure);
-            let response = failure.response(&backend);
-            backend.stats.response(response.status().as_u16(), started.elapsed());
-            info!(device, backend = %backend.id, path, status = response.status().as_u16(), "websocket upgrade failed");
-            return response;
+    let mut retried = false;
+    let mut backend_response = loop {
+        match send_upgrade(&proxy, &parts, &backend, response_timeout).await {
+            Ok(response) => break response,
+            Err(failure) => {
+                proxy.failed(&backend, failure);
+                let next = if failure.is_connect() && !retried {
+                    proxy.router().load().retry_target(key.as_deref(), &backend)
+                } else {
+                    None
+                };
+                if let Some(next) = next {
+                    backend.stats.retried();
+                    warn!(from = %backend.id, to = %next.id, "websocket connect failed; retrying once");
+                    backend = next;
+                    retried = true;
+                    continue;
+                }
+                let response = failure.response(&backend);
+                backend.stats.response(response.status().as_u16(), started.elapsed());
+                info!(device, backend = %backend.id, path, status = response.status().as_u16(), "websocket upgrade failed");
+                return response;
+            }
         }
     };
 
@@ -107,8 +135,7 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
 /// Connects to the backend on a dedicated connection and sends the upgrade.
 async fn send_upgrade(
     proxy: &Proxy,
-    req: HttpRequest<Incoming>,
-    client_addr: SocketAddr,
+    parts: &hyper::http::request::Parts,
     backend: &Backend,
     response_timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamFailure> {
@@ -127,24 +154,16 @@ async fn send_upgrade(
         }
     });
 
-    let (mut parts, body) = req.into_parts();
-    parts.uri =
+    let mut request = HttpRequest::new(Empty::<Bytes>::new());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() =
         parts.uri.path_and_query().map_or("/", |p| p.as_str()).parse().map_err(|_| UpstreamFailure::BadAddress)?;
-    parts.version = hyper::Version::HTTP_11;
-    let upgrade = parts.headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    if let Some(upgrade) = upgrade {
-        parts.headers.insert(header::UPGRADE, upgrade);
-    }
-    if !parts.headers.contains_key(header::HOST) {
+    *request.headers_mut() = parts.headers.clone();
+    if !request.headers().contains_key(header::HOST) {
         if let Ok(host) = HeaderValue::from_str(&backend.address) {
-            parts.headers.insert(header::HOST, host);
+            request.headers_mut().insert(header::HOST, host);
         }
     }
-    add_forwarded_headers(&mut parts.headers, client_addr, "http");
-
-    let request = HttpRequest::from_parts(parts, body);
     match tokio::time::timeout(response_timeout, sender.send_request(request)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) => Err(UpstreamFailure::classify(&e, false)),

@@ -1,0 +1,212 @@
+//! Backend health: active checks, failures seen on real traffic, and the
+//! up/down transitions that send a down backend's devices to their failover
+//! owner, and back when it recovers.
+//!
+//! HAProxy's model: `fall` consecutive failures mark a backend down, `rise`
+//! consecutive successful active checks mark it up. Failures count from two
+//! sources: active checks (`GET health.path` every `interval`, answered
+//! 2xx/3xx within `timeout`) and real traffic (a connect that fails or a
+//! response that times out). Without active checks (no `health.path`), a
+//! backend that failed stays down for `fail_timeout`, then a TCP connect
+//! probe decides, like nginx's `max_fails`/`fail_timeout`.
+//!
+//! A transition builds a new routing snapshot with that backend's health
+//! flipped (the ring is shared, not rebuilt) and swaps it in.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::Request;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::HealthConfig;
+use crate::metrics::Metrics;
+use crate::routing::{Backend, Router};
+use crate::server::raised;
+
+/// How often the checker looks for checks that are due.
+const TICK: Duration = Duration::from_millis(50);
+
+/// Health bookkeeping for one running proxy.
+#[derive(Debug)]
+pub struct Health {
+    router: Router,
+    metrics: Arc<Metrics>,
+    client: Client<HttpConnector, Empty<Bytes>>,
+    tracks: Mutex<HashMap<String, Track>>,
+    /// Counts transitions; `changed()` fires after each one.
+    transitions: watch::Sender<u64>,
+}
+
+/// Streaks and schedule of one backend, by id (survives reloads).
+#[derive(Debug, Default)]
+struct Track {
+    fails: u32,
+    oks: u32,
+    down_since: Option<Instant>,
+    next_check: Option<Instant>,
+    checking: bool,
+}
+
+/// Where an observation came from (for logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Check,
+    Probe,
+    Traffic,
+}
+
+impl Health {
+    pub fn new(router: Router, metrics: Arc<Metrics>) -> Arc<Health> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        // A fresh connection per check: a check must see a dead listener.
+        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
+        let (transitions, _) = watch::channel(0);
+        Arc::new(Health { router, metrics, client, tracks: Mutex::new(HashMap::new()), transitions })
+    }
+
+    /// Health transitions so far; `changed()` fires after each one.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.transitions.subscribe()
+    }
+
+    /// A request to `backend` could not connect or timed out.
+    pub fn traffic_failure(&self, backend: &Backend) {
+        self.observe(&backend.id, false, Source::Traffic);
+    }
+
+    /// Counts one observation and flips the backend's health when a streak
+    /// reaches `fall` (down) or `rise` (up).
+    pub fn observe(&self, id: &str, ok: bool, source: Source) {
+        let table = self.router.load_full();
+        let Some(index) = table.backends().iter().position(|b| b.id == id) else { return };
+        let Some(config) = table.config().backends.get(index).map(|b| b.health.clone()) else { return };
+        let Some(up) = table.is_up(id) else { return };
+        let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
+        let track = tracks.entry(id.to_string()).or_default();
+        if ok {
+            track.oks += 1;
+            track.fails = 0;
+        } else {
+            track.fails += 1;
+            track.oks = 0;
+        }
+        // A probe (passive-only mode) needs one success; checks need `rise`.
+        let rise = if source == Source::Probe { 1 } else { config.rise };
+        let flip_to = match (up, ok) {
+            (true, false) if track.fails >= config.fall => Some(false),
+            (false, true) if track.oks >= rise && source != Source::Traffic => Some(true),
+            _ => None,
+        };
+        let Some(now_up) = flip_to else { return };
+        track.down_since = (!now_up).then(Instant::now);
+        let (fails, oks) = (track.fails, track.oks);
+        drop(tracks);
+
+        let updated = self.router.update(|current| {
+            // A reload in between may have removed the backend: nothing to do.
+            match current.is_up(id) {
+                Some(was) if was != now_up => Ok((current.with_health(id, now_up), ())),
+                _ => Err(()),
+            }
+        });
+        if updated.is_err() {
+            return;
+        }
+        let table = self.router.load();
+        self.metrics.health_transition(id, now_up);
+        self.metrics.set_backends("up", table.backends_up());
+        self.metrics.set_backends("down", table.backends().len() - table.backends_up());
+        self.transitions.send_modify(|n| *n += 1);
+        if now_up {
+            info!(backend = id, ?source, successes = oks, "backend is up again; its devices come back to it");
+        } else {
+            warn!(
+                backend = id,
+                ?source,
+                failures = fails,
+                "backend is down; its devices fail over to the next backend up"
+            );
+        }
+    }
+
+    /// Runs active checks and probes until `stop` is raised.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = raised(&mut stop) => return,
+            }
+            self.start_due_checks();
+        }
+    }
+
+    fn start_due_checks(self: &Arc<Self>) {
+        let table = self.router.load_full();
+        let now = Instant::now();
+        let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
+        tracks.retain(|id, _| table.is_up(id).is_some());
+        for (backend, config) in table.backends().iter().zip(&table.config().backends) {
+            let up = table.is_up(&backend.id).unwrap_or(true);
+            let track = tracks.entry(backend.id.clone()).or_default();
+            if track.checking {
+                continue;
+            }
+            let config = config.health.clone();
+            let due = match &config.path {
+                Some(_) => track.next_check.map_or(true, |at| at <= now),
+                // Passive only: probe a down backend once fail_timeout has passed.
+                None => !up && track.down_since.is_some_and(|since| now >= since + config.fail_timeout),
+            };
+            if !due {
+                continue;
+            }
+            track.checking = true;
+            track.next_check = Some(now + config.interval);
+            let (health, backend) = (Arc::clone(self), Arc::clone(backend));
+            tokio::spawn(async move { health.check(backend, config).await });
+        }
+    }
+
+    async fn check(&self, backend: Arc<Backend>, config: HealthConfig) {
+        let started = Instant::now();
+        let (ok, source) = match &config.path {
+            Some(path) => (self.http_check(&backend, path, config.timeout).await, Source::Check),
+            None => {
+                let connect = tokio::time::timeout(config.timeout, TcpStream::connect(backend.address.as_str()));
+                (matches!(connect.await, Ok(Ok(_))), Source::Probe)
+            }
+        };
+        self.metrics.health_check(&backend.id, ok, started.elapsed());
+        {
+            let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(track) = tracks.get_mut(&backend.id) {
+                track.checking = false;
+                if !ok && source == Source::Probe {
+                    // Still dead: wait another fail_timeout before probing again.
+                    track.down_since = Some(Instant::now());
+                }
+            }
+        }
+        self.observe(&backend.id, ok, source);
+    }
+
+    async fn http_check(&self, backend: &Backend, path: &str, timeout: Duration) -> bool {
+        let Ok(request) = Request::get(format!("http://{}{path}", backend.address)).body(Empty::new()) else {
+            return false;
+        };
+        match tokio::time::timeout(timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => response.status().is_success() || response.status().is_redirection(),
+            _ => false,
+        }
+    }
+}
