@@ -142,9 +142,10 @@ impl Proxy {
         response
     }
 
-    /// Sends the request to `backend`; if the connect fails and the body
-    /// can be sent again (none, or buffered because small), retries once on
-    /// the next backend up in ring order. Returns who answered.
+    /// Sends the request to `backend`; if the connect fails (or, for an
+    /// idempotent method, the connection breaks before any answer) and the
+    /// body can be sent again (none, or buffered because small), retries
+    /// once on the next backend up in ring order. Returns who answered.
     async fn forward(
         &self,
         req: Request<Incoming>,
@@ -185,15 +186,17 @@ impl Proxy {
                 Ok(response) => return (backend, response),
                 Err(failure) => {
                     self.failed(&backend, failure);
-                    let next = if failure.is_connect() && !retried {
-                        self.router.load().retry_target(key, &backend)
-                    } else {
-                        None
-                    };
+                    // Nothing reached the backend, or the request is idempotent
+                    // and the connection broke before any answer (as nginx's
+                    // proxy_next_upstream does): safe to send again.
+                    let may_retry =
+                        failure.is_connect() || (failure == UpstreamFailure::Broken && parts.method.is_idempotent());
+                    let next =
+                        if may_retry && !retried { self.router.load().retry_target(key, &backend) } else { None };
                     match next {
                         Some(next) => {
                             backend.stats.retried();
-                            warn!(from = %backend.id, to = %next.id, "connect failed before any byte was sent; retrying once");
+                            warn!(from = %backend.id, to = %next.id, ?failure, "retrying once on the next backend up");
                             backend = next;
                             retried = true;
                         }
@@ -226,7 +229,7 @@ impl Proxy {
     /// kinds that say the backend itself is in trouble.
     pub(crate) fn failed(&self, backend: &Backend, failure: UpstreamFailure) {
         backend.stats.upstream_error(failure);
-        if failure.is_connect() || failure == UpstreamFailure::Timeout {
+        if failure.is_connect() || matches!(failure, UpstreamFailure::Timeout | UpstreamFailure::Broken) {
             self.health.traffic_failure(backend);
         }
     }
