@@ -22,6 +22,9 @@ use crate::ring;
 /// 10 million points is 80 MB of ring, far beyond any sane deployment.
 const MAX_RING_POINTS: u64 = 10_000_000;
 
+/// Longest duration accepted anywhere: timers past it would overflow.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -486,8 +489,14 @@ impl Validator<'_> {
         for (i, b) in raw.get_ref().iter().enumerate() {
             let field = |name: &str| format!("backends[{i}].{name}");
             let id = b.id.get_ref().trim();
-            if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) {
-                return self.err(b.id.span(), &field("id"), "must be 1 to 256 printable characters".into());
+            // Ids appear in metric labels, logs and JSON: keep them plain.
+            let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '/' | '-');
+            if id.is_empty() || id.len() > 256 || !id.chars().all(plain) {
+                return self.err(
+                    b.id.span(),
+                    &field("id"),
+                    format!("{id:?}: use 1 to 256 of the characters A-Z a-z 0-9 . _ : @ / -"),
+                );
             }
             if let Some(first) = out.iter().position(|o| o.id == id) {
                 return self.err(
@@ -590,11 +599,14 @@ impl Validator<'_> {
         match value {
             None => Ok(default),
             Some(v) => match parse_duration(v.get_ref()) {
-                Some(d) if !d.is_zero() => Ok(d),
+                Some(d) if !d.is_zero() && d <= MAX_DURATION => Ok(d),
                 _ => self.err(
                     v.span(),
                     field,
-                    format!("{:?} is not a positive duration; write e.g. \"500ms\", \"2s\", \"1m\"", v.get_ref()),
+                    format!(
+                        "{:?} is not a positive duration of at most a year; write e.g. \"500ms\", \"2s\", \"1m\"",
+                        v.get_ref()
+                    ),
                 ),
             },
         }
@@ -752,6 +764,24 @@ weight = 2
             let e = error_for(&GOOD.replace("header:x-device-id", bad));
             assert_eq!(e.field.as_deref(), Some("routing.key[0]"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn ids_that_would_break_metric_labels_are_rejected() {
+        for bad in ["app\\\"1", "app 1", "app\\\\1", "app{1}"] {
+            let e = error_for(&GOOD.replace("\"app-2\"", &format!("\"{bad}\"")));
+            assert_eq!(e.field.as_deref(), Some("backends[1].id"), "{bad}: {e}");
+        }
+        Config::parse(&GOOD.replace("\"app-2\"", "\"eu-west/app_2.v1:9@a\"")).expect("plain id");
+    }
+
+    #[test]
+    fn durations_past_a_year_are_rejected() {
+        let text = GOOD.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nheader_read_timeout = \"9999999999999999999s\"",
+        );
+        assert_eq!(error_for(&text).field.as_deref(), Some("server.header_read_timeout"));
     }
 
     #[test]

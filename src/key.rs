@@ -8,7 +8,7 @@
 //! | `header:x-device-id`   | the first non-empty value of that header, as sent  |
 //! | `path:/devices/{id}/*` | the `{id}` segment, percent-decoded                |
 //! | `query:device_id`      | the first non-empty such parameter, `%`/`+`-decoded |
-//! | `cookie:device_id`     | that cookie's value, surrounding quotes removed    |
+//! | `cookie:device_id`     | that cookie's value, unquoted and `%`-decoded      |
 //!
 //! Path patterns match whole segments: literal segments must be equal,
 //! `{id}` captures exactly one non-empty segment and a final `*` matches zero
@@ -117,7 +117,8 @@ fn cookie_value<'r>(headers: &'r HeaderMap, name: &str) -> Option<Cow<'r, [u8]>>
                 return None;
             }
             let v = v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v);
-            Some(Cow::Borrowed(v))
+            // Browsers' encodeURIComponent escapes with %XX (not '+').
+            Some(percent_decode(v, false))
         })
     })
 }
@@ -311,6 +312,8 @@ mod tests {
         assert_eq!(key(&x, "/?device_id=&device_id=z", &[("x-device-id", "")]), some("z", 1));
         assert_eq!(key(&x, "/?device_id=", &[("x-device-id", " "), ("cookie", "d=\"\"")]), None);
         assert_eq!(key(&x, "/?device_id=", &[("cookie", "d=\"q\"")]), some("q", 2));
+        // Cookie values are %-decoded like paths (encodeURIComponent), '+' kept.
+        assert_eq!(key(&x, "/", &[("cookie", "d=phone%2042+x")]), some("phone 42+x", 2));
     }
 
     #[test]

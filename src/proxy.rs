@@ -74,6 +74,7 @@ impl Proxy {
     ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
         connector.set_connect_timeout(Some(upstream.connect_timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
@@ -369,6 +370,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        // `Connection: host` must not cost the backend the client's Host.
+        .filter(|name| name != header::HOST)
         .collect();
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
@@ -379,10 +382,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Appends the client to `X-Forwarded-For` and sets `-Proto` and `-Host`.
 pub fn add_forwarded_headers(headers: &mut HeaderMap, client_addr: SocketAddr, proto: &'static str) {
     let client_ip = client_addr.ip().to_string();
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {client_ip}"),
-        _ => client_ip,
-    };
+    // Every prior line counts: proxies before us may have added one each.
+    let prior: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let forwarded_for = if prior.is_empty() { client_ip } else { format!("{}, {client_ip}", prior.join(", ")) };
     if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
@@ -422,6 +430,19 @@ mod tests {
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.1.1, 127.0.0.9");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "api.example.com");
+    }
+
+    #[test]
+    fn every_forwarded_for_line_is_kept_and_host_survives_connection() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR.clone(), HeaderValue::from_static("1.1.1.1"));
+        h.append(X_FORWARDED_FOR.clone(), HeaderValue::from_static("2.2.2.2"));
+        h.insert(header::HOST, HeaderValue::from_static("api.example.com"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("host"));
+        strip_hop_by_hop(&mut h);
+        add_forwarded_headers(&mut h, "127.0.0.9:5555".parse().expect("addr"), "http");
+        assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.9");
+        assert_eq!(h[header::HOST], "api.example.com");
     }
 
     #[test]

@@ -211,7 +211,13 @@ impl Reloader {
                 continue;
             }
             let Some(mut seen) = content_hash(&path).await else { continue };
-            if Some(seen) == *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) {
+            // A reload holds this lock while it runs; never wait for it on
+            // an async worker: check again next tick.
+            let unchanged = match self.last_seen.try_lock() {
+                Ok(last_seen) => Some(seen) == *last_seen,
+                Err(_) => true,
+            };
+            if unchanged {
                 continue;
             }
             // Changed: wait until it holds still, then load it once.

@@ -170,21 +170,29 @@ impl RunningProxy {
 /// Serves the config loaded from `path` until SIGINT or SIGTERM, then shuts
 /// down gracefully; SIGHUP reloads the file.
 pub async fn run(config: Config, path: PathBuf) -> io::Result<()> {
+    // Take SIGHUP over before serving: its default action would end the
+    // process if an operator reloaded the moment it said it was serving.
+    #[cfg(unix)]
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     let running = start_from_file(config, path).await?;
     #[cfg(unix)]
-    tokio::spawn(reload_on_sighup(Arc::clone(&running.reloader), running.drain.subscribe()));
+    match hangups {
+        Ok(hangups) => {
+            tokio::spawn(reload_on_sighup(hangups, Arc::clone(&running.reloader), running.drain.subscribe()));
+        }
+        Err(e) => error!("cannot listen for SIGHUP, reload by signal is off: {e}"),
+    }
     wait_for_stop_signal().await;
     running.shutdown().await;
     Ok(())
 }
 
 #[cfg(unix)]
-async fn reload_on_sighup(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => return error!("cannot listen for SIGHUP, reload by signal is off: {e}"),
-    };
+async fn reload_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    reloader: Arc<Reloader>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             Some(()) = hangups.recv() => {
@@ -272,6 +280,7 @@ impl Connections {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let _ = stream.set_nodelay(true);
+        keep_alive(&stream);
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.router.load().config().server.header_read_timeout)
@@ -291,6 +300,16 @@ impl Connections {
         if let Err(e) = result {
             debug!(%peer, "connection ended: {e}");
         }
+    }
+}
+
+/// TCP keepalive, so a peer that vanished without a FIN (a phone that
+/// changed networks, a host that lost power) is noticed within minutes and
+/// its connection or WebSocket tunnel freed, instead of held forever.
+pub(crate) fn keep_alive(stream: &TcpStream) {
+    let probes = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10));
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&probes) {
+        debug!("cannot enable TCP keepalive: {e}");
     }
 }
 

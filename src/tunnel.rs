@@ -146,6 +146,7 @@ async fn send_upgrade(
         Err(_) => return Err(UpstreamFailure::ConnectTimeout),
     };
     let _ = stream.set_nodelay(true);
+    crate::server::keep_alive(&stream);
     let (mut sender, connection) =
         http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamFailure::classify(&e, false))?;
     tokio::spawn(async move {
