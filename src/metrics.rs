@@ -358,6 +358,8 @@ impl BackendStats {
             UpstreamFailure::Refused | UpstreamFailure::Unreachable | UpstreamFailure::BadAddress => 0,
             UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => 1,
             UpstreamFailure::Broken => 2,
+            // The client's doing; never counted against a backend.
+            UpstreamFailure::ClientAborted => return,
         };
         self.errors[kind].inc();
     }

@@ -16,7 +16,9 @@ use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -28,7 +30,7 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use crate::config::UpstreamConfig;
@@ -42,7 +44,60 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 /// Request bodies sent upstream: streamed from the client, or buffered
 /// (small bodies, so that a request whose connect failed can be retried).
-pub type UpstreamBody = Either<Incoming, Full<Bytes>>;
+pub type UpstreamBody = Either<ClientBody, Full<Bytes>>;
+
+/// The client's request body as it streams upstream. Its errors (a client
+/// that aborts an upload) are marked as the client's, so they are never
+/// blamed on the backend, and it announces when it has been sent in full,
+/// which is when the backend's response clock starts.
+pub struct ClientBody {
+    inner: Incoming,
+    sent: Arc<Notify>,
+}
+
+/// The client's body failed (it disconnected or broke framing mid-upload).
+#[derive(Debug)]
+pub struct ClientBodyError(hyper::Error);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the client's request body failed: {}", self.0)
+    }
+}
+
+impl StdError for ClientBodyError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&self.0)
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, ClientBodyError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.sent.notify_one();
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(ClientBodyError(e)))),
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Largest request body buffered to make a request retryable; larger or
 /// chunked bodies stream and are never retried.
@@ -168,8 +223,10 @@ impl Proxy {
                 }
             },
             _ => {
+                let sent = Arc::new(Notify::new());
+                let body = ClientBody { inner: body, sent: Arc::clone(&sent) };
                 let request = upstream_request(&parts, &backend, Either::Left(body));
-                return match self.send(request, response_timeout).await {
+                return match self.send(request, response_timeout, Some(sent)).await {
                     Ok(response) => (backend, response),
                     Err(failure) => {
                         self.failed(&backend, failure);
@@ -183,7 +240,7 @@ impl Proxy {
         let mut retried = false;
         loop {
             let request = upstream_request(&parts, &backend, Either::Right(Full::new(replay.clone())));
-            match self.send(request, response_timeout).await {
+            match self.send(request, response_timeout, None).await {
                 Ok(response) => return (backend, response),
                 Err(failure) => {
                     self.failed(&backend, failure);
@@ -211,28 +268,55 @@ impl Proxy {
         }
     }
 
+    /// Sends one request. `response_timeout` runs from when the body has
+    /// been sent (`uploaded`, for streamed bodies), so a slow upload is not
+    /// mistaken for a slow backend.
     async fn send(
         &self,
         request: Result<Request<UpstreamBody>, UpstreamFailure>,
         response_timeout: Duration,
+        uploaded: Option<Arc<Notify>>,
     ) -> Result<Response<ProxyBody>, UpstreamFailure> {
-        match tokio::time::timeout(response_timeout, self.client.request(request?)).await {
-            Ok(Ok(mut response)) => {
-                strip_hop_by_hop(response.headers_mut());
-                Ok(response.map(Either::Left))
+        let exchange = self.client.request(request?);
+        tokio::pin!(exchange);
+        if let Some(uploaded) = uploaded {
+            let early = tokio::select! {
+                answer = &mut exchange => Some(answer),
+                _ = uploaded.notified() => None,
+            };
+            if let Some(answer) = early {
+                return answer_of(answer);
             }
-            Ok(Err(e)) => Err(UpstreamFailure::classify(&e, e.is_connect())),
+        }
+        match tokio::time::timeout(response_timeout, exchange).await {
+            Ok(answer) => answer_of(answer),
             Err(_) => Err(UpstreamFailure::Timeout),
         }
     }
 
     /// Counts a failure against `backend`, and tells health about the
-    /// kinds that say the backend itself is in trouble.
+    /// kinds that say the backend itself is in trouble. A client that
+    /// aborted its upload is nobody's fault but the client's.
     pub(crate) fn failed(&self, backend: &Backend, failure: UpstreamFailure) {
+        if failure == UpstreamFailure::ClientAborted {
+            return;
+        }
         backend.stats.upstream_error(failure);
         if failure.is_connect() || matches!(failure, UpstreamFailure::Timeout | UpstreamFailure::Broken) {
             self.health.traffic_failure(backend);
         }
+    }
+}
+
+fn answer_of(
+    answer: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+) -> Result<Response<ProxyBody>, UpstreamFailure> {
+    match answer {
+        Ok(mut response) => {
+            strip_hop_by_hop(response.headers_mut());
+            Ok(response.map(Either::Left))
+        }
+        Err(e) => Err(UpstreamFailure::classify(&e, e.is_connect())),
     }
 }
 
@@ -260,6 +344,8 @@ pub enum UpstreamFailure {
     Broken,
     /// The backend address can't form a request URI.
     BadAddress,
+    /// The client's request body failed mid-upload: not the backend's fault.
+    ClientAborted,
 }
 
 impl UpstreamFailure {
@@ -271,6 +357,9 @@ impl UpstreamFailure {
     pub(crate) fn classify(err: &(dyn StdError + 'static), during_connect: bool) -> UpstreamFailure {
         let mut source: Option<&(dyn StdError + 'static)> = Some(err);
         while let Some(e) = source {
+            if e.is::<ClientBodyError>() {
+                return UpstreamFailure::ClientAborted;
+            }
             if let Some(io) = e.downcast_ref::<io::Error>() {
                 match io.kind() {
                     io::ErrorKind::TimedOut if during_connect => return UpstreamFailure::ConnectTimeout,
@@ -308,6 +397,10 @@ impl UpstreamFailure {
             UpstreamFailure::BadAddress => {
                 (StatusCode::BAD_GATEWAY, format!("backend {id} has an unusable address {addr:?}"))
             }
+            UpstreamFailure::ClientAborted => (
+                StatusCode::BAD_REQUEST,
+                "the request body did not arrive whole; nothing was blamed on the backend".into(),
+            ),
         };
         warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
         text_response(status, reason + "\n")
