@@ -64,6 +64,7 @@ pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Prox
             response
         }
         ("/backends", true) => backends(state),
+        (p, false) if req.method() == Method::POST && p.starts_with("/backends/") => drain(p, state),
         ("/route", true) => route(&req, state),
         ("/reload", false) if req.method() == Method::POST => reload(state).await,
         ("/reload", _) => method_not_allowed("POST"),
@@ -79,8 +80,8 @@ pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Prox
 
 fn readyz(state: &AdminState) -> Response<ProxyBody> {
     let table = state.router.load();
-    match table.backends_up() {
-        0 => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no backend is up\n"),
+    match table.backends_usable() {
+        0 => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no backend is up and not draining\n"),
         n => text_response(
             StatusCode::OK,
             format!("ready: config generation {}, {n} of {} backends up\n", table.generation(), table.backends().len()),
@@ -100,7 +101,14 @@ fn backends(state: &AdminState) -> Response<ProxyBody> {
                 "id": b.id,
                 "address": b.address,
                 "weight": b.weight,
-                "state": if table.is_up(&b.id) == Some(false) { "down" } else { "up" },
+                "state": if table.draining_since(&b.id).is_some() {
+                    "draining"
+                } else if table.is_up(&b.id) == Some(false) {
+                    "down"
+                } else {
+                    "up"
+                },
+                "health": if table.is_up(&b.id) == Some(false) { "down" } else { "up" },
                 "open_websockets": b.stats.open_tunnels(),
                 "requests_served": b.stats.served(),
                 "ring_share": shares.get(i).copied().unwrap_or(0.0),
@@ -108,6 +116,24 @@ fn backends(state: &AdminState) -> Response<ProxyBody> {
         })
         .collect();
     json_response(StatusCode::OK, &json!({ "generation": table.generation(), "backends": list }))
+}
+
+/// `POST /backends/{id}/drain` and `/undrain`.
+fn drain(path: &str, state: &AdminState) -> Response<ProxyBody> {
+    let rest = path.trim_start_matches("/backends/");
+    let (id, drain) = match rest.rsplit_once('/') {
+        Some((id, "drain")) => (id, true),
+        Some((id, "undrain")) => (id, false),
+        _ => return text_response(StatusCode::NOT_FOUND, "use POST /backends/{id}/drain or /undrain\n"),
+    };
+    let id = String::from_utf8_lossy(&percent_decode(id.as_bytes(), false)).into_owned();
+    match state.router.update(|t| t.with_drain(&id, drain).map(|next| (next, ())).ok_or(())) {
+        Ok(_) => {
+            tracing::info!(backend = %id, drain, "backend drain set on the admin API");
+            json_response(StatusCode::OK, &json!({ "id": id, "state": if drain { "draining" } else { "active" } }))
+        }
+        Err(()) => text_response(StatusCode::NOT_FOUND, format!("no backend {id:?}\n")),
+    }
 }
 
 fn route(req: &Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {

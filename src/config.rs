@@ -84,6 +84,8 @@ pub struct RoutingConfig {
     pub missing_key: MissingKey,
     /// Ring points per unit of backend weight.
     pub replicas: u32,
+    /// How long a draining backend's open WebSocket tunnels may stay.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -108,6 +110,9 @@ pub struct BackendConfig {
     pub weight: u32,
     /// `[health]` with this backend's overrides applied.
     pub health: HealthConfig,
+    /// `state = "draining"`: no new devices; open tunnels close after
+    /// `routing.drain_timeout`.
+    pub draining: bool,
 }
 
 /// How a backend's health is judged (`[health]`, per-backend overrides).
@@ -261,6 +266,7 @@ struct RawRouting {
     key: Spanned<Vec<Spanned<String>>>,
     missing_key: Option<MissingKey>,
     replicas: Option<Spanned<i64>>,
+    drain_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -279,6 +285,7 @@ struct RawBackend {
     address: Spanned<String>,
     weight: Option<Spanned<i64>>,
     health: Option<RawHealth>,
+    state: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -413,7 +420,9 @@ impl Validator<'_> {
                 }
             },
         };
-        Ok(RoutingConfig { keys, missing_key: raw.missing_key.unwrap_or(MissingKey::Reject), replicas })
+        let drain_timeout =
+            self.duration(raw.drain_timeout.as_ref(), "routing.drain_timeout", Duration::from_secs(300))?;
+        Ok(RoutingConfig { keys, missing_key: raw.missing_key.unwrap_or(MissingKey::Reject), replicas, drain_timeout })
     }
 
     fn upstream(&self, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
@@ -542,7 +551,14 @@ impl Validator<'_> {
                 }
                 None => health.clone(),
             };
-            out.push(BackendConfig { id: id.to_string(), address: address.to_string(), weight, health });
+            let draining = match b.state.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+                None | Some(("active", _)) => false,
+                Some(("draining", _)) => true,
+                Some((other, span)) => {
+                    return self.err(span, &field("state"), format!("{other:?}: use \"active\" or \"draining\""))
+                }
+            };
+            out.push(BackendConfig { id: id.to_string(), address: address.to_string(), weight, health, draining });
         }
         Ok(out)
     }

@@ -168,8 +168,10 @@ impl Proxy {
                     return text_response(StatusCode::BAD_REQUEST, reason);
                 }
                 Decision::AllDown => {
-                    let reason =
-                        format!("no backend can take this request: all {} backends are down\n", table.backends().len());
+                    let reason = format!(
+                        "no backend can take this request: all {} backends are down or draining\n",
+                        table.backends().len()
+                    );
                     warn!(method = %req.method(), path = %req.uri().path(), status = 503, "every backend is down");
                     return text_response(StatusCode::SERVICE_UNAVAILABLE, reason);
                 }

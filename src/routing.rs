@@ -13,12 +13,15 @@
 //! ring order (the same rule in every replica, so replicas that agree on
 //! health agree on placement), and comes back when the owner is up again.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arc_swap::{ArcSwap, Guard};
 use hyper::header::HeaderMap;
 use hyper::Uri;
+use tokio::sync::watch;
 
 use crate::config::{Config, MissingKey};
 use crate::key::{DeviceKey, KeyExtractor};
@@ -33,6 +36,8 @@ pub type Router = Arc<LiveTable>;
 pub struct LiveTable {
     current: ArcSwap<RoutingTable>,
     writers: Mutex<()>,
+    /// Counts swaps; tunnels wait on it to notice their backend draining.
+    swaps: watch::Sender<u64>,
 }
 
 impl LiveTable {
@@ -57,7 +62,13 @@ impl LiveTable {
         let current = self.current.load_full();
         let (table, out) = next(&current)?;
         self.current.store(Arc::new(table));
+        self.swaps.send_modify(|n| *n += 1);
         Ok((current, out))
+    }
+
+    /// Fires after every swap.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.swaps.subscribe()
     }
 }
 
@@ -101,6 +112,11 @@ pub struct RoutingTable {
     keys: Arc<KeyExtractor>,
     /// Health, by backend index: `true` while the backend may take traffic.
     up: Vec<bool>,
+    /// Draining since, by backend index (`None`: not draining).
+    draining: Vec<Option<Instant>>,
+    /// Drains set or cleared on the admin API, by id; they outlive reloads
+    /// and win over the config's `state`.
+    drain_overrides: Arc<HashMap<String, bool>>,
     missing_key: MissingKey,
     next_spread: AtomicUsize,
 }
@@ -122,6 +138,8 @@ impl RoutingTable {
         RoutingTable {
             ring: Arc::new(Ring::new(&members, config.routing.replicas)),
             up: vec![true; backends.len()],
+            draining: config.backends.iter().map(|b| b.draining.then(Instant::now)).collect(),
+            drain_overrides: Arc::new(HashMap::new()),
             backends: Arc::new(backends),
             keys: Arc::new(KeyExtractor::new(config.routing.keys.clone())),
             missing_key: config.routing.missing_key,
@@ -145,15 +163,46 @@ impl RoutingTable {
         self.with_all_health(health)
     }
 
-    /// This table with health carried over from `previous` by backend id
-    /// (backends new to this table stay up).
+    /// This table with health, admin drains and drain start times carried
+    /// over from `previous` by backend id (backends new to this table are up).
     pub fn with_health_of(self, previous: &RoutingTable) -> RoutingTable {
         let health = self.backends.iter().map(|b| previous.is_up(&b.id).unwrap_or(true)).collect();
-        self.with_all_health(health)
+        let mut table = self.with_all_health(health);
+        table.drain_overrides = Arc::clone(&previous.drain_overrides);
+        for (i, b) in table.backends.iter().enumerate() {
+            let configured = table.config.backends.get(i).is_some_and(|c| c.draining);
+            let wanted = table.drain_overrides.get(&b.id).copied().unwrap_or(configured);
+            table.draining[i] = wanted.then(|| previous.draining_since(&b.id).unwrap_or_else(Instant::now));
+        }
+        table
+    }
+
+    /// This table with a backend drained (or undrained) by the operator.
+    /// `None` if there is no such backend.
+    pub fn with_drain(&self, id: &str, drain: bool) -> Option<RoutingTable> {
+        let i = self.backends.iter().position(|b| b.id == id)?;
+        let mut table = self.with_all_health(self.up.clone());
+        let mut overrides = (*self.drain_overrides).clone();
+        overrides.insert(id.to_string(), drain);
+        table.drain_overrides = Arc::new(overrides);
+        table.draining[i] = drain.then(|| self.draining[i].unwrap_or_else(Instant::now));
+        Some(table)
+    }
+
+    /// Since when the backend has been draining, if it is.
+    pub fn draining_since(&self, id: &str) -> Option<Instant> {
+        self.backends.iter().position(|b| b.id == id).and_then(|i| self.draining[i])
+    }
+
+    /// May take new requests: up and not draining.
+    fn usable(&self, i: usize) -> bool {
+        self.up.get(i) == Some(&true) && self.draining.get(i).is_some_and(Option::is_none)
     }
 
     fn with_all_health(&self, up: Vec<bool>) -> RoutingTable {
         RoutingTable {
+            draining: self.draining.clone(),
+            drain_overrides: Arc::clone(&self.drain_overrides),
             config: Arc::clone(&self.config),
             generation: self.generation,
             backends: Arc::clone(&self.backends),
@@ -175,7 +224,8 @@ impl RoutingTable {
 
     /// A shareable handle holding this table, for the proxy and admin API.
     pub fn into_router(self) -> Router {
-        Arc::new(LiveTable { current: ArcSwap::from_pointee(self), writers: Mutex::new(()) })
+        let (swaps, _) = watch::channel(0);
+        Arc::new(LiveTable { current: ArcSwap::from_pointee(self), writers: Mutex::new(()), swaps })
     }
 
     /// Decides the backend for a request.
@@ -200,10 +250,10 @@ impl RoutingTable {
     pub fn serving(&self, device_id: &[u8]) -> Option<(Arc<Backend>, Option<Arc<Backend>>)> {
         let mut walk = self.ring.walk(device_id);
         let owner = walk.next()?;
-        if self.up.get(owner) == Some(&true) {
+        if self.usable(owner) {
             return self.backends.get(owner).map(|b| (Arc::clone(b), None));
         }
-        let standby = walk.find(|&i| self.up.get(i) == Some(&true))?;
+        let standby = walk.find(|&i| self.usable(i))?;
         Some((Arc::clone(self.backends.get(standby)?), self.backends.get(owner).cloned()))
     }
 
@@ -216,18 +266,20 @@ impl RoutingTable {
             Some(id) => self
                 .ring
                 .walk(id)
-                .filter(|&i| self.up.get(i) == Some(&true))
+                .filter(|&i| self.usable(i))
                 .filter_map(|i| self.backends.get(i))
                 .find(usable)
                 .cloned(),
-            None => self.backends.iter().enumerate().filter(|(i, _)| self.up[*i]).map(|(_, b)| b).find(usable).cloned(),
+            None => {
+                self.backends.iter().enumerate().filter(|(i, _)| self.usable(*i)).map(|(_, b)| b).find(usable).cloned()
+            }
         }
     }
 
     fn spread(&self) -> Option<Arc<Backend>> {
         let n = self.backends.len();
         let start = self.next_spread.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|k| (start + k) % n).find(|&i| self.up[i]).map(|i| Arc::clone(&self.backends[i]))
+        (0..n).map(|k| (start + k) % n).find(|&i| self.usable(i)).map(|i| Arc::clone(&self.backends[i]))
     }
 
     /// Where a device ID goes and why, for the admin API.
@@ -236,8 +288,11 @@ impl RoutingTable {
         let serving = self.serving(device_id).map(|(b, _)| b);
         let reason = match &serving {
             Some(s) if s.id == owner.id => "ring owner",
+            Some(_) if self.draining_since(&owner.id).is_some() => {
+                "failover: the ring owner is draining; next backend up in ring order"
+            }
             Some(_) => "failover: the ring owner is down; next backend up in ring order",
-            None => "every backend is down",
+            None => "no backend is up and not draining",
         };
         let failover_order =
             self.ring.walk(device_id).skip(1).filter_map(|i| self.backends.get(i)).map(|b| b.id.as_str()).collect();
@@ -261,6 +316,11 @@ impl RoutingTable {
     /// Backends up now.
     pub fn backends_up(&self) -> usize {
         self.up.iter().filter(|u| **u).count()
+    }
+
+    /// Backends that may take new requests: up and not draining.
+    pub fn backends_usable(&self) -> usize {
+        (0..self.backends.len()).filter(|&i| self.usable(i)).count()
     }
 
     pub fn keys(&self) -> &KeyExtractor {

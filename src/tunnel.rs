@@ -104,6 +104,7 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
     *response.headers_mut() = std::mem::take(backend_response.headers_mut());
 
     let mut close = proxy.close_tunnels.clone();
+    let router = Arc::clone(proxy.router());
     tokio::spawn(async move {
         let upgrades =
             tokio::time::timeout(UPGRADE_TIMEOUT, async { tokio::try_join!(client_upgrade, backend_upgrade) });
@@ -120,16 +121,46 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
         let mut backend_io = Counted { io: TokioIo::new(backend_io), read: backend.stats.bytes_down.clone() };
         debug!(device, backend = %backend.id, path, setup = ?started.elapsed(), "tunnel open");
         let opened = Instant::now();
-        let outcome = tokio::select! {
-            copied = tokio::io::copy_bidirectional(&mut client_io, &mut backend_io) => match copied {
-                Ok((up, down)) => format!("closed ({up} bytes up, {down} bytes down)"),
-                Err(e) => format!("closed by error: {e}"),
-            },
-            _ = crate::server::raised(&mut close) => "closed by proxy shutdown".to_string(),
+        let copy = tokio::io::copy_bidirectional(&mut client_io, &mut backend_io);
+        tokio::pin!(copy);
+        // Wakes on every routing change, to notice this backend draining.
+        let mut swaps = router.subscribe();
+        let outcome = loop {
+            let deadline = drain_deadline(&router, &backend.id);
+            tokio::select! {
+                copied = &mut copy => break match copied {
+                    Ok((up, down)) => format!("closed ({up} bytes up, {down} bytes down)"),
+                    Err(e) => format!("closed by error: {e}"),
+                },
+                _ = crate::server::raised(&mut close) => break "closed by proxy shutdown".to_string(),
+                changed = swaps.changed() => {
+                    if changed.is_err() {
+                        // The router is gone: only the copy or shutdown can end us now.
+                        swaps = tokio::sync::watch::channel(0).1;
+                    }
+                }
+                _ = sleep_until_some(deadline) => {
+                    break "closed: its backend is draining and drain_timeout has passed".to_string()
+                }
+            }
         };
         info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), "tunnel {outcome}");
     });
     response
+}
+
+/// When a tunnel to `id` must close because its backend is draining.
+fn drain_deadline(router: &crate::routing::Router, id: &str) -> Option<tokio::time::Instant> {
+    let table = router.load();
+    let since = table.draining_since(id)?;
+    Some(tokio::time::Instant::from_std(since + table.config().routing.drain_timeout))
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Connects to the backend on a dedicated connection and sends the upgrade.

@@ -1,0 +1,114 @@
+//! Draining: an instance taken out gently. New requests for its devices go
+//! to their failover owner; its open tunnels stay until `drain_timeout`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use hyper::Method;
+use tokio_tungstenite::tungstenite::Message;
+
+fn device_owned_by(proxy: &sticky_proxy::server::RunningProxy, backend: &str, seed: u64) -> String {
+    let mut ids = Ids::new(seed);
+    loop {
+        let id = ids.next_id();
+        if proxy.router().load().owner(id.as_bytes()).map(|b| b.id.as_str()) == Some(backend) {
+            return id;
+        }
+    }
+}
+
+async fn whoami(http: &Http, addr: std::net::SocketAddr, device: &str) -> String {
+    http.get(&format!("http://{addr}/whoami"), &[("x-device-id", device)]).await.body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_drain_moves_new_traffic_and_keeps_tunnels_until_the_timeout() {
+    let apps = start_apps(3).await;
+    let file = ConfigFile::new(
+        "drain.toml",
+        &config_for(&apps, &format!("{ALL_KEYS}\ndrain_timeout = \"1s\""), "[reload]\nwatch = false"),
+    );
+    let proxy = start_proxy_from(&file).await;
+    let (addr, admin) = (proxy.proxy_addr(), proxy.admin_addr());
+    let http = Http::default();
+    let drained = device_owned_by(&proxy, "app-2", 1);
+    let other = device_owned_by(&proxy, "app-3", 2);
+    let mut ws = connect_device(addr, &drained).await;
+
+    let reply = http.send(Method::POST, &format!("http://{admin}/backends/app-2/drain"), &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let drained_at = Instant::now();
+
+    // New requests for app-2's device go to its failover owner; others stay.
+    let standby = {
+        let table = proxy.router().load();
+        table.retry_target(Some(drained.as_bytes()), table.owner(drained.as_bytes()).expect("owner")).expect("standby")
+    };
+    assert_eq!(whoami(&http, addr, &drained).await, standby.id);
+    assert_eq!(whoami(&http, addr, &other).await, "app-3");
+    let route: serde_json::Value =
+        serde_json::from_str(&http.get(&format!("http://{admin}/route?key={drained}"), &[]).await.body).expect("json");
+    assert!(route["reason"].as_str().unwrap_or_default().contains("draining"), "{route}");
+    let backends = http.get(&format!("http://{admin}/backends"), &[]).await.body;
+    assert!(backends.contains("\"draining\""), "{backends}");
+
+    // A drain survives a reload.
+    let reply = http.send(Method::POST, &format!("http://{admin}/reload"), &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(whoami(&http, addr, &drained).await, standby.id, "still drained after a reload");
+
+    // The open tunnel still works during the drain…
+    within("send", ws.send(Message::text("still here"))).await.expect("send");
+    assert_eq!(next_text(&mut ws).await, "still here");
+    // …and is closed once drain_timeout has passed, not before.
+    loop {
+        match within("tunnel closes at the drain timeout", ws.next()).await {
+            None | Some(Err(_)) => break,
+            Some(Ok(m)) if m.is_close() => break,
+            Some(Ok(_)) => continue,
+        }
+    }
+    let closed_after = drained_at.elapsed();
+    assert!(closed_after >= Duration::from_millis(900), "closed too early: {closed_after:?}");
+
+    // Undrain: the device comes back to its owner.
+    let reply = http.send(Method::POST, &format!("http://{admin}/backends/app-2/undrain"), &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(whoami(&http, addr, &drained).await, "app-2");
+    let reply = http.send(Method::POST, &format!("http://{admin}/backends/nope/drain"), &[], "").await;
+    assert_eq!(reply.status, 404);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_configured_as_draining_gets_no_devices_until_the_config_says_so() {
+    let apps = start_apps(2).await;
+    let active = config_for(&apps, ALL_KEYS, "[reload]\nwatch = false");
+    let draining = active.replacen(
+        &format!("id = \"app-2\"\naddress = \"{}\"\n", apps[1].addr()),
+        &format!("id = \"app-2\"\naddress = \"{}\"\nstate = \"draining\"\n", apps[1].addr()),
+        1,
+    );
+    assert_ne!(draining, active);
+    let file = ConfigFile::new("draining.toml", &draining);
+    let proxy = start_proxy_from(&file).await;
+    let http = Http::default();
+    let device = device_owned_by(&proxy, "app-2", 3);
+    let url = format!("http://{}/whoami", proxy.proxy_addr());
+    assert_eq!(http.get(&url, &[("x-device-id", &device)]).await.body, "app-1");
+
+    file.write(&active);
+    let reply = http.send(Method::POST, &format!("http://{}/reload", proxy.admin_addr()), &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(http.get(&url, &[("x-device-id", &device)]).await.body, "app-2");
+
+    // A wrong state is a config error that names the field.
+    file.write(&draining.replace("\"draining\"", "\"sleepy\""));
+    let reply = http.send(Method::POST, &format!("http://{}/reload", proxy.admin_addr()), &[], "").await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.body.contains("backends[1].state"), "{}", reply.body);
+    proxy.shutdown().await;
+}
