@@ -129,6 +129,7 @@ fn drain(path: &str, state: &AdminState) -> Response<ProxyBody> {
     let id = String::from_utf8_lossy(&percent_decode(id.as_bytes(), false)).into_owned();
     match state.router.update(|t| t.with_drain(&id, drain).map(|next| (next, ())).ok_or(())) {
         Ok(_) => {
+            state.metrics.set_backend_states(&state.router.load());
             tracing::info!(backend = %id, drain, "backend drain set on the admin API");
             json_response(StatusCode::OK, &json!({ "id": id, "state": if drain { "draining" } else { "active" } }))
         }

@@ -124,8 +124,7 @@ impl Health {
         }
         let table = self.router.load();
         self.metrics.health_transition(id, now_up);
-        self.metrics.set_backends("up", table.backends_up());
-        self.metrics.set_backends("down", table.backends().len() - table.backends_up());
+        self.metrics.set_backend_states(&table);
         self.transitions.send_modify(|n| *n += 1);
         if now_up {
             info!(backend = id, ?source, successes = oks, "backend is up again; its devices come back to it");

@@ -305,9 +305,11 @@ impl Metrics {
         self.last_reload_success.set(now.as_secs_f64());
     }
 
-    /// Sets the number of backends in each state.
-    pub fn set_backends(&self, state: &'static str, count: usize) {
-        self.backends.get_or_create(&StateLabel { state }).set(i64::try_from(count).unwrap_or(i64::MAX));
+    /// Sets `sticky_proxy_backends{state}` from the table in use.
+    pub fn set_backend_states(&self, table: &crate::routing::RoutingTable) {
+        for (state, count) in table.state_counts() {
+            self.backends.get_or_create(&StateLabel { state }).set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 }
 

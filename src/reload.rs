@@ -133,7 +133,7 @@ impl Reloader {
         match &result {
             Ok(applied) => {
                 self.metrics.reload(true);
-                self.metrics.set_backends("up", applied.backends);
+                self.metrics.set_backend_states(&self.router.load());
                 info!(
                     trigger = trigger.as_str(),
                     generation = applied.generation,

@@ -318,6 +318,14 @@ impl RoutingTable {
         self.up.iter().filter(|u| **u).count()
     }
 
+    /// How many backends are `up`, `down` and `draining` (a draining
+    /// backend counts as draining whatever its health).
+    pub fn state_counts(&self) -> [(&'static str, usize); 3] {
+        let draining = self.draining.iter().filter(|d| d.is_some()).count();
+        let down = (0..self.backends.len()).filter(|&i| !self.up[i] && self.draining[i].is_none()).count();
+        [("up", self.backends.len() - draining - down), ("down", down), ("draining", draining)]
+    }
+
     /// Backends that may take new requests: up and not draining.
     pub fn backends_usable(&self) -> usize {
         (0..self.backends.len()).filter(|&i| self.usable(i)).count()

@@ -69,7 +69,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     let config = Arc::new(config);
     let router = RoutingTable::new(Arc::clone(&config), 1, &metrics).into_router();
     metrics.loaded_now();
-    metrics.set_backends("up", config.backends.len());
+    metrics.set_backend_states(&router.load());
     let reloader = Arc::new(Reloader::new(path, router.clone(), Arc::clone(&metrics)));
     let (drain, _) = watch::channel(false);
     let (close, _) = watch::channel(false);

@@ -54,6 +54,9 @@ async fn an_admin_drain_moves_new_traffic_and_keeps_tunnels_until_the_timeout() 
     assert!(route["reason"].as_str().unwrap_or_default().contains("draining"), "{route}");
     let backends = http.get(&format!("http://{admin}/backends"), &[]).await.body;
     assert!(backends.contains("\"draining\""), "{backends}");
+    let m = parse_prometheus(&http.get(&format!("http://{admin}/metrics"), &[]).await.body);
+    assert_eq!(metric(&m, "sticky_proxy_backends", &[("state", "draining")]), Some(1.0));
+    assert_eq!(metric(&m, "sticky_proxy_backends", &[("state", "up")]), Some(2.0));
 
     // A drain survives a reload.
     let reply = http.send(Method::POST, &format!("http://{admin}/reload"), &[], "").await;
