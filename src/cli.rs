@@ -162,9 +162,9 @@ async fn demo(listen: SocketAddr, admin: SocketAddr, first_port: u16, instances:
     let config = Config::parse(&demo_config(listen, admin, &backends)).map_err(std::io::Error::other)?;
     let running = server::start(&config).await?;
 
-    let table = RoutingTable::offline(&config);
-    let owner = table.owner(b"phone-42").map_or("?".to_string(), |b| b.id.clone());
-    let proxy = running.proxy_addr();
+    let owner = running.router().load().owner(b"phone-42").map_or("?".to_string(), |b| b.id.clone());
+    let (proxy, admin) = (running.proxy_addr(), running.admin_addr());
+    let count = backends.len();
     let instances: Vec<String> = backends.iter().map(|(n, a)| format!("{n} on {a}")).collect();
     println!(
         r#"
@@ -182,26 +182,22 @@ message appears in the first terminal:
 
   curl -i -X POST --data 'hello phone-42' http://{proxy}/devices/phone-42/messages
 
-Ask which instance owns a device, through the proxy or offline:
+Ask which instance owns a device, through the proxy or the admin API:
 
   curl -H 'x-device-id: phone-42' http://{proxy}/whoami
-  cargo run --release -- route --config config.toml.example phone-42
+  curl 'http://{admin}/route?key=phone-42'
 
-(The example config names its backends app-1..app-3 too, and the ring hashes
-those names, not addresses, so it answers {owner} as well.)
-
-Without sticky routing, 2 in 3 of these POSTs would reach an instance without
-the socket. See for yourself, straight to each instance:
+Without sticky routing, {others} in {count} of these POSTs would reach an
+instance without the socket. See for yourself, straight to each instance:
 
   for port in {ports}; do curl -s -X POST --data hi http://{ip}:$port/devices/phone-42/messages; echo; done
 
 Stop with Ctrl-C."#,
         instances = instances.join(", "),
+        others = count.saturating_sub(1),
         ip = listen.ip(),
         ports = backends.iter().map(|(_, a)| a.port().to_string()).collect::<Vec<_>>().join(" "),
     );
-    // A request without a device ID is rejected: curl http://{proxy}/whoami
-    let _ = apps;
     tokio::signal::ctrl_c().await?;
     running.shutdown().await;
     Ok(())

@@ -203,3 +203,31 @@ async fn settings_that_need_a_restart_are_reported_and_the_rest_applies() {
     assert_eq!(table.config().server.listen.port(), 0, "the running listen address is what the snapshot says");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_in_several_writes_reloads_once_with_the_final_content() {
+    let apps = start_apps(2).await;
+    let watched = "[reload]\nwatch = true\ninterval = \"50ms\"";
+    let first = config_with(&[&apps[0]], "").replace("[reload]\nwatch = false", watched);
+    let file = ConfigFile::new("slow-save.toml", &first);
+    let proxy = start_proxy_from(&file).await;
+    let mut status = proxy.reloader().subscribe();
+
+    // An editor writing in place, slowly: two truncated (invalid) versions,
+    // then the whole new file, 100 ms apart (less than the 200 ms settle).
+    // The pauses shape the writer; the test waits on the reloader's events.
+    let last = config_with(&[&apps[0], &apps[1]], "").replace("[reload]\nwatch = false", watched);
+    for cut in [last.len() / 3, 2 * last.len() / 3, last.len()] {
+        std::fs::write(&file.path, &last[..cut]).expect("write");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    within("the watcher reloads", status.changed()).await.expect("status");
+    let seen = status.borrow_and_update().clone();
+    assert_eq!((seen.attempts, seen.generation, seen.last_error), (1, 2, None), "one reload, of the final file");
+    assert_eq!(proxy.router().load().backends().len(), 2);
+
+    // Nothing else was loaded behind our back: an explicit reload is attempt 2.
+    proxy.reloader().reload(sticky_proxy::reload::Trigger::Admin).expect("reload");
+    assert_eq!(status.borrow_and_update().attempts, 2);
+    proxy.shutdown().await;
+}
