@@ -6,7 +6,9 @@
 //! never looks a series up by its labels; when a backend leaves the config,
 //! its series are removed. No label ever carries a device ID.
 
-use std::sync::atomic::AtomicU64;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
@@ -101,6 +103,9 @@ pub struct Metrics {
     health_transitions: Family<BackendTo, Counter>,
     failovers: Family<BackendLabel, Counter>,
     retries: Family<BackendLabel, Counter>,
+    /// Per backend id: set when the backend leaves the config, so handles
+    /// still held by requests and tunnels in flight stop creating series.
+    retired: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
     /// Responses per backend for the admin API (not exported: the sum of
     /// `requests_total` over codes says the same).
     served: Family<BackendLabel, Counter>,
@@ -128,6 +133,7 @@ impl Metrics {
             backends: Family::default(),
             admin_unauthorized: Counter::default(),
             served: Family::default(),
+            retired: Arc::default(),
             backend_up: Family::default(),
             health_checks: Family::default(),
             health_check_duration: Family::new_with_constructor(latency_histogram),
@@ -223,7 +229,12 @@ impl Metrics {
         let kind = |kind| self.upstream_errors.get_or_create_owned(&BackendKind { backend: id.to_string(), kind });
         let bytes =
             |direction| self.ws_bytes.get_or_create_owned(&BackendDirection { backend: id.to_string(), direction });
+        let retired =
+            Arc::clone(self.retired.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_string()).or_default());
         BackendStats {
+            retired,
+            registry: Arc::clone(&self.retired),
+            ws_family: self.ws_open.clone(),
             id: id.to_string(),
             common_codes: COMMON_CODES.map(|c| (c, code(c))),
             requests: self.requests.clone(),
@@ -239,8 +250,13 @@ impl Metrics {
         }
     }
 
-    /// Drops every series of a backend that left the config.
+    /// Drops every series of a backend that left the config. Its open-tunnel
+    /// gauge stays while its tunnels do (they stay open across the reload)
+    /// and goes when the last one closes.
     pub fn remove_backend(&self, id: &str) {
+        if let Some(flag) = self.retired.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
+            flag.store(true, Ordering::Relaxed);
+        }
         let backend = id.to_string();
         for code in 100..=599 {
             self.requests.remove(&BackendCode { backend: backend.clone(), code });
@@ -264,7 +280,9 @@ impl Metrics {
         for to in ["up", "down"] {
             self.health_transitions.remove(&BackendTo { backend: label.backend.clone(), to });
         }
-        self.ws_open.remove(&label);
+        if self.ws_open.get(&label).map_or(true, |open| open.get() <= 0) {
+            self.ws_open.remove(&label);
+        }
         self.ws_total.remove(&label);
     }
 
@@ -317,6 +335,11 @@ impl Metrics {
 #[derive(Debug)]
 pub struct BackendStats {
     id: String,
+    /// Set once this backend has left the config.
+    retired: Arc<AtomicBool>,
+    /// Which ids are current (to tell a re-added backend from a retired one).
+    registry: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    ws_family: Family<BackendLabel, Gauge>,
     common_codes: [(u16, Counter); COMMON_CODES.len()],
     requests: Family<BackendCode, Counter>,
     duration: Histogram,
@@ -337,6 +360,8 @@ impl BackendStats {
             Some((_, counter)) => {
                 counter.inc();
             }
+            // A backend that left the config gets no new series.
+            None if self.retired.load(Ordering::Relaxed) => {}
             None => {
                 self.requests.get_or_create(&BackendCode { backend: self.id.clone(), code }).inc();
             }
@@ -370,7 +395,13 @@ impl BackendStats {
     pub fn tunnel_opened(&self) -> TunnelGauge {
         self.ws_total.inc();
         self.ws_open.inc();
-        TunnelGauge(self.ws_open.clone())
+        TunnelGauge {
+            open: self.ws_open.clone(),
+            retired: Arc::clone(&self.retired),
+            registry: Arc::clone(&self.registry),
+            family: self.ws_family.clone(),
+            id: self.id.clone(),
+        }
     }
 
     /// Requests answered so far (every response is observed once).
@@ -386,11 +417,25 @@ impl BackendStats {
 
 /// Decrements the open-tunnel gauge when the tunnel ends, however it ends.
 #[derive(Debug)]
-pub struct TunnelGauge(Gauge);
+pub struct TunnelGauge {
+    open: Gauge,
+    retired: Arc<AtomicBool>,
+    registry: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    family: Family<BackendLabel, Gauge>,
+    id: String,
+}
 
 impl Drop for TunnelGauge {
     fn drop(&mut self) {
-        self.0.dec();
+        let left = self.open.dec() - 1;
+        // The last tunnel of a backend that left the config (and was not
+        // added back since) takes the gauge's series with it.
+        if left <= 0 && self.retired.load(Ordering::Relaxed) {
+            let readded = self.registry.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&self.id);
+            if !readded {
+                self.family.remove(&BackendLabel { backend: self.id.clone() });
+            }
+        }
     }
 }
 
@@ -519,6 +564,31 @@ mod tests {
         assert_eq!(stats.open_tunnels(), 0);
         m.remove_backend("app-9");
         assert!(!m.encode().contains("app-9"), "removed backend's series are gone");
+    }
+
+    #[test]
+    fn a_removed_backend_keeps_its_tunnel_gauge_until_the_last_tunnel_and_grows_no_new_series() {
+        let m = Metrics::new();
+        let stats = m.backend("gone");
+        let tunnel = stats.tunnel_opened();
+        m.remove_backend("gone");
+        let text = m.encode();
+        assert!(text.contains("sticky_proxy_websocket_connections{backend=\"gone\"} 1"), "{text}");
+        assert!(!text.contains("sticky_proxy_requests_total{backend=\"gone\""), "{text}");
+        // An in-flight request finishing with an uncommon code: no resurrection.
+        stats.response(206, Duration::from_millis(1));
+        assert!(!m.encode().contains("code=\"206\""));
+        drop(tunnel);
+        assert!(!m.encode().contains("backend=\"gone\""), "the last tunnel took the gauge with it");
+
+        // Re-added while a tunnel of its earlier life is open: the gauge stays.
+        let first = m.backend("back");
+        let old_tunnel = first.tunnel_opened();
+        m.remove_backend("back");
+        let second = m.backend("back");
+        drop(old_tunnel);
+        let _new_tunnel = second.tunnel_opened();
+        assert!(m.encode().contains("sticky_proxy_websocket_connections{backend=\"back\"} 1"));
     }
 
     #[test]
