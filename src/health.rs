@@ -88,7 +88,7 @@ impl Health {
     /// reaches `fall` (down) or `rise` (up).
     pub fn observe(&self, id: &str, ok: bool, source: Source) {
         let table = self.router.load_full();
-        let Some(index) = table.backends().iter().position(|b| b.id == id) else { return };
+        let Some(index) = table.position(id) else { return };
         let Some(config) = table.config().backends.get(index).map(|b| b.health.clone()) else { return };
         let Some(up) = table.is_up(id) else { return };
         let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());

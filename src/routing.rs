@@ -108,6 +108,8 @@ pub struct RoutingTable {
     /// Counts successful loads: 1 for the first config, +1 per reload.
     generation: u64,
     backends: Arc<Vec<Arc<Backend>>>,
+    /// Backend id → index into `backends` (and `up`, `draining`).
+    index: Arc<HashMap<String, usize>>,
     ring: Arc<Ring>,
     keys: Arc<KeyExtractor>,
     /// Health, by backend index: `true` while the backend may take traffic.
@@ -135,8 +137,10 @@ impl RoutingTable {
             .collect();
         let members: Vec<Member<'_>> =
             backends.iter().map(|b| Member { identity: b.id.as_bytes(), weight: b.weight }).collect();
+        let index = backends.iter().enumerate().map(|(i, b)| (b.id.clone(), i)).collect();
         RoutingTable {
             ring: Arc::new(Ring::new(&members, config.routing.replicas)),
+            index: Arc::new(index),
             up: vec![true; backends.len()],
             draining: config.backends.iter().map(|b| b.draining.then(Instant::now)).collect(),
             drain_overrides: Arc::new(HashMap::new()),
@@ -157,7 +161,7 @@ impl RoutingTable {
     /// This table with one backend's health changed (ring and backends shared).
     pub fn with_health(&self, id: &str, up: bool) -> RoutingTable {
         let mut health = self.up.clone();
-        if let Some(i) = self.backends.iter().position(|b| b.id == id) {
+        if let Some(i) = self.position(id) {
             health[i] = up;
         }
         self.with_all_health(health)
@@ -180,7 +184,7 @@ impl RoutingTable {
     /// This table with a backend drained (or undrained) by the operator.
     /// `None` if there is no such backend.
     pub fn with_drain(&self, id: &str, drain: bool) -> Option<RoutingTable> {
-        let i = self.backends.iter().position(|b| b.id == id)?;
+        let i = self.position(id)?;
         let mut table = self.with_all_health(self.up.clone());
         let mut overrides = (*self.drain_overrides).clone();
         overrides.insert(id.to_string(), drain);
@@ -191,7 +195,7 @@ impl RoutingTable {
 
     /// Since when the backend has been draining, if it is.
     pub fn draining_since(&self, id: &str) -> Option<Instant> {
-        self.backends.iter().position(|b| b.id == id).and_then(|i| self.draining[i])
+        self.position(id).and_then(|i| self.draining[i])
     }
 
     /// May take new requests: up and not draining.
@@ -206,6 +210,7 @@ impl RoutingTable {
             config: Arc::clone(&self.config),
             generation: self.generation,
             backends: Arc::clone(&self.backends),
+            index: Arc::clone(&self.index),
             ring: Arc::clone(&self.ring),
             keys: Arc::clone(&self.keys),
             up,
@@ -304,9 +309,14 @@ impl RoutingTable {
         self.ring.owner(device_id).and_then(|i| self.backends.get(i))
     }
 
+    /// The index of the backend with this id.
+    pub fn position(&self, id: &str) -> Option<usize> {
+        self.index.get(id).copied()
+    }
+
     /// Whether the backend with this id is up (`None`: no such backend).
     pub fn is_up(&self, id: &str) -> Option<bool> {
-        self.backends.iter().position(|b| b.id == id).map(|i| self.up[i])
+        self.position(id).map(|i| self.up[i])
     }
 
     pub fn backends(&self) -> &[Arc<Backend>] {
