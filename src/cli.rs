@@ -95,11 +95,12 @@ pub fn main() -> ExitCode {
                 Err(e) => return fail(e),
             };
             init_logging();
-            block_on(server::run(config, path))
+            let workers = config.server.workers;
+            block_on(workers, server::run(config, path))
         }
         Command::Demo { listen, admin, first_backend_port, instances } => {
             init_logging();
-            block_on(demo(listen, admin, first_backend_port, instances))
+            block_on(crate::config::default_workers(), demo(listen, admin, first_backend_port, instances))
         }
     }
 }
@@ -116,8 +117,11 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
-fn block_on(work: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+/// Runs `work` on a multi-threaded runtime of `workers` threads; the proxy,
+/// the admin API, health checks and tunnels all share it.
+fn block_on(workers: usize, work: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
+    server::raise_fd_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };

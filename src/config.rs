@@ -25,6 +25,15 @@ const MAX_RING_POINTS: u64 = 10_000_000;
 /// Longest duration accepted anywhere: timers past it would overflow.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// Most worker threads `server.workers` accepts.
+pub const MAX_WORKERS: usize = 1024;
+
+/// The default of `server.workers`: the CPUs this process may run on (its
+/// affinity mask and cgroup quota count), at least 1.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS)
+}
+
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -47,6 +56,11 @@ pub struct ServerConfig {
     /// starts this clock when it waits for the next request, so it is also
     /// the idle limit of a keep-alive connection.
     pub header_read_timeout: Duration,
+    /// Worker threads of the async runtime (proxy and admin API share it).
+    /// Default: the CPUs this process may run on.
+    pub workers: usize,
+    /// One `info` line per proxied request (device, backend, status, time).
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -243,6 +257,8 @@ struct RawServer {
     listen: Spanned<String>,
     shutdown_grace: Option<Spanned<String>>,
     header_read_timeout: Option<Spanned<String>>,
+    workers: Option<Spanned<i64>>,
+    access_log: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -329,6 +345,8 @@ impl Validator<'_> {
                 "server.header_read_timeout",
                 Duration::from_secs(30),
             )?,
+            workers: self.workers(raw.server.workers.as_ref())?,
+            access_log: raw.server.access_log.unwrap_or(true),
         };
         let admin = self.admin(raw.admin.as_ref())?;
         if admin.listen == server.listen && server.listen.port() != 0 {
@@ -347,6 +365,20 @@ impl Validator<'_> {
         };
         let backends = self.backends(raw.backends, routing.replicas, raw.health.as_ref())?;
         Ok(Config { server, admin, routing, upstream, reload, backends })
+    }
+
+    fn workers(&self, raw: Option<&Spanned<i64>>) -> Result<usize, ConfigError> {
+        match raw {
+            None => Ok(default_workers()),
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(n) if (1..=MAX_WORKERS).contains(&n) => Ok(n),
+                _ => self.err(
+                    n.span(),
+                    "server.workers",
+                    format!("must be between 1 and {MAX_WORKERS}, got {}", n.get_ref()),
+                ),
+            },
+        }
     }
 
     fn admin(&self, raw: Option<&RawAdmin>) -> Result<AdminConfig, ConfigError> {
@@ -817,6 +849,25 @@ weight = 2
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("1e400s"), None);
+    }
+
+    #[test]
+    fn workers_default_to_the_cpus_and_are_bounded() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert_eq!(c.server.workers, default_workers());
+        assert!(c.server.workers >= 1);
+        assert!(c.server.access_log);
+        let with =
+            |line: &str| GOOD.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"127.0.0.1:8080\"\n{line}"));
+        let c = Config::parse(&with("workers = 1\naccess_log = false")).expect("valid");
+        assert_eq!(c.server.workers, 1);
+        assert!(!c.server.access_log);
+        assert_eq!(Config::parse(&with("workers = 1024")).expect("valid").server.workers, 1024);
+        for bad in ["0", "-2", "1025"] {
+            let e = error_for(&with(&format!("workers = {bad}")));
+            assert_eq!(e.field.as_deref(), Some("server.workers"), "{bad}: {e}");
+            assert_eq!(e.line, Some(4), "{e}");
+        }
     }
 
     #[test]

@@ -66,6 +66,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -97,6 +102,7 @@ pub struct Metrics {
     last_reload_success: Gauge<f64, AtomicU64>,
     backends: Family<StateLabel, Gauge>,
     admin_unauthorized: Counter,
+    accept_errors: Family<KindLabel, Counter>,
     backend_up: Family<BackendLabel, Gauge>,
     health_checks: Family<BackendResult, Counter>,
     health_check_duration: Family<BackendLabel, Histogram, fn() -> Histogram>,
@@ -132,6 +138,7 @@ impl Metrics {
             last_reload_success: Gauge::default(),
             backends: Family::default(),
             admin_unauthorized: Counter::default(),
+            accept_errors: Family::default(),
             served: Family::default(),
             retired: Arc::default(),
             backend_up: Family::default(),
@@ -171,6 +178,11 @@ impl Metrics {
             "admin_unauthorized",
             "Admin API calls refused for a missing or wrong token",
             m.admin_unauthorized.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Failed accepts on the proxy and admin listeners, by kind (fd_limit, no_memory, connection, other)",
+            m.accept_errors.clone(),
         );
         r.register("backend_up", "1 while the backend takes traffic, 0 while it is down", m.backend_up.clone());
         r.register("health_checks", "Active health checks and probes, by backend and result", m.health_checks.clone());
@@ -306,6 +318,11 @@ impl Metrics {
 
     pub fn admin_unauthorized(&self) {
         self.admin_unauthorized.inc();
+    }
+
+    /// A listener's `accept` failed (`kind`: fd_limit, no_memory, connection, other).
+    pub fn accept_error(&self, kind: &'static str) {
+        self.accept_errors.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// Counts a reload attempt; a success also stamps the time.

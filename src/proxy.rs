@@ -147,19 +147,20 @@ impl Proxy {
     /// becomes a response with a status and a reason.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client_addr: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
-        let (key, backend, response_timeout) = {
+        let (key, backend, response_timeout, access_log) = {
             let table = self.router.load();
             let response_timeout = table.config().upstream.response_timeout;
+            let access_log = table.config().server.access_log;
             match table.decide(req.uri(), req.headers()) {
                 Decision::Owner { key, backend, failed_over_from } => {
                     if let Some(owner) = &failed_over_from {
                         owner.stats.failover();
                     }
-                    (Some(key.id.into_owned()), backend, response_timeout)
+                    (Some(key.id.into_owned()), backend, response_timeout, access_log)
                 }
                 Decision::Spread { backend } => {
                     self.metrics.missing_key();
-                    (None, backend, response_timeout)
+                    (None, backend, response_timeout, access_log)
                 }
                 Decision::NoKey => {
                     self.metrics.missing_key();
@@ -184,19 +185,15 @@ impl Proxy {
             return tunnel::open(self, req, tunnel).await;
         }
 
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        // Copied only when the access log will be written.
+        let logged = (access_log && tracing::enabled!(tracing::Level::INFO))
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
         let (backend, response) = self.forward(req, client_addr, key.as_deref(), backend, response_timeout).await;
-        backend.stats.response(response.status().as_u16(), started.elapsed());
-        info!(
-            device,
-            backend = %backend.id,
-            %method,
-            path,
-            status = response.status().as_u16(),
-            elapsed = ?started.elapsed(),
-            "proxied"
-        );
+        let elapsed = started.elapsed();
+        backend.stats.response(response.status().as_u16(), elapsed);
+        if let Some((method, path)) = logged {
+            info!(device, backend = %backend.id, %method, path, status = response.status().as_u16(), ?elapsed, "proxied");
+        }
         response
     }
 

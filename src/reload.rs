@@ -244,6 +244,10 @@ fn keep_fixed_settings(running: &Config, new: &mut Config) -> Vec<&'static str> 
         changed.push("server.listen");
         new.server.listen = running.server.listen;
     }
+    if new.server.workers != running.server.workers {
+        changed.push("server.workers");
+        new.server.workers = running.server.workers;
+    }
     if new.admin.listen != running.admin.listen {
         changed.push("admin.listen");
         new.admin.listen = running.admin.listen;

@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::http1;
@@ -33,8 +33,11 @@ use crate::routing::{Router, RoutingTable};
 
 /// How long tunnels and leftover connections get to close after the grace.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause after an accept error such as EMFILE, so the loop doesn't spin.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// Pause after an accept error such as EMFILE, so the loop doesn't spin:
+/// the refused connection stays queued and the listener stays readable.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// At most one warning per listener this often about failing accepts.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 
 /// A proxy that is serving; dropping it leaves it running until the runtime stops.
 pub struct RunningProxy {
@@ -92,8 +95,12 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         drain,
         close,
     };
-    let connections =
-        Connections { router: router.clone(), drain: running.drain.subscribe(), close: running.close.subscribe() };
+    let connections = Connections {
+        router: router.clone(),
+        metrics: Arc::clone(&metrics),
+        drain: running.drain.subscribe(),
+        close: running.close.subscribe(),
+    };
     tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
     tokio::spawn(health.run(running.drain.subscribe()));
 
@@ -115,7 +122,13 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     };
     tokio::spawn(connections.accept_loop(admin_listener, admin_service));
 
-    info!(listen = %running.proxy_addr, admin = %running.admin_addr, backends = config.backends.len(), "sticky-proxy serving");
+    info!(
+        listen = %running.proxy_addr,
+        admin = %running.admin_addr,
+        backends = config.backends.len(),
+        workers = config.server.workers,
+        "sticky-proxy serving"
+    );
     Ok(running)
 }
 
@@ -235,6 +248,7 @@ async fn wait_for_stop_signal() {
 #[derive(Clone)]
 struct Connections {
     router: Router,
+    metrics: Arc<Metrics>,
     drain: watch::Receiver<bool>,
     close: watch::Receiver<bool>,
 }
@@ -251,6 +265,7 @@ impl Connections {
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let mut errors = AcceptErrors::default();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -261,11 +276,21 @@ impl Connections {
                     let service = make_service(peer);
                     tokio::spawn(self.clone().serve(stream, peer, service));
                 }
-                Err(e) if is_per_connection_error(&e) => debug!("accept: {e}"),
                 Err(e) => {
-                    // EMFILE/ENFILE/ENOMEM: keep the listener, pause, retry.
-                    error!(listener = ?listener.local_addr().ok(), "cannot accept a connection: {e}; retrying in {ACCEPT_ERROR_BACKOFF:?}");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    let kind = AcceptErrorKind::of(&e);
+                    self.metrics.accept_error(kind.label());
+                    if kind == AcceptErrorKind::Connection {
+                        // That one connection is gone; the next is fine.
+                        debug!("accept: {e}");
+                        continue;
+                    }
+                    errors.warn(&listener, kind, &e);
+                    // Keep the listener; pause so the loop doesn't spin while
+                    // the process is out of descriptors or memory.
+                    tokio::select! {
+                        _ = tokio::time::sleep(ACCEPT_ERROR_BACKOFF) => {}
+                        _ = raised(&mut self.drain) => break,
+                    }
                 }
             }
         }
@@ -319,11 +344,149 @@ pub(crate) async fn raised(flag: &mut watch::Receiver<bool>) {
     let _ = flag.wait_for(|raised| *raised).await;
 }
 
-/// Accept errors that concern one connection only (it was reset before we
-/// took it); anything else is about the process or system.
-fn is_per_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
-    )
+/// Why `accept` failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AcceptErrorKind {
+    /// EMFILE, ENFILE: the process's or the system's descriptor limit.
+    FdLimit,
+    /// ENOBUFS, ENOMEM: the kernel is short of memory.
+    Memory,
+    /// The connection was aborted or reset before we took it: skip it.
+    Connection,
+    Other,
+}
+
+impl AcceptErrorKind {
+    fn of(e: &io::Error) -> AcceptErrorKind {
+        #[cfg(unix)]
+        match e.raw_os_error() {
+            Some(libc::EMFILE | libc::ENFILE) => return AcceptErrorKind::FdLimit,
+            Some(libc::ENOBUFS | libc::ENOMEM) => return AcceptErrorKind::Memory,
+            // Linux passes a connection's pending network errors to accept(2).
+            Some(
+                libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::ECONNREFUSED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+                | libc::ETIMEDOUT,
+            ) => return AcceptErrorKind::Connection,
+            _ => {}
+        }
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset => {
+                AcceptErrorKind::Connection
+            }
+            io::ErrorKind::OutOfMemory => AcceptErrorKind::Memory,
+            _ => AcceptErrorKind::Other,
+        }
+    }
+
+    /// The `kind` label of `sticky_proxy_accept_errors_total`.
+    fn label(self) -> &'static str {
+        match self {
+            AcceptErrorKind::FdLimit => "fd_limit",
+            AcceptErrorKind::Memory => "no_memory",
+            AcceptErrorKind::Connection => "connection",
+            AcceptErrorKind::Other => "other",
+        }
+    }
+}
+
+/// One listener's failing accepts, warned about at most once a second.
+#[derive(Default)]
+struct AcceptErrors {
+    last_warned: Option<Instant>,
+    /// Failures since the last warning that were not logged.
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    fn warn(&mut self, listener: &TcpListener, kind: AcceptErrorKind, e: &io::Error) {
+        let now = Instant::now();
+        if self.last_warned.is_some_and(|at| now.duration_since(at) < ACCEPT_WARN_EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut self.suppressed);
+        self.last_warned = Some(now);
+        let listener = listener.local_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+        let hint = match kind {
+            AcceptErrorKind::FdLimit => match fd_limit() {
+                Some((soft, hard)) => format!(
+                    "the open-file limit is {soft} (RLIMIT_NOFILE soft {soft}, hard {hard}); each proxied WebSocket \
+                     takes 2 descriptors: raise LimitNOFILE / ulimit -n"
+                ),
+                None => "raise the open-file limit (LimitNOFILE / ulimit -n)".to_string(),
+            },
+            AcceptErrorKind::Memory => "the kernel is short of memory for sockets".to_string(),
+            AcceptErrorKind::Connection | AcceptErrorKind::Other => String::new(),
+        };
+        warn!(
+            %listener,
+            kind = kind.label(),
+            suppressed,
+            "cannot accept connections: {e}; {hint}; retrying every {ACCEPT_ERROR_BACKOFF:?} \
+             (suppressed: failures since the last warning, at most one a second)"
+        );
+    }
+}
+
+/// RLIMIT_NOFILE as (soft, hard); `None` where it can't be read.
+pub fn fd_limit() -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes into the struct we own.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+            #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
+            return Some((u64::from(limit.rlim_cur), u64::from(limit.rlim_max)));
+        }
+        None
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Raises the soft open-file limit to the hard one, as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do: a proxy holds two
+/// descriptors per WebSocket, and the usual soft default (1024) is far too
+/// low. Logs the limit in force; returns it.
+pub fn raise_fd_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let (soft, hard) = fd_limit()?;
+        if soft < hard {
+            #[allow(clippy::useless_conversion)]
+            let limit = libc::rlimit {
+                rlim_cur: hard.try_into().unwrap_or(libc::RLIM_INFINITY),
+                rlim_max: hard.try_into().unwrap_or(libc::RLIM_INFINITY),
+            };
+            // SAFETY: setrlimit reads the struct we own.
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+                let e = io::Error::last_os_error();
+                warn!(soft, hard, "cannot raise the open-file limit to its hard limit: {e}");
+                return Some(soft);
+            }
+        }
+        let (now, hard) = fd_limit()?;
+        #[allow(clippy::unnecessary_cast)] // RLIM_INFINITY is u64 on Linux, not everywhere
+        if now == libc::RLIM_INFINITY as u64 {
+            info!("open-file limit (RLIMIT_NOFILE): unlimited");
+        } else if now > soft {
+            info!(limit = now, hard, raised_from = soft, "open-file limit (RLIMIT_NOFILE), raised to the hard limit");
+        } else {
+            info!(limit = now, hard, "open-file limit (RLIMIT_NOFILE)");
+        }
+        Some(now)
+    }
+    #[cfg(not(unix))]
+    None
 }

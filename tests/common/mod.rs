@@ -188,6 +188,8 @@ pub struct ChildProxy {
     pub child: std::process::Child,
     pub addr: String,
     pub admin: String,
+    /// The log lines before (and including) "sticky-proxy serving".
+    pub startup_log: Vec<String>,
     lines: std::sync::mpsc::Receiver<String>,
 }
 
@@ -201,10 +203,26 @@ impl Drop for ChildProxy {
 impl ChildProxy {
     /// Starts the binary and waits for its "serving" log line.
     pub fn spawn(config: &std::path::Path) -> ChildProxy {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sticky-proxy"));
+        command.args(["run", "--config"]).arg(config);
+        ChildProxy::spawn_command(command)
+    }
+
+    /// Starts the binary through `sh -c '{shell}; exec BINARY run --config CONFIG'`,
+    /// e.g. to lower its limits with `ulimit` first.
+    pub fn spawn_after(shell: &str, config: &std::path::Path) -> ChildProxy {
+        let mut command = std::process::Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!("{shell} && exec \"$0\" run --config \"$1\""))
+            .arg(env!("CARGO_BIN_EXE_sticky-proxy"))
+            .arg(config);
+        ChildProxy::spawn_command(command)
+    }
+
+    fn spawn_command(mut command: std::process::Command) -> ChildProxy {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sticky-proxy"))
-            .args(["run", "--config"])
-            .arg(config)
+        let mut child = command
             .env("RUST_LOG", "info")
             .stderr(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
@@ -220,8 +238,20 @@ impl ChildProxy {
                 }
             }
         });
-        let mut proxy = ChildProxy { child, addr: String::new(), admin: String::new(), lines };
-        let serving = proxy.wait_for_log("sticky-proxy serving");
+        let mut proxy = ChildProxy { child, addr: String::new(), admin: String::new(), startup_log: Vec::new(), lines };
+        let deadline = std::time::Instant::now() + STEP;
+        let serving = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match proxy.lines.recv_timeout(left) {
+                Ok(line) => {
+                    proxy.startup_log.push(line.clone());
+                    if line.contains("sticky-proxy serving") {
+                        break line;
+                    }
+                }
+                Err(e) => panic!("the proxy did not log \"sticky-proxy serving\" within {STEP:?}: {e}"),
+            }
+        };
         let field = |name: &str| {
             serving
                 .split(&format!("{name}="))
@@ -233,6 +263,26 @@ impl ChildProxy {
         proxy.addr = field("listen");
         proxy.admin = field("admin");
         proxy
+    }
+
+    /// The log lines up to and including the next one containing `needle`
+    /// (bounded wait).
+    pub fn log_until(&mut self, needle: &str) -> Vec<String> {
+        let deadline = std::time::Instant::now() + STEP;
+        let mut lines = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    lines.push(line);
+                    if found {
+                        return lines;
+                    }
+                }
+                Err(e) => panic!("no log line with {needle:?} within {STEP:?} (seen: {lines:#?}): {e}"),
+            }
+        }
     }
 
     /// The next log line containing `needle` (bounded wait).
