@@ -1,5 +1,9 @@
--- wrk script for benches/load/run.sh: GET /whoami with an X-Device-Id header
+-- wrk script for benches/load/run.sh: requests with an X-Device-Id header
 -- drawn from DEVICE_IDS distinct IDs (dev-1 .. dev-N, default 10,000).
+--
+-- Environment: DEVICE_IDS (default 10000), LOAD_PATH (default "/"),
+-- BODY_BYTES (default 0: GET; > 0: POST with a body of that many bytes),
+-- CONN_CLOSE=1 (send "Connection: close": a new connection per request).
 --
 -- Each wrk thread cycles through all N IDs in order, starting at its own
 -- offset, so every ID is used and the threads are not in lock-step. The
@@ -10,7 +14,9 @@
 -- latencies are in microseconds, as wrk keeps them.
 
 local N = tonumber(os.getenv("DEVICE_IDS") or "10000")
-local PATH = os.getenv("LOAD_PATH") or "/whoami"
+local PATH = os.getenv("LOAD_PATH") or "/"
+local BODY_BYTES = tonumber(os.getenv("BODY_BYTES") or "0")
+local CONN_CLOSE = os.getenv("CONN_CLOSE") == "1"
 
 local next_thread_id = 0
 
@@ -20,9 +26,16 @@ function setup(thread)
 end
 
 function init(args)
+   local method, body = "GET", nil
+   if BODY_BYTES > 0 then
+      method, body = "POST", string.rep("x", BODY_BYTES)
+   end
    requests = {}
    for i = 1, N do
-      requests[i] = wrk.format("GET", PATH, { ["X-Device-Id"] = "dev-" .. i })
+      local headers = { ["X-Device-Id"] = "dev-" .. i }
+      if body then headers["Content-Type"] = "application/octet-stream" end
+      if CONN_CLOSE then headers["Connection"] = "close" end
+      requests[i] = wrk.format(method, PATH, headers, body)
    end
    -- 4999 is coprime with 10,000: thread k starts k * 4999 IDs in.
    idx = ((thread_id or 0) * 4999) % N

@@ -1,66 +1,87 @@
 #!/usr/bin/env bash
-# End-to-end load benchmark: wrk -> sticky-proxy demo (proxy + demo backends)
-# on loopback, 10,000 distinct device IDs, alternating two binaries.
+# Side-by-side load benchmark: nginx, HAProxy and sticky-proxy doing the same
+# job (route by X-Device-Id on a consistent-hash ring to 3 backends) on
+# loopback, one worker each, interleaved runs, medians and ratios.
 #
-#   bash benches/load/run.sh [--runs N] [--duration S] [--warmup S] [BINARY_A [BINARY_B]]
+#   bash benches/load/run.sh [--quick] [--rounds N] [--duration S] [--scenarios LIST]
+#                            [--only-sticky] [BINARY_A [BINARY_B]]
 #
-# No binary: builds the release binary (cargo build --release) and measures it.
-# One binary: measures it. Two: alternates A, B, A, B ... for --runs rounds and
-# prints medians and the ratio B/A. See benches/load/README.md.
-#
-# Everything it starts listens on 127.0.0.1 only; every loop is bounded; an
-# EXIT trap stops whatever is still running.
+# BINARY_A is the sticky-proxy measured (default: cargo build --release);
+# BINARY_B adds a second sticky-proxy build (A/B mode). --only-sticky leaves
+# nginx and HAProxy out. Scenarios: keepalive,close,body1k,body64k,ws,ws-idle.
+# See benches/load/README.md.
 set -euo pipefail
 
 usage() {
-  sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
 
 # ---------------------------------------------------------------- settings
-RUNS=5
+ROUNDS=3
 DURATION=10
 WARMUP=1
 THREADS=2
 CONNECTIONS=64
 DEVICE_IDS=10000
-INSTANCES=3
-PROXY_ADDR=127.0.0.1:18080
-ADMIN_ADDR=127.0.0.1:19901
-FIRST_BACKEND_PORT=19001
-READY_TRIES=100          # x 0.1 s: give up on a proxy not healthy within 10 s
-NOISY_PCT=15             # flag a run when other work took more than this % of a CPU
-STOP_TRIES=50            # x 0.1 s: SIGKILL a proxy still alive 5 s after SIGTERM
+WS_SOCKETS=1000
+WS_MESSAGES=20
+IDLE_SOCKETS=2000
+SCENARIOS="keepalive,close,body1k,body64k,ws,ws-idle"
+ONLY_STICKY=0
+QUICK=0
+
+# Ports (all on 127.0.0.1): the proxy under test (one at a time) on 18080,
+# sticky-proxy's admin on 19901, nginx's HTTP backends on 19101-19103, the
+# WebSocket echo backends on 19111-19113.
+PROXY_PORT=18080
+ADMIN_PORT=19901
+HTTP_BACKEND_PORTS=(19101 19102 19103)
+WS_BACKEND_FIRST=19111
+WS_BACKEND_PORTS=(19111 19112 19113)
+READY_TRIES=100          # x 0.1 s: a server not answering within 10 s is an error
+STOP_TRIES=50            # x 0.1 s: SIGKILL what is still alive 5 s after SIGTERM
 
 BINARIES=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --runs) RUNS="${2:?--runs needs a number}"; shift 2 ;;
-    --runs=*) RUNS="${1#*=}"; shift ;;
+    --quick) QUICK=1; shift ;;
+    --rounds|--runs) ROUNDS="${2:?$1 needs a number}"; shift 2 ;;
+    --rounds=*|--runs=*) ROUNDS="${1#*=}"; shift ;;
     --duration) DURATION="${2:?--duration needs seconds}"; shift 2 ;;
     --duration=*) DURATION="${1#*=}"; shift ;;
     --warmup) WARMUP="${2:?--warmup needs seconds}"; shift 2 ;;
     --warmup=*) WARMUP="${1#*=}"; shift ;;
+    --scenarios) SCENARIOS="${2:?--scenarios needs a list}"; shift 2 ;;
+    --scenarios=*) SCENARIOS="${1#*=}"; shift ;;
+    --only-sticky) ONLY_STICKY=1; shift ;;
     -h|--help) usage 0 ;;
     -*) echo "unknown option: $1" >&2; usage 2 >&2 ;;
     *) BINARIES+=("$1"); shift ;;
   esac
 done
-for v in RUNS DURATION WARMUP; do
+if [ "$QUICK" -eq 1 ]; then
+  ROUNDS=1; DURATION=2; WARMUP=0; WS_SOCKETS=200; WS_MESSAGES=10; IDLE_SOCKETS=500
+fi
+for v in ROUNDS DURATION WARMUP; do
   if ! [[ "${!v}" =~ ^[0-9]+$ ]]; then echo "--${v,,} must be a whole number, got '${!v}'" >&2; exit 2; fi
 done
-if [ "$RUNS" -lt 1 ] || [ "$RUNS" -gt 100 ]; then echo "--runs must be 1..100" >&2; exit 2; fi
+if [ "$ROUNDS" -lt 1 ] || [ "$ROUNDS" -gt 100 ]; then echo "--rounds must be 1..100" >&2; exit 2; fi
 if [ "$DURATION" -lt 1 ] || [ "$DURATION" -gt 3600 ]; then echo "--duration must be 1..3600" >&2; exit 2; fi
 if [ "$WARMUP" -gt 60 ]; then echo "--warmup must be 0..60" >&2; exit 2; fi
-if [ "${#BINARIES[@]}" -gt 2 ]; then echo "at most two binaries" >&2; usage 2 >&2; fi
+if [ "${#BINARIES[@]}" -gt 2 ]; then echo "at most two sticky-proxy binaries" >&2; usage 2 >&2; fi
+IFS=',' read -r -a SCENARIO_LIST <<<"$SCENARIOS"
+for s in "${SCENARIO_LIST[@]}"; do
+  case "$s" in keepalive|close|body1k|body64k|ws|ws-idle) ;; *) echo "unknown scenario: $s" >&2; exit 2 ;; esac
+done
 
 SCRIPT_DIR="$(cd "$(dirname "$0")" && pwd)"
 REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
 LUA_SCRIPT="$SCRIPT_DIR/device_ids.lua"
 
 # ---------------------------------------------------------------- cleanup
-PROXY_PID=""
-WRK_PID=""
+PIDS=()          # long-lived: backends
+RUN_PIDS=()      # one run: the proxy and the load generator
 OUT_DIR=""
 
 stop_pid() { # pid: SIGTERM, wait up to STOP_TRIES x 0.1 s, then SIGKILL; reap
@@ -79,11 +100,17 @@ stop_pid() { # pid: SIGTERM, wait up to STOP_TRIES x 0.1 s, then SIGKILL; reap
   wait "$pid" 2>/dev/null || true
 }
 
+stop_run_pids() {
+  local pid
+  for pid in "${RUN_PIDS[@]}"; do stop_pid "$pid"; done
+  RUN_PIDS=()
+}
+
 cleanup() {
-  local rc=$?
+  local rc=$? pid
   trap - EXIT INT TERM
-  stop_pid "$WRK_PID"
-  stop_pid "$PROXY_PID"
+  stop_run_pids
+  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
   exit "$rc"
 }
 trap cleanup EXIT
@@ -91,25 +118,21 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- tools
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
-fi
-
 apt_install() { # packages...
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "missing: $* (and no apt-get here): install them and re-run" >&2
     exit 1
   fi
-  if [ "$(id -u)" -ne 0 ] && [ -z "$SUDO" ]; then
-    echo "missing: $* (not root, no sudo): install them and re-run" >&2
-    exit 1
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || { echo "missing: $* (not root, no sudo): install them and re-run" >&2; exit 1; }
+    sudo="sudo"
   fi
   echo "installing $* (apt-get)" >&2
   # Try without refreshing the package lists first; refresh once if that fails.
-  if ! $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >&2; then
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >&2
+  if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >&2; then
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >&2
   fi
 }
 
@@ -118,27 +141,42 @@ command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v timeout >/dev/null 2>&1 || missing+=(coreutils)
 command -v getconf >/dev/null 2>&1 || missing+=(libc-bin)
+command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+if [ "$ONLY_STICKY" -eq 0 ]; then
+  command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+fi
+need_nginx=0
+for s in "${SCENARIO_LIST[@]}"; do case "$s" in keepalive|close|body1k|body64k) need_nginx=1 ;; esac; done
+if [ "$ONLY_STICKY" -eq 0 ] || [ "$need_nginx" -eq 1 ]; then
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+export PATH="$PATH:/usr/sbin:/sbin"
 CLK_TCK="$(getconf CLK_TCK)"
 
 PIN=0
-if command -v taskset >/dev/null 2>&1 && [ "$(nproc)" -ge 2 ]; then PIN=1; fi
+if [ "$(nproc)" -ge 2 ]; then PIN=1; fi
+LOAD_PIN=(); SERVER_PIN=()
+if [ "$PIN" -eq 1 ]; then LOAD_PIN=(taskset -c 0); SERVER_PIN=(taskset -c 1); fi
 
 # ---------------------------------------------------------------- binaries
-if [ "${#BINARIES[@]}" -eq 0 ]; then
-  command -v cargo >/dev/null 2>&1 || { echo "no binary given and no cargo to build one" >&2; exit 1; }
-  echo "building: cargo build --release (in $REPO_ROOT)" >&2
-  (cd "$REPO_ROOT" && cargo build --release >&2)
-  target_dir="${CARGO_TARGET_DIR:-}"
-  if [ -z "$target_dir" ]; then
-    target_dir="$(cd "$REPO_ROOT" && cargo metadata --format-version 1 --no-deps \
-      | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-  fi
-  [ -n "$target_dir" ] || target_dir="$REPO_ROOT/target"
-  case "$target_dir" in /*) ;; *) target_dir="$REPO_ROOT/$target_dir" ;; esac
-  BINARIES=("$target_dir/release/sticky-proxy")
+target_dir="${CARGO_TARGET_DIR:-}"
+if [ -z "$target_dir" ] && command -v cargo >/dev/null 2>&1; then
+  target_dir="$(cd "$REPO_ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null \
+    | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 fi
-LABELS=(A B)
+[ -n "$target_dir" ] || target_dir="$REPO_ROOT/target"
+case "$target_dir" in /*) ;; *) target_dir="$REPO_ROOT/$target_dir" ;; esac
+command -v cargo >/dev/null 2>&1 || { echo "cargo is needed to build the load generator (examples/loadgen.rs)" >&2; exit 1; }
+if [ "${#BINARIES[@]}" -eq 0 ]; then
+  echo "building: cargo build --release --bin sticky-proxy --example loadgen (in $REPO_ROOT)" >&2
+  (cd "$REPO_ROOT" && cargo build --release --bin sticky-proxy --example loadgen >&2)
+  BINARIES=("$target_dir/release/sticky-proxy")
+else
+  echo "building: cargo build --release --example loadgen (in $REPO_ROOT)" >&2
+  (cd "$REPO_ROOT" && cargo build --release --example loadgen >&2)
+fi
+LOADGEN="$target_dir/release/examples/loadgen"
 for i in "${!BINARIES[@]}"; do
   b="${BINARIES[$i]}"
   case "$b" in */*) ;; *) b="$(command -v "$b" || echo "$b")" ;; esac
@@ -146,219 +184,429 @@ for i in "${!BINARIES[@]}"; do
   BINARIES[i]="$(cd "$(dirname "$b")" && pwd)/$(basename "$b")"
 done
 
+CONTESTANTS=()
+if [ "$ONLY_STICKY" -eq 0 ]; then CONTESTANTS+=(nginx haproxy); fi
+CONTESTANTS+=(sticky)
+if [ "${#BINARIES[@]}" -eq 2 ]; then CONTESTANTS+=(sticky-B); fi
+
+OUT_DIR="$(mktemp -d "${TMPDIR:-/tmp}/sticky-proxy-load.XXXXXX")"
+
 # ---------------------------------------------------------------- helpers
-port_busy() { # host:port -> 0 if something accepts connections there
-  local rc=0
-  curl -s -o /dev/null --max-time 1 "http://$1/" || rc=$?
-  [ "$rc" -ne 7 ] && [ "$rc" -ne 28 ]
+port_open() { # port -> 0 if something accepts TCP connections on 127.0.0.1:port
+  (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-proc_cpu_ticks() { # pid -> utime+stime (all threads) in clock ticks
-  local stat rest
-  stat="$(cat "/proc/$1/stat")"
-  rest="${stat##*) }"            # drop "pid (comm) ", comm may hold spaces
-  local -a f
-  read -r -a f <<<"$rest"
-  # f[0] is field 3 (state): utime is field 14, stime field 15.
-  echo $((f[11] + f[12]))
+wait_port() { # port pid what: bounded wait until the port accepts, or the pid died
+  local port="$1" pid="$2" what="$3" i
+  for ((i = 0; i < READY_TRIES; i++)); do
+    if port_open "$port"; then return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "$what exited before listening on 127.0.0.1:$port; its log:" >&2
+      tail -n 20 "$OUT_DIR/$what.log" >&2 || true
+      exit 1
+    fi
+    sleep 0.1
+  done
+  echo "$what not listening on 127.0.0.1:$port after $((READY_TRIES / 10)) s; its log:" >&2
+  tail -n 20 "$OUT_DIR/$what.log" >&2 || true
+  exit 1
 }
 
-sys_ticks() { # all CPUs, ticks: "busy softirq"; busy = user nice system irq steal
+tree_pids() { # pid -> the pid and its descendants
+  local pid="$1" child
+  echo "$pid"
+  for child in $(pgrep -P "$pid" 2>/dev/null); do tree_pids "$child"; done
+}
+
+tree_cpu_ticks() { # pid -> utime+stime of it and its descendants, clock ticks
+  local total=0 p stat rest
+  for p in $(tree_pids "$1"); do
+    stat="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
+    rest="${stat##*) }"            # drop "pid (comm) ", comm may hold spaces
+    local -a f
+    read -r -a f <<<"$rest"
+    total=$((total + f[11] + f[12]))   # fields 14 (utime) and 15 (stime)
+  done
+  echo "$total"
+}
+
+tree_rss_kb() { # pid -> VmRSS of it and its descendants, kB
+  local total=0 p kb
+  for p in $(tree_pids "$1"); do
+    kb="$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\) kB/\1/p' "/proc/$p/status" 2>/dev/null)" || continue
+    total=$((total + ${kb:-0}))
+  done
+  echo "$total"
+}
+
+sys_busy_ticks() { # all CPUs: user nice system irq softirq steal, ticks
   local _cpu u n sy _idle _iow irq sirq steal _rest
   read -r _cpu u n sy _idle _iow irq sirq steal _rest </proc/stat
-  echo "$((u + n + sy + irq + steal)) $sirq"
+  echo "$((u + n + sy + irq + sirq + steal))"
 }
-
-reaped_children_ticks() { # user+sys of this shell's reaped children (bash `times`), ticks
-  times | awk -v hz="$CLK_TCK" 'NR == 2 {
-    t = 0
-    for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
-    printf "%d", t * hz + 0.5 }'
-}
-
-now_ns() { date +%s%N; }
 
 field() { # line key -> value of key=value
   sed -n "s/.*[[:space:]]$2=\([^[:space:]]*\).*/\1/p" <<<" $1"
 }
 
 median() { # numbers... -> median (mean of the middle two for an even count)
-  printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+  printf '%s\n' "$@" | grep -v '^nan$' | sort -g | awk '{ v[NR] = $1 } END {
     if (NR == 0) { print "nan"; exit }
     if (NR % 2) printf "%.6g\n", v[(NR + 1) / 2]
     else printf "%.6g\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "n/a" }'; }
+calc() { awk "BEGIN { $1 }"; }
 
-WRK_PIN=(); PROXY_PIN=()
-if [ "$PIN" -eq 1 ]; then WRK_PIN=(taskset -c 0); PROXY_PIN=(taskset -c 1); fi
+# ---------------------------------------------------------------- configs
+http_mode_ports() { # scenario -> the backend ports it uses
+  case "$1" in ws|ws-idle) echo "${WS_BACKEND_PORTS[*]}" ;; *) echo "${HTTP_BACKEND_PORTS[*]}" ;; esac
+}
 
-OUT_DIR="$(mktemp -d "${TMPDIR:-/tmp}/sticky-proxy-load.XXXXXX")"
+write_backend_nginx_conf() { # dir
+  local dir="$1" p
+  mkdir -p "$dir/logs"
+  {
+    echo "worker_processes 1;"
+    echo "daemon off;"
+    echo "pid $dir/nginx.pid;"
+    echo "error_log $dir/logs/error.log warn;"
+    echo "worker_rlimit_nofile 20000;"
+    echo "events { worker_connections 10000; }"
+    echo "http {"
+    echo "  access_log off;"
+    echo "  keepalive_requests 1000000;"
+    echo "  keepalive_timeout 300s;"
+    echo "  client_body_buffer_size 128k;"
+    echo "  client_body_temp_path $dir/body;"
+    echo "  server {"
+    for p in "${HTTP_BACKEND_PORTS[@]}"; do echo "    listen 127.0.0.1:$p reuseport;"; done
+    printf '    location / { return 200 "ok\\n"; }\n'
+    echo "  }"
+    echo "}"
+  } >"$dir/nginx.conf"
+}
 
-# One measured run: start the demo, wait for health, warm up, measure, stop.
-# Sets RESULT_* globals.
-one_run() { # label binary run_no
-  local label="$1" bin="$2" n="$3" i rc
-  local log="$OUT_DIR/proxy-$label-$n.log" wout="$OUT_DIR/wrk-$label-$n.txt"
-  for addr in "$PROXY_ADDR" "$ADMIN_ADDR"; do
-    if port_busy "$addr"; then echo "something already listens on $addr: stop it first" >&2; exit 1; fi
-  done
+write_nginx_conf() { # dir ports...
+  local dir="$1" p; shift
+  mkdir -p "$dir/logs"
+  {
+    echo "worker_processes 1;"
+    echo "daemon off;"
+    echo "pid $dir/nginx.pid;"
+    echo "error_log $dir/logs/error.log warn;"
+    echo "worker_rlimit_nofile 20000;"
+    echo "events { worker_connections 10000; }"
+    echo "http {"
+    echo "  access_log off;"
+    echo "  keepalive_requests 1000000;"
+    echo "  client_body_buffer_size 128k;"
+    echo "  client_body_temp_path $dir/body;"
+    echo "  proxy_temp_path $dir/proxy;"
+    echo "  map \$http_upgrade \$connection_upgrade { default upgrade; '' ''; }"
+    echo "  upstream backends {"
+    echo "    hash \$http_x_device_id consistent;"
+    for p in "$@"; do echo "    server 127.0.0.1:$p;"; done
+    echo "    keepalive 512;"
+    echo "    keepalive_requests 1000000;"
+    echo "  }"
+    echo "  server {"
+    echo "    listen 127.0.0.1:$PROXY_PORT;"
+    echo "    location / {"
+    echo "      proxy_pass http://backends;"
+    echo "      proxy_http_version 1.1;"
+    echo "      proxy_set_header Upgrade \$http_upgrade;"
+    echo "      proxy_set_header Connection \$connection_upgrade;"
+    echo "      proxy_read_timeout 3600s;"
+    echo "    }"
+    echo "  }"
+    echo "}"
+  } >"$dir/nginx.conf"
+}
 
-  RUST_LOG=warn "${PROXY_PIN[@]}" "$bin" demo --listen "$PROXY_ADDR" --admin "$ADMIN_ADDR" \
-    --first-backend-port "$FIRST_BACKEND_PORT" --instances "$INSTANCES" >"$OUT_DIR/proxy-$label-$n.out" 2>"$log" &
-  PROXY_PID=$!   # taskset execs the binary: this is the proxy's own pid
+write_haproxy_conf() { # file ports...
+  local file="$1" p i=0; shift
+  {
+    echo "global"
+    echo "  nbthread 1"
+    echo "  maxconn 9000"   # 2 descriptors each: fits the 20,000 open files of our machines
+    echo "defaults"
+    echo "  mode http"
+    echo "  timeout connect 3s"
+    echo "  timeout client 60s"
+    echo "  timeout server 60s"
+    echo "  timeout http-keep-alive 60s"
+    echo "  timeout tunnel 1h"
+    echo "frontend proxy"
+    echo "  bind 127.0.0.1:$PROXY_PORT"
+    echo "  default_backend backends"
+    echo "backend backends"
+    echo "  balance hdr(X-Device-Id)"
+    echo "  hash-type consistent"
+    echo "  http-reuse always"
+    for p in "$@"; do i=$((i + 1)); echo "  server b$i 127.0.0.1:$p"; done
+  } >"$file"
+}
 
-  local ready=0
-  for ((i = 0; i < READY_TRIES; i++)); do
-    if ! kill -0 "$PROXY_PID" 2>/dev/null; then break; fi
-    if curl -fsS --max-time 1 -o /dev/null "http://$ADMIN_ADDR/healthz" 2>/dev/null; then ready=1; break; fi
-    sleep 0.1
-  done
-  if [ "$ready" -ne 1 ]; then
-    if kill -0 "$PROXY_PID" 2>/dev/null; then
-      echo "proxy $label ($bin) not healthy on http://$ADMIN_ADDR/healthz after $((READY_TRIES / 10)) s; its log:" >&2
-    else
-      rc=0; wait "$PROXY_PID" || rc=$?
-      PROXY_PID=""
-      echo "proxy $label ($bin) exited (status $rc) before it was healthy; its log:" >&2
+write_sticky_conf() { # file ports...
+  local file="$1" p i=0; shift
+  {
+    echo "[server]"
+    echo "listen = \"127.0.0.1:$PROXY_PORT\""
+    echo "workers = 1"
+    echo "access_log = false"
+    echo "[admin]"
+    echo "listen = \"127.0.0.1:$ADMIN_PORT\""
+    echo "[routing]"
+    echo "key = [\"header:x-device-id\"]"
+    for p in "$@"; do
+      i=$((i + 1))
+      printf '[[backends]]\nid = "b%s"\naddress = "127.0.0.1:%s"\n' "$i" "$p"
+    done
+  } >"$file"
+}
+
+start_proxy() { # contestant scenario -> sets PROXY_PID
+  local who="$1" scenario="$2" dir="$OUT_DIR/$1-$2" ports
+  read -r -a ports <<<"$(http_mode_ports "$scenario")"
+  mkdir -p "$dir"
+  if port_open "$PROXY_PORT"; then echo "something already listens on 127.0.0.1:$PROXY_PORT: stop it first" >&2; exit 1; fi
+  case "$who" in
+    nginx)
+      write_nginx_conf "$dir" "${ports[@]}"
+      "${SERVER_PIN[@]}" nginx -p "$dir" -c "$dir/nginx.conf" >"$OUT_DIR/$who.log" 2>&1 &
+      ;;
+    haproxy)
+      write_haproxy_conf "$dir/haproxy.cfg" "${ports[@]}"
+      "${SERVER_PIN[@]}" haproxy -db -f "$dir/haproxy.cfg" >"$OUT_DIR/$who.log" 2>&1 &
+      ;;
+    sticky|sticky-B)
+      local bin="${BINARIES[0]}"
+      [ "$who" = sticky ] || bin="${BINARIES[1]}"
+      write_sticky_conf "$dir/sticky.toml" "${ports[@]}"
+      if ! "$bin" check --config "$dir/sticky.toml" >/dev/null 2>&1; then
+        # A build older than server.workers / server.access_log: pinned to
+        # one CPU it runs one worker, and RUST_LOG=warn silences its access log.
+        sed -i -e '/^workers/d' -e '/^access_log/d' "$dir/sticky.toml"
+      fi
+      RUST_LOG=warn "${SERVER_PIN[@]}" "$bin" run --config "$dir/sticky.toml" >"$OUT_DIR/$who.log" 2>&1 &
+      ;;
+  esac
+  PROXY_PID=$!   # taskset execs the server: this is its own pid
+  RUN_PIDS+=("$PROXY_PID")
+  wait_port "$PROXY_PORT" "$PROXY_PID" "$who"
+  # Sanity: a request through it reaches a backend.
+  if [ "$scenario" != ws ] && [ "$scenario" != ws-idle ]; then
+    if ! curl -fsS --max-time 2 -o /dev/null -H 'X-Device-Id: dev-1' "http://127.0.0.1:$PROXY_PORT/"; then
+      echo "$who is listening but GET / through it failed; its log:" >&2
+      tail -n 20 "$OUT_DIR/$who.log" >&2
+      exit 1
     fi
-    tail -n 20 "$log" >&2
-    exit 1
   fi
-  # Sanity: a request through the proxy reaches a demo instance.
-  if ! curl -fsS --max-time 2 -o /dev/null -H 'X-Device-Id: dev-1' "http://$PROXY_ADDR/whoami"; then
-    echo "proxy $label is healthy but GET /whoami through it failed; its log:" >&2
-    tail -n 20 "$log" >&2
-    exit 1
-  fi
+}
 
+# ---------------------------------------------------------------- one run
+# Sets R_* (metric values for this run) and R_NOTE.
+run_http() { # who scenario round
+  local who="$1" scenario="$2" n="$3" wout="$OUT_DIR/wrk-$1-$2-$3.txt" rc=0
+  local -a env=(DEVICE_IDS="$DEVICE_IDS" LOAD_PATH=/)
+  case "$scenario" in
+    close) env+=(CONN_CLOSE=1) ;;
+    body1k) env+=(BODY_BYTES=1024) ;;
+    body64k) env+=(BODY_BYTES=65536) ;;
+  esac
+  start_proxy "$who" "$scenario"
   if [ "$WARMUP" -gt 0 ]; then
-    DEVICE_IDS=$DEVICE_IDS timeout $((WARMUP + 30)) "${WRK_PIN[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" \
-      -d"${WARMUP}s" -s "$LUA_SCRIPT" "http://$PROXY_ADDR/whoami" >"$OUT_DIR/warmup-$label-$n.txt" 2>&1 &
-    WRK_PID=$!
-    wait "$WRK_PID" || true
-    WRK_PID=""
+    env "${env[@]}" timeout $((WARMUP + 30)) "${LOAD_PIN[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
+      -s "$LUA_SCRIPT" "http://127.0.0.1:$PROXY_PORT/" >"$OUT_DIR/warmup-$who-$scenario-$n.txt" 2>&1 || true
   fi
-
-  local cpu0 cpu1 busy0 busy1 sirq0 sirq1 kids0 kids1 t0 t1
-  kids0="$(reaped_children_ticks)"
-  read -r busy0 sirq0 <<<"$(sys_ticks)"
-  t0="$(now_ns)"
-  cpu0="$(proc_cpu_ticks "$PROXY_PID")"
-  DEVICE_IDS=$DEVICE_IDS timeout $((DURATION + 30)) "${WRK_PIN[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" \
-    -d"${DURATION}s" --latency -s "$LUA_SCRIPT" "http://$PROXY_ADDR/whoami" >"$wout" 2>&1 &
-  WRK_PID=$!
-  rc=0; wait "$WRK_PID" || rc=$?
-  WRK_PID=""
-  cpu1="$(proc_cpu_ticks "$PROXY_PID")"
-  t1="$(now_ns)"
-  read -r busy1 sirq1 <<<"$(sys_ticks)"
-  kids1="$(reaped_children_ticks)"   # wrk (and timeout) reaped; the proxy not yet
-  stop_pid "$PROXY_PID"
-  PROXY_PID=""
+  local cpu0 cpu1 busy0 busy1 t0 t1
+  busy0="$(sys_busy_ticks)"; t0="$(date +%s%N)"; cpu0="$(tree_cpu_ticks "$PROXY_PID")"
+  env "${env[@]}" timeout $((DURATION + 30)) "${LOAD_PIN[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" \
+    --latency -s "$LUA_SCRIPT" "http://127.0.0.1:$PROXY_PORT/" >"$wout" 2>&1 || rc=$?
+  cpu1="$(tree_cpu_ticks "$PROXY_PID")"; t1="$(date +%s%N)"; busy1="$(sys_busy_ticks)"
+  stop_run_pids
   if [ "$rc" -ne 0 ]; then echo "wrk failed (exit $rc); its output:" >&2; cat "$wout" >&2; exit 1; fi
-
-  local line
+  local line reqs dur
   line="$(grep '^SP_RESULT ' "$wout" | tail -n 1)"
   if [ -z "$line" ]; then echo "no SP_RESULT line from wrk; its output:" >&2; cat "$wout" >&2; exit 1; fi
-  local reqs dur p50 p99 errs
   reqs="$(field "$line" requests)"; dur="$(field "$line" duration_us)"
-  p50="$(field "$line" p50_us)"; p99="$(field "$line" p99_us)"
-  errs=$(( $(field "$line" err_connect) + $(field "$line" err_read) + $(field "$line" err_write) \
+  R_RATE="$(calc "printf \"%.0f\", $reqs / ($dur / 1e6)")"
+  R_P99="$(calc "printf \"%.3f\", $(field "$line" p99_us) / 1000")"
+  R_CPU="$(calc "printf \"%.2f\", ($reqs > 0) ? ($((cpu1 - cpu0)) / $CLK_TCK / $reqs * 1e6) : 0")"
+  R_ERRS=$(( $(field "$line" err_connect) + $(field "$line" err_read) + $(field "$line" err_write) \
     + $(field "$line" err_timeout) + $(field "$line" err_status) ))
-  RESULT_RPS="$(awk -v r="$reqs" -v d="$dur" 'BEGIN { printf "%.1f", r / (d / 1e6) }')"
-  RESULT_P50="$(awk -v p="$p50" 'BEGIN { printf "%.3f", p / 1000 }')"
-  RESULT_P99="$(awk -v p="$p99" 'BEGIN { printf "%.3f", p / 1000 }')"
-  RESULT_CPU="$(awk -v t=$((cpu1 - cpu0)) -v hz="$CLK_TCK" -v r="$reqs" \
-    'BEGIN { if (r > 0) printf "%.2f", t / hz / r * 1e6; else print "nan" }')"
-  # In % of one CPU over the run: softirq time (the kernel's loopback packet
-  # processing, mostly charged to no process), and everything else that was
-  # neither the proxy nor wrk: other processes and steal.
-  RESULT_SIRQ="$(awk -v s=$((sirq1 - sirq0)) -v hz="$CLK_TCK" -v ns=$((t1 - t0)) \
-    'BEGIN { printf "%.0f", s / hz / (ns / 1e9) * 100 }')"
-  RESULT_OTHER="$(awk -v b=$((busy1 - busy0)) -v p=$((cpu1 - cpu0)) -v w=$((kids1 - kids0)) \
-    -v hz="$CLK_TCK" -v ns=$((t1 - t0)) 'BEGIN { o = (b - p - w) / hz / (ns / 1e9) * 100;
-      if (o < 0) o = 0; printf "%.0f", o }')"
-  RESULT_REQS="$reqs"
-  RESULT_ERRS="$errs"
-  RESULT_LOGLINES="$(wc -l <"$log")"
+  R_MEM="-"
+  # CPU busy beyond two CPUs' worth of this run's own work is someone else's.
+  R_BUSY="$(calc "printf \"%.0f\", $((busy1 - busy0)) / $CLK_TCK / (($t1 - $t0) / 1e9) * 100")"
+}
+
+run_ws() { # who scenario round
+  local who="$1" scenario="$2" n="$3" out="$OUT_DIR/ws-$1-$2-$3.txt" rc=0
+  start_proxy "$who" "$scenario"
+  local cpu0 cpu1 busy0 busy1 t0 t1
+  busy0="$(sys_busy_ticks)"; t0="$(date +%s%N)"; cpu0="$(tree_cpu_ticks "$PROXY_PID")"
+  timeout 150 "${LOAD_PIN[@]}" "$LOADGEN" --time-limit 120 ws --addr "127.0.0.1:$PROXY_PORT" \
+    --sockets "$WS_SOCKETS" --messages "$WS_MESSAGES" --ids "$DEVICE_IDS" >"$out" 2>&1 || rc=$?
+  cpu1="$(tree_cpu_ticks "$PROXY_PID")"; t1="$(date +%s%N)"; busy1="$(sys_busy_ticks)"
+  stop_run_pids
+  if [ "$rc" -ne 0 ]; then echo "loadgen ws failed (exit $rc); its output:" >&2; cat "$out" >&2; exit 1; fi
+  local line msgs
+  line="$(grep '^SP_WS ' "$out" | tail -n 1)"
+  msgs="$(field "$line" messages)"
+  R_RATE="$(calc "printf \"%.0f\", $(field "$line" msgs_per_s)")"
+  R_P99="$(calc "printf \"%.3f\", $(field "$line" p99_us) / 1000")"
+  # Per message, including the sockets' setup (opening is part of the run).
+  R_CPU="$(calc "printf \"%.2f\", ($msgs > 0) ? ($((cpu1 - cpu0)) / $CLK_TCK / $msgs * 1e6) : 0")"
+  R_ERRS=0; R_MEM="-"
+  R_BUSY="$(calc "printf \"%.0f\", $((busy1 - busy0)) / $CLK_TCK / (($t1 - $t0) / 1e9) * 100")"
+}
+
+run_ws_idle() { # who scenario round
+  local who="$1" scenario="$2" n="$3" out="$OUT_DIR/idle-$1-$3.txt" ready="$OUT_DIR/idle-$1-$3.ready" i
+  start_proxy "$who" "$scenario"
+  local rss0 rss1 gen
+  rss0="$(tree_rss_kb "$PROXY_PID")"
+  rm -f "$ready"
+  "${LOAD_PIN[@]}" "$LOADGEN" --time-limit 150 ws-idle --addr "127.0.0.1:$PROXY_PORT" \
+    --sockets "$IDLE_SOCKETS" --hold 120 --ready-file "$ready" >"$out" 2>&1 &
+  gen=$!
+  RUN_PIDS+=("$gen")
+  for ((i = 0; i < 1200; i++)); do   # x 0.1 s
+    [ -s "$ready" ] && break
+    kill -0 "$gen" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [ ! -s "$ready" ]; then echo "loadgen ws-idle did not get its sockets open; its output:" >&2; cat "$out" >&2; exit 1; fi
+  # Let the proxy settle (buffers freed after the proving echo), then read.
+  sleep 1
+  rss1="$(tree_rss_kb "$PROXY_PID")"
+  stop_run_pids
+  R_MEM="$(calc "printf \"%.2f\", ($rss1 - $rss0) / $IDLE_SOCKETS")"
+  R_RATE="-"; R_P99="-"; R_CPU="-"; R_ERRS=0; R_BUSY=0
+}
+
+# ---------------------------------------------------------------- backends
+start_backends() {
+  local dir="$OUT_DIR/backends"
+  mkdir -p "$dir"
+  for p in "${HTTP_BACKEND_PORTS[@]}" "${WS_BACKEND_PORTS[@]}" "$PROXY_PORT"; do
+    if port_open "$p"; then echo "something already listens on 127.0.0.1:$p: stop it first" >&2; exit 1; fi
+  done
+  if [ "$need_nginx" -eq 1 ]; then
+    write_backend_nginx_conf "$dir"
+    "${SERVER_PIN[@]}" nginx -p "$dir" -c "$dir/nginx.conf" >"$OUT_DIR/backend-nginx.log" 2>&1 &
+    PIDS+=($!)
+    wait_port "${HTTP_BACKEND_PORTS[0]}" "$!" backend-nginx
+  fi
+  "${SERVER_PIN[@]}" "$LOADGEN" --time-limit 86400 backend --listen "127.0.0.1:$WS_BACKEND_FIRST" \
+    --count "${#WS_BACKEND_PORTS[@]}" >"$OUT_DIR/backend-ws.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$WS_BACKEND_FIRST" "$!" backend-ws
 }
 
 # ---------------------------------------------------------------- header
 cpu_model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
 echo "sticky-proxy load benchmark  $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-echo "machine: $(nproc) CPUs (${cpu_model:-unknown}), $(uname -sr), load avg $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "wrk: $(wrk -v 2>&1 | head -n 1)"
-for i in "${!BINARIES[@]}"; do
-  echo "binary ${LABELS[$i]}: ${BINARIES[$i]} ($("${BINARIES[$i]}" --version 2>&1 | head -n 1))"
-done
-echo "load: wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s --latency, GET /whoami, X-Device-Id cycling"
-echo "      through $DEVICE_IDS IDs (dev-1..dev-$DEVICE_IDS); ${WARMUP}s unmeasured warm-up per run; $RUNS rounds"
-echo "proxy: sticky-proxy demo --listen $PROXY_ADDR --admin $ADMIN_ADDR --instances $INSTANCES (backends from :$FIRST_BACKEND_PORT),"
-echo "       RUST_LOG=warn (the default, info, writes a log line per request: its cost would be measured too)"
-echo "       demo mode: the $INSTANCES demo backends run inside the proxy process, so the proxy's CPU"
-echo "       and latency include theirs; one fresh process per run"
-if [ "$PIN" -eq 1 ]; then
-  echo "pinning: wrk on CPU 0, proxy (+ its demo backends) on CPU 1 (taskset); tokio then sizes its"
-  echo "         runtime to the 1 CPU it may use"
-else
-  echo "pinning: none (no taskset, or fewer than 2 CPUs): wrk and proxy share all CPUs"
+echo "machine:  $(nproc) CPUs (${cpu_model:-unknown}), $(uname -sr), load avg $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "wrk:      $(wrk -v 2>&1 | head -n 1 | cut -c1-40)"
+if [ "$ONLY_STICKY" -eq 0 ]; then
+  echo "nginx:    $(nginx -v 2>&1 | head -n 1)"
+  echo "haproxy:  $(haproxy -v 2>&1 | head -n 1 | cut -d' ' -f1-3)"
 fi
-echo "cpu/req: proxy process utime+stime (/proc/PID/stat, CLK_TCK=$CLK_TCK) over the measured run / requests"
-echo "         (does not include kernel softirq time for loopback packets: most of it is charged to no"
-echo "         process; it is shown as sirq%)"
-echo "sirq%:  softirq time on all CPUs during the run, % of one CPU (mostly loopback TCP for wrk+proxy)"
-echo "other%: CPU used during the run by anything else (other processes, steal; softirq excluded),"
-echo "        % of one CPU; runs above $NOISY_PCT% are flagged: the machine was not quiet"
-echo "raw wrk output and proxy logs: $OUT_DIR"
+for i in "${!BINARIES[@]}"; do
+  label=sticky; [ "$i" -eq 0 ] || label=sticky-B
+  echo "$label: ${BINARIES[$i]} ($("${BINARIES[$i]}" --version 2>&1 | head -n 1))"
+done
+echo "setup:    each proxy with 1 worker on 127.0.0.1:$PROXY_PORT, hashing X-Device-Id consistently onto 3 backends:"
+echo "          HTTP: one nginx (1 worker) answering 'return 200' on :${HTTP_BACKEND_PORTS[*]};"
+echo "          WebSocket: 3 demo app instances (echo) in one process (1 thread) on :${WS_BACKEND_PORTS[*]}"
+if [ "$PIN" -eq 1 ]; then
+  echo "pinning:  load generator (wrk, loadgen) on CPU 0; proxy and backends on CPU 1 (taskset)"
+else
+  echo "pinning:  none (fewer than 2 CPUs)"
+fi
+echo "load:     wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $DEVICE_IDS device IDs, ${WARMUP}s warm-up per run;"
+echo "          ws: $WS_SOCKETS sockets x $WS_MESSAGES messages (one at a time per socket); ws-idle: $IDLE_SOCKETS sockets"
+echo "rounds:   $ROUNDS, interleaved (${CONTESTANTS[*]}), a fresh proxy process per run"
+echo "cpu:      proxy utime+stime (process and children, /proc/PID/stat) / requests (ws: / messages), us"
+echo "busy%:    all CPUs busy during the run, % of one CPU (200 = both saturated); rounds where this"
+echo "          exceeds what the run itself explains point at a busy machine"
+echo "raw output and logs: $OUT_DIR"
 echo
 
+start_backends
+
 # ---------------------------------------------------------------- rounds
-declare -A RPS P99 CPU
-printf '%-5s %-3s %10s %8s %8s %11s %9s %7s %6s %7s\n' run bin req/s p50_ms p99_ms cpu_us/req requests errors sirq% other%
-NOISY=0
-for ((r = 1; r <= RUNS; r++)); do
-  for i in "${!BINARIES[@]}"; do
-    label="${LABELS[$i]}"
-    one_run "$label" "${BINARIES[$i]}" "$r"
-    RPS[$label]+="$RESULT_RPS "
-    P99[$label]+="$RESULT_P99 "
-    CPU[$label]+="$RESULT_CPU "
-    note=""
-    [ "$RESULT_ERRS" -eq 0 ] || note="  <- $RESULT_ERRS errors/non-2xx, see $OUT_DIR/wrk-$label-$r.txt"
-    [ "$RESULT_LOGLINES" -eq 0 ] || note="$note  (proxy logged $RESULT_LOGLINES warn/error lines)"
-    if [ "$RESULT_OTHER" -gt "$NOISY_PCT" ]; then NOISY=$((NOISY + 1)); note="$note  <- busy machine"; fi
-    printf '%-5s %-3s %10s %8s %8s %11s %9s %7s %6s %7s%s\n' "$r/$RUNS" "$label" "$RESULT_RPS" \
-      "$RESULT_P50" "$RESULT_P99" "$RESULT_CPU" "$RESULT_REQS" "$RESULT_ERRS" "$RESULT_SIRQ" "$RESULT_OTHER" "$note"
+declare -A RATE P99 CPU MEM ERRS
+printf '%-9s %-5s %-9s %10s %9s %8s %9s %8s %6s\n' scenario round proxy rate p99_ms cpu_us mem_kB errors busy%
+for scenario in "${SCENARIO_LIST[@]}"; do
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for who in "${CONTESTANTS[@]}"; do
+      case "$scenario" in
+        ws) run_ws "$who" "$scenario" "$r" ;;
+        ws-idle) run_ws_idle "$who" "$scenario" "$r" ;;
+        *) run_http "$who" "$scenario" "$r" ;;
+      esac
+      key="$scenario/$who"
+      RATE[$key]+="$R_RATE "; P99[$key]+="$R_P99 "; CPU[$key]+="$R_CPU "; MEM[$key]+="$R_MEM "
+      ERRS[$key]=$(( ${ERRS[$key]:-0} + R_ERRS ))
+      note=""
+      [ "$R_ERRS" -eq 0 ] || note="  <- $R_ERRS errors/non-2xx"
+      printf '%-9s %-5s %-9s %10s %9s %8s %9s %8s %6s%s\n' "$scenario" "$r/$ROUNDS" "$who" "$R_RATE" "$R_P99" \
+        "$R_CPU" "$R_MEM" "$R_ERRS" "$R_BUSY" "$note"
+    done
   done
 done
 
 # ---------------------------------------------------------------- summary
+med() { # list -> median, or "-" for a list of dashes
+  # shellcheck disable=SC2086 # word-splitting the space-separated list is intended
+  if [ -z "${1//[- ]/}" ]; then echo "-"; else median $1; fi
+}
+ratio() { # a b -> a/b with 2 decimals, or "-"
+  if [ "$1" = "-" ] || [ "$2" = "-" ] || [ "$2" = "nan" ] || [ "$1" = "nan" ]; then echo "-"; return; fi
+  calc "if ($2 > 0) printf \"%.2f\", $1 / $2; else printf \"-\""
+}
 echo
-echo "medians over $RUNS runs:"
-declare -A MED_RPS MED_P99 MED_CPU
-for i in "${!BINARIES[@]}"; do
-  label="${LABELS[$i]}"
-  # shellcheck disable=SC2086 # word-splitting the space-separated lists is intended
-  MED_RPS[$label]="$(median ${RPS[$label]})"
-  # shellcheck disable=SC2086
-  MED_P99[$label]="$(median ${P99[$label]})"
-  # shellcheck disable=SC2086
-  MED_CPU[$label]="$(median ${CPU[$label]})"
-  printf '  %s  req/s %10.1f   p99 %7.3f ms   cpu %7.2f us/req   %s\n' "$label" \
-    "${MED_RPS[$label]}" "${MED_P99[$label]}" "${MED_CPU[$label]}" "${BINARIES[$i]}"
+echo "medians over $ROUNDS rounds (rate: req/s, ws: messages/s; mem: proxy kB per idle WebSocket)"
+echo "ratios: sticky-proxy / the better of nginx and HAProxy for that column"
+echo "        (rate: higher is better, target >= 1.25 HTTP, >= 1.1 ws; p99 and cpu: lower is better, cpu target <= 0.8)"
+printf '%-9s %-9s %10s %9s %8s %9s %7s\n' scenario proxy rate p99_ms cpu_us mem_kB errors
+for scenario in "${SCENARIO_LIST[@]}"; do
+  declare -A M_RATE=() M_P99=() M_CPU=() M_MEM=()
+  for who in "${CONTESTANTS[@]}"; do
+    key="$scenario/$who"
+    M_RATE[$who]="$(med "${RATE[$key]}")"; M_P99[$who]="$(med "${P99[$key]}")"
+    M_CPU[$who]="$(med "${CPU[$key]}")"; M_MEM[$who]="$(med "${MEM[$key]}")"
+    printf '%-9s %-9s %10s %9s %8s %9s %7s\n' "$scenario" "$who" "${M_RATE[$who]}" "${M_P99[$who]}" \
+      "${M_CPU[$who]}" "${M_MEM[$who]}" "${ERRS[$key]}"
+  done
+  if [ "$ONLY_STICKY" -eq 0 ]; then
+    best() { # column higher|lower -> the better of nginx and haproxy
+      local -n col="$1"
+      local a="${col[nginx]}" b="${col[haproxy]}"
+      if [ "$a" = "-" ] || [ "$a" = "nan" ]; then echo "$b"; return; fi
+      if [ "$b" = "-" ] || [ "$b" = "nan" ]; then echo "$a"; return; fi
+      if [ "$2" = higher ]; then calc "print (($a > $b) ? $a : $b)"; else calc "print (($a < $b) ? $a : $b)"; fi
+    }
+    for who in "${CONTESTANTS[@]}"; do
+      case "$who" in sticky*) ;; *) continue ;; esac
+      printf '%-9s %-9s %10s %9s %8s %9s\n' "$scenario" "$who/best" \
+        "$(ratio "${M_RATE[$who]}" "$(best M_RATE higher)")" "$(ratio "${M_P99[$who]}" "$(best M_P99 lower)")" \
+        "$(ratio "${M_CPU[$who]}" "$(best M_CPU lower)")" "$(ratio "${M_MEM[$who]}" "$(best M_MEM lower)")"
+    done
+  fi
+  if [ "${#BINARIES[@]}" -eq 2 ]; then
+    printf '%-9s %-9s %10s %9s %8s %9s\n' "$scenario" "B/A" \
+      "$(ratio "${M_RATE[sticky-B]}" "${M_RATE[sticky]}")" "$(ratio "${M_P99[sticky-B]}" "${M_P99[sticky]}")" \
+      "$(ratio "${M_CPU[sticky-B]}" "${M_CPU[sticky]}")" "$(ratio "${M_MEM[sticky-B]}" "${M_MEM[sticky]}")"
+  fi
 done
-if [ "${#BINARIES[@]}" -eq 2 ]; then
-  echo "ratio B/A:  req/s $(ratio "${MED_RPS[A]}" "${MED_RPS[B]}")   p99 $(ratio "${MED_P99[A]}" "${MED_P99[B]}")   cpu/req $(ratio "${MED_CPU[A]}" "${MED_CPU[B]}")"
-  echo "  (req/s > 1: B is faster; p99 and cpu/req < 1: B is better)"
-fi
-if [ "$NOISY" -gt 0 ]; then
-  echo "WARNING: $NOISY of $((RUNS * ${#BINARIES[@]})) runs shared the machine with other work (other% > $NOISY_PCT);"
-  echo "         re-run on a quiet machine before trusting small differences"
-fi
 echo
-for i in "${!BINARIES[@]}"; do
-  label="${LABELS[$i]}"
-  echo "SUMMARY $label runs=$RUNS duration_s=$DURATION median_rps=${MED_RPS[$label]} median_p99_ms=${MED_P99[$label]} median_cpu_us_per_req=${MED_CPU[$label]} binary=${BINARIES[$i]}"
+for scenario in "${SCENARIO_LIST[@]}"; do
+  for who in "${CONTESTANTS[@]}"; do
+    key="$scenario/$who"
+    echo "SUMMARY scenario=$scenario proxy=$who rounds=$ROUNDS rate=$(med "${RATE[$key]}") p99_ms=$(med "${P99[$key]}") cpu_us=$(med "${CPU[$key]}") mem_kb=$(med "${MEM[$key]}") errors=${ERRS[$key]}"
+  done
 done
