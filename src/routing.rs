@@ -253,12 +253,13 @@ impl RoutingTable {
     /// The backend serving a device now, and the ring owner it stands in
     /// for if that one is down. `None` when every backend is down.
     pub fn serving(&self, device_id: &[u8]) -> Option<(Arc<Backend>, Option<Arc<Backend>>)> {
-        let mut walk = self.ring.walk(device_id);
-        let owner = walk.next()?;
+        // The common case, the owner up, costs one lookup and no walk.
+        let owner = self.ring.owner(device_id)?;
         if self.usable(owner) {
             return self.backends.get(owner).map(|b| (Arc::clone(b), None));
         }
-        let standby = walk.find(|&i| self.usable(i))?;
+        let mut walk = self.ring.walk(device_id);
+        let standby = walk.find(|&i| i != owner && self.usable(i))?;
         Some((Arc::clone(self.backends.get(standby)?), self.backends.get(owner).cloned()))
     }
 
