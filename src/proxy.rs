@@ -14,7 +14,7 @@
 
 use std::borrow::Cow;
 use std::error::Error as StdError;
-use std::io;
+use std::io::{self, Write as _};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -178,9 +179,11 @@ impl Proxy {
                 }
             }
         };
-        let device = key.as_deref().map_or(Cow::Borrowed("-"), String::from_utf8_lossy).into_owned();
+        let device =
+            |key: &Option<Vec<u8>>| key.as_deref().map_or(Cow::Borrowed("-"), String::from_utf8_lossy).into_owned();
 
         if is_websocket_upgrade(req.headers()) {
+            let device = device(&key);
             let tunnel = tunnel::Request { client_addr, backend, key, device, started, response_timeout };
             return tunnel::open(self, req, tunnel).await;
         }
@@ -192,6 +195,7 @@ impl Proxy {
         let elapsed = started.elapsed();
         backend.stats.response(response.status().as_u16(), elapsed);
         if let Some((method, path)) = logged {
+            let device = device(&key);
             info!(device, backend = %backend.id, %method, path, status = response.status().as_u16(), ?elapsed, "proxied");
         }
         response
@@ -327,7 +331,10 @@ fn upstream_request(
 ) -> Result<Request<UpstreamBody>, UpstreamFailure> {
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = upstream_uri(&backend.address, &parts.uri)?;
+    *request.uri_mut() = match &backend.authority {
+        Some(authority) => upstream_uri_to(authority, &parts.uri)?,
+        None => upstream_uri(&backend.address, &parts.uri)?,
+    };
     *request.headers_mut() = parts.headers.clone();
     Ok(request)
 }
@@ -408,14 +415,22 @@ impl UpstreamFailure {
 
 /// `http://{address}{path?query}` for the upstream request.
 pub(crate) fn upstream_uri(address: &str, original: &Uri) -> Result<Uri, UpstreamFailure> {
+    let authority: Authority = address.parse().map_err(|_| UpstreamFailure::BadAddress)?;
+    upstream_uri_to(&authority, original)
+}
+
+/// `http://{authority}{path?query}`, sharing the parsed authority and the
+/// request's path (no parsing, no copying).
+pub(crate) fn upstream_uri_to(authority: &Authority, original: &Uri) -> Result<Uri, UpstreamFailure> {
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
     // Asterisk-form (`OPTIONS *`) has no path to forward; ask for "/".
-    let path = original.path_and_query().map(|p| p.as_str()).filter(|p| p.starts_with('/')).unwrap_or("/");
-    Uri::builder()
-        .scheme("http")
-        .authority(address)
-        .path_and_query(path)
-        .build()
-        .map_err(|_| UpstreamFailure::BadAddress)
+    parts.path_and_query = Some(match original.path_and_query() {
+        Some(p) if p.as_str().starts_with('/') => p.clone(),
+        _ => PathAndQuery::from_static("/"),
+    });
+    Uri::from_parts(parts).map_err(|_| UpstreamFailure::BadAddress)
 }
 
 /// A short plain-text response of the proxy's own.
@@ -456,34 +471,76 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, those named in `Connection`, and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        // `Connection: host` must not cost the backend the client's Host.
-        .filter(|name| name != header::HOST)
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
+    // One pass over the names finds which are present: most requests carry
+    // none, most responses only `Connection: keep-alive`, and then no
+    // absent header is looked up.
+    let mut present = 0u16; // bit i: HOP_BY_HOP[i]; the next bit: Upgrade
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        } else if name == header::UPGRADE {
+            present |= 1 << HOP_BY_HOP.len();
+        }
     }
-    headers.remove(header::UPGRADE);
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // HOP_BY_HOP[0] is Connection: drop the headers it names. Its values
+        // are copied out first (reference-counted, no allocation for one line).
+        let mut lines = headers.get_all(header::CONNECTION).iter();
+        let first = lines.next().cloned();
+        let more: Vec<HeaderValue> = lines.cloned().collect();
+        for line in first.iter().chain(&more) {
+            for token in line.to_str().unwrap_or("").split(',').map(str::trim) {
+                // `Connection: host` must not cost the backend the client's Host.
+                if !token.is_empty() && !token.eq_ignore_ascii_case("host") {
+                    // Looked up by &str: no HeaderName is built; an invalid
+                    // name matches nothing.
+                    headers.remove(token);
+                }
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if present & (1 << HOP_BY_HOP.len()) != 0 {
+        headers.remove(header::UPGRADE);
+    }
 }
 
 /// Appends the client to `X-Forwarded-For` and sets `-Proto` and `-Host`.
 pub fn add_forwarded_headers(headers: &mut HeaderMap, client_addr: SocketAddr, proto: &'static str) {
-    let client_ip = client_addr.ip().to_string();
-    // Every prior line counts: proxies before us may have added one each.
-    let prior: Vec<&str> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .collect();
-    let forwarded_for = if prior.is_empty() { client_ip } else { format!("{}, {client_ip}", prior.join(", ")) };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    // Room for the three headers at once: at most one growth of the map.
+    headers.reserve(3);
+    let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
+        // Every prior line counts: proxies before us may have added one each.
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        let client_ip = client_addr.ip().to_string();
+        let joined = if prior.is_empty() { client_ip } else { format!("{}, {client_ip}", prior.join(", ")) };
+        HeaderValue::from_str(&joined).ok()
+    } else {
+        // The common case: the address formatted on the stack, one copy.
+        let mut buf = [0u8; 64];
+        let mut cursor = io::Cursor::new(&mut buf[..]);
+        match write!(cursor, "{}", client_addr.ip()) {
+            Ok(()) => {
+                let len = usize::try_from(cursor.position()).unwrap_or(0);
+                HeaderValue::from_bytes(&buf[..len]).ok()
+            }
+            Err(_) => HeaderValue::from_str(&client_addr.ip().to_string()).ok(),
+        }
+    };
+    if let Some(value) = forwarded_for {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -535,6 +592,35 @@ mod tests {
         add_forwarded_headers(&mut h, "127.0.0.9:5555".parse().expect("addr"), "http");
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.9");
         assert_eq!(h[header::HOST], "api.example.com");
+    }
+
+    #[test]
+    fn connection_tokens_of_every_line_and_any_case_are_removed() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("X-One, keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-two,,bad name"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        for name in ["x-one", "x-two", "x-three"] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["x-three"]);
+
+        let mut plain = HeaderMap::new();
+        plain.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1);
+    }
+
+    #[test]
+    fn forwarded_for_is_the_client_ip_alone_when_first() {
+        let mut h = HeaderMap::new();
+        add_forwarded_headers(&mut h, "[2001:db8::1]:443".parse().expect("addr"), "https");
+        assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::1");
+        assert!(!h.contains_key(&X_FORWARDED_HOST));
     }
 
     #[test]
