@@ -121,7 +121,16 @@ fn init_logging() {
 /// the admin API, health checks and tunnels all share it.
 fn block_on(workers: usize, work: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
     server::raise_fd_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build() {
+    // One worker: a current-thread runtime does the same work without the
+    // multi-threaded scheduler's cross-thread bookkeeping.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => return fail(format!("cannot start the async runtime: {e}")),
     };
