@@ -22,6 +22,7 @@ pub mod demo;
 pub mod health;
 pub mod key;
 pub mod metrics;
+mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod ring;

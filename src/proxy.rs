@@ -26,17 +26,15 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::http::uri::{Authority, PathAndQuery, Scheme};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use crate::config::UpstreamConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::pool::Pool;
 use crate::routing::{Backend, Decision, Router};
 use crate::tunnel;
 
@@ -111,7 +109,7 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// State shared by every connection of one running proxy.
 pub struct Proxy {
     router: Router,
-    client: Client<HttpConnector, UpstreamBody>,
+    pool: Arc<Pool>,
     pub(crate) health: Arc<Health>,
     /// Fixed at start: the pooled connector is built with it.
     pub(crate) connect_timeout: Duration,
@@ -128,16 +126,8 @@ impl Proxy {
         health: Arc<Health>,
         close_tunnels: watch::Receiver<bool>,
     ) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        connector.set_connect_timeout(Some(upstream.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(upstream.pool_max_idle)
-            .pool_idle_timeout(upstream.pool_idle_timeout)
-            .build(connector);
-        Proxy { router, client, health, connect_timeout: upstream.connect_timeout, metrics, close_tunnels }
+        let pool = Pool::new(upstream.pool_max_idle, upstream.pool_idle_timeout, upstream.connect_timeout);
+        Proxy { router, pool, health, connect_timeout: upstream.connect_timeout, metrics, close_tunnels }
     }
 
     pub fn router(&self) -> &Router {
@@ -229,7 +219,7 @@ impl Proxy {
                 let sent = Arc::new(Notify::new());
                 let body = ClientBody { inner: body, sent: Arc::clone(&sent) };
                 let request = upstream_request(&parts, &backend, Either::Left(body));
-                return match self.send(request, response_timeout, Some(sent)).await {
+                return match self.send(&backend.address, request, response_timeout, Some(sent)).await {
                     Ok(response) => (backend, response),
                     Err(failure) => {
                         self.failed(&backend, failure);
@@ -243,7 +233,7 @@ impl Proxy {
         let mut retried = false;
         loop {
             let request = upstream_request(&parts, &backend, Either::Right(Full::new(replay.clone())));
-            match self.send(request, response_timeout, None).await {
+            match self.send(&backend.address, request, response_timeout, None).await {
                 Ok(response) => return (backend, response),
                 Err(failure) => {
                     self.failed(&backend, failure);
@@ -276,11 +266,13 @@ impl Proxy {
     /// mistaken for a slow backend.
     async fn send(
         &self,
+        address: &str,
         request: Result<Request<UpstreamBody>, UpstreamFailure>,
         response_timeout: Duration,
         uploaded: Option<Arc<Notify>>,
     ) -> Result<Response<ProxyBody>, UpstreamFailure> {
-        let exchange = self.client.request(request?);
+        let request = request?;
+        let exchange = self.pool.send(address, request);
         tokio::pin!(exchange);
         if let Some(uploaded) = uploaded {
             let early = tokio::select! {
@@ -311,19 +303,15 @@ impl Proxy {
     }
 }
 
-fn answer_of(
-    answer: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
-) -> Result<Response<ProxyBody>, UpstreamFailure> {
-    match answer {
-        Ok(mut response) => {
-            strip_hop_by_hop(response.headers_mut());
-            Ok(response.map(Either::Left))
-        }
-        Err(e) => Err(UpstreamFailure::classify(&e, e.is_connect())),
-    }
+fn answer_of(answer: Result<Response<Incoming>, UpstreamFailure>) -> Result<Response<ProxyBody>, UpstreamFailure> {
+    let mut response = answer?;
+    strip_hop_by_hop(response.headers_mut());
+    Ok(response.map(Either::Left))
 }
 
-/// The upstream request for `backend`, from the client's (cleaned) parts.
+/// The upstream request for `backend`, from the client's (cleaned) parts:
+/// origin-form, as HTTP/1.1 sends it to a server; `Host` is the client's, or
+/// the backend's address for a client that sent none (HTTP/1.0).
 fn upstream_request(
     parts: &hyper::http::request::Parts,
     backend: &Backend,
@@ -331,11 +319,12 @@ fn upstream_request(
 ) -> Result<Request<UpstreamBody>, UpstreamFailure> {
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = match &backend.authority {
-        Some(authority) => upstream_uri_to(authority, &parts.uri)?,
-        None => upstream_uri(&backend.address, &parts.uri)?,
-    };
+    *request.uri_mut() = origin_form(&parts.uri);
     *request.headers_mut() = parts.headers.clone();
+    if !request.headers().contains_key(header::HOST) {
+        let host = HeaderValue::from_str(&backend.address).map_err(|_| UpstreamFailure::BadAddress)?;
+        request.headers_mut().insert(header::HOST, host);
+    }
     Ok(request)
 }
 
@@ -413,24 +402,15 @@ impl UpstreamFailure {
     }
 }
 
-/// `http://{address}{path?query}` for the upstream request.
-pub(crate) fn upstream_uri(address: &str, original: &Uri) -> Result<Uri, UpstreamFailure> {
-    let authority: Authority = address.parse().map_err(|_| UpstreamFailure::BadAddress)?;
-    upstream_uri_to(&authority, original)
-}
-
-/// `http://{authority}{path?query}`, sharing the parsed authority and the
-/// request's path (no parsing, no copying).
-pub(crate) fn upstream_uri_to(authority: &Authority, original: &Uri) -> Result<Uri, UpstreamFailure> {
+/// The request's path and query alone (a reference-counted clone, no
+/// parsing); asterisk-form (`OPTIONS *`) has no path to forward: "/".
+pub(crate) fn origin_form(original: &Uri) -> Uri {
     let mut parts = hyper::http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority.clone());
-    // Asterisk-form (`OPTIONS *`) has no path to forward; ask for "/".
     parts.path_and_query = Some(match original.path_and_query() {
         Some(p) if p.as_str().starts_with('/') => p.clone(),
         _ => PathAndQuery::from_static("/"),
     });
-    Uri::from_parts(parts).map_err(|_| UpstreamFailure::BadAddress)
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 /// A short plain-text response of the proxy's own.
@@ -634,15 +614,10 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uri_keeps_path_and_query() {
+    fn origin_form_keeps_path_and_query() {
         let uri: Uri = "/devices/a%20b/messages?x=1".parse().expect("uri");
-        assert_eq!(
-            upstream_uri("10.0.0.1:80", &uri).expect("uri").to_string(),
-            "http://10.0.0.1:80/devices/a%20b/messages?x=1"
-        );
-        assert_eq!(
-            upstream_uri("[::1]:9000", &"*".parse().expect("uri")).map(|u| u.to_string()),
-            Ok("http://[::1]:9000/".into())
-        );
+        assert_eq!(origin_form(&uri).to_string(), "/devices/a%20b/messages?x=1");
+        assert_eq!(origin_form(&"*".parse().expect("uri")).to_string(), "/");
+        assert_eq!(origin_form(&"http://h:1/p?q".parse().expect("uri")).to_string(), "/p?q");
     }
 }

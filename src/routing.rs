@@ -79,9 +79,6 @@ pub struct Backend {
     pub id: String,
     /// `host:port` to connect to.
     pub address: String,
-    /// `address`, parsed once for the upstream request URIs (validation
-    /// guarantees it parses; `None` would fall back to parsing per request).
-    pub authority: Option<hyper::http::uri::Authority>,
     pub weight: u32,
     /// This backend's metric handles (shared with the same backend in
     /// other snapshots, so counts carry across reloads).
@@ -135,13 +132,7 @@ impl RoutingTable {
             .iter()
             .map(|b| {
                 let stats = metrics.backend(&b.id);
-                Arc::new(Backend {
-                    id: b.id.clone(),
-                    address: b.address.clone(),
-                    authority: b.address.parse().ok(),
-                    weight: b.weight,
-                    stats,
-                })
+                Arc::new(Backend { id: b.id.clone(), address: b.address.clone(), weight: b.weight, stats })
             })
             .collect();
         let members: Vec<Member<'_>> =
