@@ -77,6 +77,17 @@ pub enum MissingKey {
     Spread,
 }
 
+/// What happens to a tunnel whose device has another owner after a ring change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rebalance {
+    /// Leave it open; its HTTP follows it until the device reconnects.
+    Keep,
+    /// Close it with 1012 (at `rebalance_rate`) so the device reconnects
+    /// to its owner.
+    Migrate,
+}
+
 #[derive(Debug, Clone)]
 pub struct RoutingConfig {
     /// Where the device ID is looked for, in order; the first hit wins.
@@ -86,6 +97,10 @@ pub struct RoutingConfig {
     pub replicas: u32,
     /// How long a draining backend's open WebSocket tunnels may stay.
     pub drain_timeout: Duration,
+    /// Misplaced tunnels after a ring change: keep or migrate.
+    pub rebalance: Rebalance,
+    /// Misplaced tunnels closed per second under `migrate`.
+    pub rebalance_rate: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +282,8 @@ struct RawRouting {
     missing_key: Option<MissingKey>,
     replicas: Option<Spanned<i64>>,
     drain_timeout: Option<Spanned<String>>,
+    rebalance: Option<Rebalance>,
+    rebalance_rate: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -422,7 +439,25 @@ impl Validator<'_> {
         };
         let drain_timeout =
             self.duration(raw.drain_timeout.as_ref(), "routing.drain_timeout", Duration::from_secs(300))?;
-        Ok(RoutingConfig { keys, missing_key: raw.missing_key.unwrap_or(MissingKey::Reject), replicas, drain_timeout })
+        let rebalance_rate = match &raw.rebalance_rate {
+            None => 100.0,
+            Some(r) if r.get_ref().is_finite() && (0.01..=1_000_000.0).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                return self.err(
+                    r.span(),
+                    "routing.rebalance_rate",
+                    format!("must be between 0.01 and 1000000 tunnels per second, got {}", r.get_ref()),
+                )
+            }
+        };
+        Ok(RoutingConfig {
+            keys,
+            missing_key: raw.missing_key.unwrap_or(MissingKey::Reject),
+            replicas,
+            drain_timeout,
+            rebalance: raw.rebalance.unwrap_or(Rebalance::Migrate),
+            rebalance_rate,
+        })
     }
 
     fn upstream(&self, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
@@ -718,6 +753,8 @@ weight = 2
         assert_eq!(c.backends[1].weight, 2);
         assert_eq!(c.routing.missing_key, MissingKey::Reject);
         assert_eq!(c.routing.replicas, ring::DEFAULT_REPLICAS);
+        assert_eq!(c.routing.rebalance, Rebalance::Migrate);
+        assert_eq!(c.routing.rebalance_rate, 100.0);
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().expect("addr"));
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(3));
     }
