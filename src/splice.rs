@@ -83,9 +83,9 @@ struct Ending {
     /// Don't wait for the backend or for frame boundaries of the device.
     force: bool,
     mask: [u8; 4],
-    /// The tunnel's place in the registry, given up the moment the device
-    /// is sent its close frame: from then on its HTTP must not follow this
-    /// tunnel, which can no longer deliver.
+    /// The tunnel's place in the registry, given up as the ending starts:
+    /// from then on the device's HTTP must not follow this tunnel, whose
+    /// backend is being told the device has gone.
     registration: Option<Registration>,
 }
 
@@ -109,7 +109,7 @@ where
 {
     /// `early_up`/`early_down`: bytes that arrived with the upgrade and are
     /// already read (hyper's leftovers); `counted_*`: byte counters;
-    /// `registration`: dropped when the device is sent a close frame.
+    /// `registration`: dropped when the proxy starts ending the tunnel.
     pub fn new(
         client: C,
         backend: B,
@@ -136,6 +136,7 @@ where
         if self.ending.request.is_none() {
             self.ending.request = Some((code, reason));
             self.ending.mask = mask;
+            self.ending.registration = None;
         }
     }
 
@@ -227,10 +228,7 @@ impl Ending {
     fn sent(&mut self, dir: Dir) {
         match dir {
             Dir::Up => self.backend_close_sent = true,
-            Dir::Down => {
-                self.device_close_sent = true;
-                self.registration = None;
-            }
+            Dir::Down => self.device_close_sent = true,
         }
     }
 
@@ -347,6 +345,11 @@ where
             }
             ready!(Pin::new(&mut *dst).poll_shutdown(cx)).or_else(ignore_if_gone)?;
             flow.shut = true;
+        }
+        // Forced: the backend ignored our close, so don't wait for its end
+        // either; it is dropped with the tunnel.
+        if dir == Dir::Down && flow.shut && ending.force && ending.device_close_sent {
+            flow.eof = true;
         }
         if flow.eof {
             return Poll::Ready(Ok(()));
