@@ -139,20 +139,14 @@ async fn drive_device(
         }
         // Delivered by the backend: it must reach the device, even if the
         // proxy closes the tunnel right now (the close comes after it).
-        loop {
-            match within("message on the socket", ws.next()).await {
-                Some(Ok(Message::Text(t))) if t.as_str() == body => {
-                    log.delivered += 1;
-                    break;
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    log.lost += 1;
-                    log.closes.push((Instant::now(), frame.map(|f| u16::from(f.code))));
-                    ws = reconnect(addr, admin, device, &mut log).await;
-                    break;
-                }
-                other => panic!("{device}: expected {body:?}, got {other:?}"),
+        match within("message on the socket", ws.next()).await {
+            Some(Ok(Message::Text(t))) if t.as_str() == body => log.delivered += 1,
+            Some(Ok(Message::Close(frame))) => {
+                log.lost += 1;
+                log.closes.push((Instant::now(), frame.map(|f| u16::from(f.code))));
+                ws = reconnect(addr, admin, device, &mut log).await;
             }
+            other => panic!("{device}: expected {body:?}, got {other:?}"),
         }
     }
     let _ = within("close", ws.close(None)).await;
