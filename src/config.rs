@@ -829,6 +829,18 @@ weight = 2
     }
 
     #[test]
+    fn rebalance_settings() {
+        let c = Config::parse(&GOOD.replace("[routing]", "[routing]\nrebalance = \"keep\"\nrebalance_rate = 5"))
+            .expect("valid");
+        assert_eq!((c.routing.rebalance, c.routing.rebalance_rate), (Rebalance::Keep, 5.0));
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nrebalance_rate = 0"));
+        assert_eq!(e.field.as_deref(), Some("routing.rebalance_rate"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nrebalance = \"shuffle\""));
+        assert!(e.to_string().contains("rebalance"), "{e}");
+    }
+
+    #[test]
     fn durations_past_a_year_are_rejected() {
         let text = GOOD.replace(
             "listen = \"127.0.0.1:8080\"",
