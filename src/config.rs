@@ -837,7 +837,8 @@ weight = 2
         assert_eq!(e.field.as_deref(), Some("routing.rebalance_rate"), "{e}");
         assert_eq!(e.line, Some(6), "{e}");
         let e = error_for(&GOOD.replace("[routing]", "[routing]\nrebalance = \"shuffle\""));
-        assert!(e.to_string().contains("rebalance"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.to_string().contains("`keep` or `migrate`"), "{e}");
     }
 
     #[test]
