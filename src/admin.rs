@@ -221,13 +221,23 @@ fn device(path: &str, state: &AdminState) -> Response<ProxyBody> {
             "tunnels": tunnels,
             "http": {
                 "backend": http.as_ref().map(|b| json!({ "id": b.id, "address": b.address })),
-                "via": if reason.starts_with("tunnel") { "tunnel" } else if reason.starts_with("ring owner") { "ring owner" } else { "failover" },
+                "via": via(http.is_some(), &reason),
                 "reason": reason,
             },
             "ring_owner": { "id": why.owner.id, "address": why.owner.address, "up": table.is_up(&why.owner.id) },
             "generation": table.generation(),
         }),
     )
+}
+
+/// The one-word form of an HTTP routing reason.
+fn via(routed: bool, reason: &str) -> &'static str {
+    match reason {
+        _ if !routed => "none",
+        r if r.starts_with("tunnel") => "tunnel",
+        r if r.starts_with("ring owner") => "ring owner",
+        _ => "failover",
+    }
 }
 
 async fn reload(state: &AdminState) -> Response<ProxyBody> {
