@@ -216,12 +216,16 @@ async fn with_migrate_misplaced_devices_move_at_the_rate_and_no_other_is_closed(
     close_times.sort();
     let n = close_times.len();
     let span = close_times[n - 1] - close_times[0];
-    let expected = Duration::from_secs_f64((n - 2) as f64 / RATE);
+    // n closes in n slots of 1/RATE, each at a random point of its slot,
+    // span at least n - 2 slots; a fifth of slack for the delivery delays
+    // of a loaded machine. Without pacing they would all come within a few
+    // milliseconds.
+    let expected = Duration::from_secs_f64(0.8 * (n - 2) as f64 / RATE);
     assert!(span >= expected, "{n} closes took {span:?}, faster than the rate allows ({expected:?})");
     assert!(span <= Duration::from_secs_f64(3.0 * n as f64 / RATE + 2.0), "{n} closes took {span:?}: stalled");
     for (i, t) in close_times.iter().enumerate() {
         let in_window = close_times[i..].iter().take_while(|u| **u - *t < Duration::from_secs(1)).count();
-        assert!(in_window as f64 <= RATE * 1.25 + 2.0, "{in_window} closes within one second");
+        assert!(in_window as f64 <= RATE * 1.5 + 2.0, "{in_window} closes within one second");
     }
 }
 
