@@ -865,7 +865,8 @@ mod tests {
                 word("q\"\t"),
                 Token::Semicolon,
                 Token::Close,
-                word("z;w"),
+                // An escaped ';' does not end the word; its backslash stays.
+                word("z\\;w"),
                 Token::Semicolon,
             ]
         );

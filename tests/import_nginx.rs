@@ -186,7 +186,9 @@ fn what_routes_differently_is_flagged_and_exits_2() {
 
 #[test]
 fn untranslatable_input_is_an_error_with_file_and_line() {
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
+    // (case, files as (path, content), expected in the error)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
         (
             "key",
             &[("nginx.conf", "http {\n upstream u {\n  hash $remote_addr consistent;\n  server 10.0.0.1:80;\n }\n}\n")],

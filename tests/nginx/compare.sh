@@ -59,7 +59,7 @@ nginx_version=$("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //')
 echo "--- $nginx_version at $nginx_bin"
 
 echo "--- building the probe"
-cargo build --quiet --example nginx_probe
+cargo build --quiet --locked --example nginx_probe
 probe="${CARGO_TARGET_DIR:-target}/debug/examples/nginx_probe"
 
 tmp=$(mktemp -d /tmp/nginx-compare.XXXXXX)
