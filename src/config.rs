@@ -89,6 +89,17 @@ pub enum HashMode {
     Nginx,
 }
 
+/// What happens to a tunnel whose device has another owner after a ring change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rebalance {
+    /// Leave it open; its HTTP follows it until the device reconnects.
+    Keep,
+    /// Close it with 1012 (at `rebalance_rate`) so the device reconnects
+    /// to its owner.
+    Migrate,
+}
+
 #[derive(Debug, Clone)]
 pub struct RoutingConfig {
     /// Where the device ID is looked for, in order; the first hit wins.
@@ -99,6 +110,10 @@ pub struct RoutingConfig {
     pub replicas: u32,
     /// How long a draining backend's open WebSocket tunnels may stay.
     pub drain_timeout: Duration,
+    /// Misplaced tunnels after a ring change: keep or migrate.
+    pub rebalance: Rebalance,
+    /// Misplaced tunnels closed per second under `migrate`.
+    pub rebalance_rate: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -286,6 +301,8 @@ struct RawRouting {
     hash: Option<HashMode>,
     replicas: Option<Spanned<i64>>,
     drain_timeout: Option<Spanned<String>>,
+    rebalance: Option<Rebalance>,
+    rebalance_rate: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -450,12 +467,25 @@ impl Validator<'_> {
         };
         let drain_timeout =
             self.duration(raw.drain_timeout.as_ref(), "routing.drain_timeout", Duration::from_secs(300))?;
+        let rebalance_rate = match &raw.rebalance_rate {
+            None => 100.0,
+            Some(r) if r.get_ref().is_finite() && (0.01..=1_000_000.0).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                return self.err(
+                    r.span(),
+                    "routing.rebalance_rate",
+                    format!("must be between 0.01 and 1000000 tunnels per second, got {}", r.get_ref()),
+                )
+            }
+        };
         Ok(RoutingConfig {
             keys,
             missing_key: raw.missing_key.unwrap_or(MissingKey::Reject),
             hash,
             replicas,
             drain_timeout,
+            rebalance: raw.rebalance.unwrap_or(Rebalance::Migrate),
+            rebalance_rate,
         })
     }
 
@@ -769,6 +799,8 @@ weight = 2
         assert_eq!(c.backends[1].weight, 2);
         assert_eq!(c.routing.missing_key, MissingKey::Reject);
         assert_eq!(c.routing.replicas, ring::DEFAULT_REPLICAS);
+        assert_eq!(c.routing.rebalance, Rebalance::Migrate);
+        assert_eq!(c.routing.rebalance_rate, 100.0);
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().expect("addr"));
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(3));
     }
@@ -868,6 +900,19 @@ weight = 2
             assert_eq!(e.field.as_deref(), Some("backends[1].id"), "{bad}: {e}");
         }
         Config::parse(&GOOD.replace("\"app-2\"", "\"eu-west/app_2.v1:9@a\"")).expect("plain id");
+    }
+
+    #[test]
+    fn rebalance_settings() {
+        let c = Config::parse(&GOOD.replace("[routing]", "[routing]\nrebalance = \"keep\"\nrebalance_rate = 5"))
+            .expect("valid");
+        assert_eq!((c.routing.rebalance, c.routing.rebalance_rate), (Rebalance::Keep, 5.0));
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nrebalance_rate = 0"));
+        assert_eq!(e.field.as_deref(), Some("routing.rebalance_rate"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nrebalance = \"shuffle\""));
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.to_string().contains("`keep` or `migrate`"), "{e}");
     }
 
     #[test]

@@ -6,9 +6,13 @@
 //! 1. [`server`] accepts a connection and serves HTTP/1.1 on it;
 //! 2. [`proxy`] loads the current [`routing::RoutingTable`], which uses
 //!    [`key`] to find the device ID and [`ring`] to find its owner;
-//! 3. [`proxy`] forwards plain requests over a pooled upstream connection, or
-//!    hands an `Upgrade: websocket` request to [`tunnel`], which joins the two
-//!    upgraded connections.
+//! 3. [`proxy`] forwards plain requests over a pooled upstream connection
+//!    (to the backend holding the device's open tunnel, if [`registry`] knows
+//!    one), or hands an `Upgrade: websocket` request to [`tunnel`], which
+//!    joins the two upgraded connections with a [`splice`] that follows
+//!    their frames ([`wsframe`]);
+//! 4. when the ring changes, [`rebalance`] moves tunnels whose device now
+//!    has another owner.
 //!
 //! [`config`] parses and validates the TOML file, [`admin`] serves the
 //! operator's API on its own listener, [`demo`] is a small app used by the
@@ -25,9 +29,13 @@ pub mod key;
 pub mod metrics;
 pub mod nginx_import;
 pub mod proxy;
+pub mod rebalance;
+pub mod registry;
 pub mod reload;
 pub mod ring;
 pub mod routing;
 pub mod sample;
 pub mod server;
+pub mod splice;
 pub mod tunnel;
+pub mod wsframe;

@@ -36,6 +36,7 @@ use tracing::{info, warn};
 use crate::config::UpstreamConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::registry::TunnelRegistry;
 use crate::routing::{Backend, Decision, Router};
 use crate::tunnel;
 
@@ -117,6 +118,8 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// Flips to `true` when open tunnels must close (end of shutdown).
     pub(crate) close_tunnels: watch::Receiver<bool>,
+    /// Open tunnels by device: HTTP for a device follows its tunnel.
+    pub(crate) tunnels: Arc<TunnelRegistry>,
 }
 
 impl Proxy {
@@ -126,6 +129,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         close_tunnels: watch::Receiver<bool>,
+        tunnels: Arc<TunnelRegistry>,
     ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -136,7 +140,7 @@ impl Proxy {
             .pool_max_idle_per_host(upstream.pool_max_idle)
             .pool_idle_timeout(upstream.pool_idle_timeout)
             .build(connector);
-        Proxy { router, client, health, connect_timeout: upstream.connect_timeout, metrics, close_tunnels }
+        Proxy { router, client, health, connect_timeout: upstream.connect_timeout, metrics, close_tunnels, tunnels }
     }
 
     pub fn router(&self) -> &Router {
@@ -147,14 +151,30 @@ impl Proxy {
     /// becomes a response with a status and a reason.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client_addr: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
+        let upgrade = is_websocket_upgrade(req.headers());
         let (key, backend, response_timeout) = {
             let table = self.router.load();
             let response_timeout = table.config().upstream.response_timeout;
             match table.decide(req.uri(), req.headers()) {
                 Decision::Owner { key, backend, failed_over_from } => {
-                    if let Some(owner) = &failed_over_from {
-                        owner.stats.failover();
-                    }
+                    // HTTP for a device with an open tunnel goes where the
+                    // tunnel is; a new tunnel goes to the ring's choice.
+                    let held = if upgrade { None } else { self.tunnels.holder(&key.id, &table) };
+                    let backend = match held {
+                        Some(held) => {
+                            self.metrics.routed_by_tunnel();
+                            held
+                        }
+                        None => {
+                            if !upgrade {
+                                self.metrics.routed_by_ring();
+                            }
+                            if let Some(owner) = &failed_over_from {
+                                owner.stats.failover();
+                            }
+                            backend
+                        }
+                    };
                     (Some(key.id.into_owned()), backend, response_timeout)
                 }
                 Decision::Spread { backend } => {
@@ -179,7 +199,7 @@ impl Proxy {
         };
         let device = key.as_deref().map_or(Cow::Borrowed("-"), String::from_utf8_lossy).into_owned();
 
-        if is_websocket_upgrade(req.headers()) {
+        if upgrade {
             let tunnel = tunnel::Request { client_addr, backend, key, device, started, response_timeout };
             return tunnel::open(self, req, tunnel).await;
         }
