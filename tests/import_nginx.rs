@@ -19,8 +19,24 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
 /// A fresh directory holding `files` (relative path, content).
-fn nginx_dir(name: &str, files: &[(&str, &str)]) -> PathBuf {
+fn nginx_dir(name: &str, files: &[(&str, &str)]) -> TempDir {
     let dir = std::env::temp_dir().join(format!("sticky-proxy-import-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     for (path, content) in files {
@@ -28,7 +44,7 @@ fn nginx_dir(name: &str, files: &[(&str, &str)]) -> PathBuf {
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         std::fs::write(path, content).expect("write");
     }
-    dir
+    TempDir(dir)
 }
 
 /// Runs import-nginx; on success also writes the TOML next to the config
@@ -104,7 +120,7 @@ server {
 }
 "#;
 
-fn realistic() -> PathBuf {
+fn realistic() -> TempDir {
     nginx_dir(
         "realistic",
         &[
