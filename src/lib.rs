@@ -17,7 +17,8 @@
 //! [`config`] parses and validates the TOML file, [`admin`] serves the
 //! operator's API on its own listener, [`demo`] is a small app used by the
 //! `demo` command, the tests and the benchmarks, and [`cli`] is the
-//! command line.
+//! command line. [`nginx_import`] translates an nginx config into a
+//! sticky-proxy one (`import-nginx`).
 
 pub mod admin;
 pub mod cli;
@@ -26,6 +27,7 @@ pub mod demo;
 pub mod health;
 pub mod key;
 pub mod metrics;
+pub mod nginx_import;
 pub mod proxy;
 pub mod rebalance;
 pub mod registry;
