@@ -191,8 +191,5 @@ pub fn is_misplaced(tunnel: &TunnelInfo, table: &RoutingTable) -> bool {
     if table.draining_since(&tunnel.backend.id).is_some() {
         return false;
     }
-    match table.serving(&tunnel.device) {
-        Some((serving, _)) => serving.id != tunnel.backend.id,
-        None => false,
-    }
+    table.home(&tunnel.device).is_some_and(|home| home.id != tunnel.backend.id)
 }

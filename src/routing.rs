@@ -297,6 +297,23 @@ impl RoutingTable {
         Some((Arc::clone(self.backends.get(standby)?), self.backends.get(owner).cloned()))
     }
 
+    /// Where a new connection of the device would settle, without side
+    /// effects: like [`RoutingTable::serving`], but `None` when every
+    /// backend is down or when nginx mode falls back to round robin (then
+    /// no single backend is the device's place, so no tunnel is misplaced).
+    pub fn home(&self, device_id: &[u8]) -> Option<&Arc<Backend>> {
+        let mut walk = self.ring.walk(device_id);
+        let owner = walk.next()?;
+        let home = if self.usable(owner) {
+            owner
+        } else if self.nginx {
+            self.ring.point_owners(device_id).take(NGINX_POINT_TRIES).find(|&i| self.usable(i))?
+        } else {
+            walk.find(|&i| self.usable(i))?
+        };
+        self.backends.get(home)
+    }
+
     /// The next backend that is up after `failed` for a device (or, without
     /// a device ID, any other backend that is up): where a request whose
     /// connection to `failed` was refused is retried.
