@@ -28,4 +28,5 @@ pub mod ring;
 pub mod routing;
 pub mod sample;
 pub mod server;
+pub mod tls;
 pub mod tunnel;

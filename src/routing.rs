@@ -27,6 +27,7 @@ use crate::config::{Config, MissingKey};
 use crate::key::{DeviceKey, KeyExtractor};
 use crate::metrics::{BackendStats, Metrics};
 use crate::ring::{Member, Ring};
+use crate::tls::UpstreamTls;
 
 /// The shared handle through which the hot path reads the current table.
 pub type Router = Arc<LiveTable>;
@@ -80,6 +81,8 @@ pub struct Backend {
     /// `host:port` to connect to.
     pub address: String,
     pub weight: u32,
+    /// `Some`: spoken to over TLS.
+    pub tls: Option<UpstreamTls>,
     /// This backend's metric handles (shared with the same backend in
     /// other snapshots, so counts carry across reloads).
     pub stats: BackendStats,
@@ -132,7 +135,13 @@ impl RoutingTable {
             .iter()
             .map(|b| {
                 let stats = metrics.backend(&b.id);
-                Arc::new(Backend { id: b.id.clone(), address: b.address.clone(), weight: b.weight, stats })
+                Arc::new(Backend {
+                    id: b.id.clone(),
+                    address: b.address.clone(),
+                    weight: b.weight,
+                    tls: b.tls.clone(),
+                    stats,
+                })
             })
             .collect();
         let members: Vec<Member<'_>> =
@@ -307,6 +316,13 @@ impl RoutingTable {
     /// The ring owner of a device ID, whatever its health.
     pub fn owner(&self, device_id: &[u8]) -> Option<&Arc<Backend>> {
         self.ring.owner(device_id).and_then(|i| self.backends.get(i))
+    }
+
+    /// The TLS settings with this id of a backend at `address`, for a new
+    /// pooled connection (a scan: connections are made far less often than
+    /// requests, and only TLS backends pay it).
+    pub fn backend_tls(&self, address: &str, id: u64) -> Option<UpstreamTls> {
+        self.backends.iter().filter(|b| b.address == address).find_map(|b| b.tls.clone().filter(|t| t.id == id))
     }
 
     /// The index of the backend with this id.
