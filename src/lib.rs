@@ -19,6 +19,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod h2ws;
 pub mod health;
 pub mod key;
 pub mod metrics;

@@ -66,6 +66,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -103,6 +108,7 @@ pub struct Metrics {
     health_transitions: Family<BackendTo, Counter>,
     failovers: Family<BackendLabel, Counter>,
     retries: Family<BackendLabel, Counter>,
+    tls_handshake_failures: Family<ReasonLabel, Counter>,
     /// Per backend id: set when the backend leaves the config, so handles
     /// still held by requests and tunnels in flight stop creating series.
     retired: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
@@ -140,6 +146,7 @@ impl Metrics {
             health_transitions: Family::default(),
             failovers: Family::default(),
             retries: Family::default(),
+            tls_handshake_failures: Family::default(),
         };
         m.registry.register_collector(Box::new(ProcessCollector));
         let r = m.registry.sub_registry_with_prefix("sticky_proxy");
@@ -193,6 +200,11 @@ impl Metrics {
             "retries",
             "Requests retried on the next backend after a failed connect, by the backend that failed",
             m.retries.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason (timeout, closed, not_tls, protocol, incompatible, alert, other)",
+            m.tls_handshake_failures.clone(),
         );
         let build_info: Family<VersionLabel, Gauge> = Family::default();
         build_info.get_or_create(&VersionLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
@@ -300,6 +312,19 @@ impl Metrics {
         self.health_check_duration.get_or_create(&BackendLabel { backend: id.to_string() }).observe(took.as_secs_f64());
     }
 
+    /// Creates every handshake failure series at 0 (when a TLS listener
+    /// starts), so that dashboards see them before the first failure.
+    pub fn tls_listener_started(&self) {
+        for reason in crate::tls::HANDSHAKE_FAILURE_REASONS {
+            let _ = self.tls_handshake_failures.get_or_create(&ReasonLabel { reason });
+        }
+    }
+
+    /// A client's TLS handshake failed.
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
     pub fn missing_key(&self) {
         self.missing_key.inc();
     }
@@ -382,7 +407,10 @@ impl BackendStats {
 
     pub fn upstream_error(&self, failure: UpstreamFailure) {
         let kind = match failure {
-            UpstreamFailure::Refused | UpstreamFailure::Unreachable | UpstreamFailure::BadAddress => 0,
+            UpstreamFailure::Refused
+            | UpstreamFailure::Unreachable
+            | UpstreamFailure::BadAddress
+            | UpstreamFailure::Tls => 0,
             UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => 1,
             UpstreamFailure::Broken => 2,
             // The client's doing; never counted against a backend.

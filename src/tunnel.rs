@@ -26,7 +26,6 @@ use hyper::{Request as HttpRequest, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::proxy::{add_forwarded_headers, strip_hop_by_hop, Proxy, ProxyBody, UpstreamFailure};
@@ -38,6 +37,8 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What the proxy decided for an upgrade request.
 pub(crate) struct Request {
     pub client_addr: SocketAddr,
+    /// How the client reached us, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
     pub backend: Arc<Backend>,
     /// The device ID's bytes, to find a retry target on the ring.
     pub key: Option<Vec<u8>>,
@@ -48,7 +49,10 @@ pub(crate) struct Request {
 
 /// Sends a WebSocket upgrade to its backend and, on 101, starts the tunnel.
 pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunnel: Request) -> Response<ProxyBody> {
-    let Request { client_addr, mut backend, key, device, started, response_timeout } = tunnel;
+    let Request { client_addr, proto, mut backend, key, device, started, response_timeout } = tunnel;
+    // HTTP/2 (RFC 8441): the stream is the client's side of the tunnel, and
+    // the backend gets an HTTP/1.1 upgrade made from the CONNECT.
+    let extended_connect = crate::h2ws::is_extended_connect(&req);
     let client_upgrade = hyper::upgrade::on(&mut req);
     let path = req.uri().path().to_string();
     // The upgrade's headers, cleaned once; the request itself has no body,
@@ -60,7 +64,8 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
     if let Some(upgrade) = upgrade {
         parts.headers.insert(header::UPGRADE, upgrade);
     }
-    add_forwarded_headers(&mut parts.headers, client_addr, "http");
+    add_forwarded_headers(&mut parts.headers, client_addr, proto);
+    let bridge = extended_connect.then(|| crate::h2ws::to_http1_upgrade(&mut parts));
 
     let mut retried = false;
     let mut backend_response = loop {
@@ -102,6 +107,15 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
     let mut response = Response::new(Either::Right(Default::default()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = std::mem::take(backend_response.headers_mut());
+    if let Some(bridge) = &bridge {
+        if let Err(e) = bridge.answer(&mut response) {
+            warn!(device, backend = %backend.id, path, "websocket over HTTP/2: {e}");
+            return crate::proxy::text_response(
+                StatusCode::BAD_GATEWAY,
+                format!("backend {} answered the WebSocket upgrade wrongly\n", backend.id),
+            );
+        }
+    }
 
     let mut close = proxy.close_tunnels.clone();
     let router = Arc::clone(proxy.router());
@@ -170,14 +184,9 @@ async fn send_upgrade(
     backend: &Backend,
     response_timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamFailure> {
-    let connect = tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(backend.address.as_str()));
-    let stream = match connect.await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(UpstreamFailure::classify(&e, true)),
-        Err(_) => return Err(UpstreamFailure::ConnectTimeout),
-    };
-    let _ = stream.set_nodelay(true);
-    crate::server::keep_alive(&stream);
+    let stream = crate::tls::connect(&backend.address, backend.tls.as_ref(), proxy.connect_timeout)
+        .await
+        .map_err(|e| UpstreamFailure::classify(&e, true))?;
     let (mut sender, connection) =
         http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamFailure::classify(&e, false))?;
     tokio::spawn(async move {
