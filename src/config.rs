@@ -94,15 +94,43 @@ pub enum MissingKey {
     Spread,
 }
 
+/// How backends are placed on the ring and keys looked up (`routing.hash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashMode {
+    /// sticky-proxy's ring: backend `id`s, `replicas` points per weight.
+    Ring,
+    /// nginx's `hash $key consistent`: each backend's `address` as written,
+    /// 160 points per weight, nginx's tie rule, keys as nginx's variables
+    /// hold them (raw).
+    Nginx,
+}
+
+/// What happens to a tunnel whose device has another owner after a ring change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rebalance {
+    /// Leave it open; its HTTP follows it until the device reconnects.
+    Keep,
+    /// Close it with 1012 (at `rebalance_rate`) so the device reconnects
+    /// to its owner.
+    Migrate,
+}
+
 #[derive(Debug, Clone)]
 pub struct RoutingConfig {
     /// Where the device ID is looked for, in order; the first hit wins.
     pub keys: Vec<KeySource>,
     pub missing_key: MissingKey,
-    /// Ring points per unit of backend weight.
+    pub hash: HashMode,
+    /// Ring points per unit of backend weight (160 with `hash = "nginx"`).
     pub replicas: u32,
     /// How long a draining backend's open WebSocket tunnels may stay.
     pub drain_timeout: Duration,
+    /// Misplaced tunnels after a ring change: keep or migrate.
+    pub rebalance: Rebalance,
+    /// Misplaced tunnels closed per second under `migrate`.
+    pub rebalance_rate: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -124,8 +152,13 @@ pub struct UpstreamConfig {
 pub struct BackendConfig {
     /// Stable identity hashed onto the ring; the address may change freely.
     pub id: String,
-    /// `host:port`, where host is an IP address, `[IPv6]` or a DNS name.
+    /// `host:port` to connect to, where host is an IP address, `[IPv6]` or
+    /// a DNS name.
     pub address: String,
+    /// The address exactly as written (trimmed): with `hash = "nginx"`, what
+    /// the ring hashes, as nginx hashes its `server` text; it may lack the
+    /// port, which is then 80 in `address`.
+    pub server: String,
     pub weight: u32,
     /// `[health]` with this backend's overrides applied.
     pub health: HealthConfig,
@@ -306,8 +339,11 @@ struct RawReload {
 struct RawRouting {
     key: Spanned<Vec<Spanned<String>>>,
     missing_key: Option<MissingKey>,
+    hash: Option<HashMode>,
     replicas: Option<Spanned<i64>>,
     drain_timeout: Option<Spanned<String>>,
+    rebalance: Option<Rebalance>,
+    rebalance_rate: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -404,7 +440,7 @@ impl Validator<'_> {
             watch: raw.reload.watch.unwrap_or(true),
             interval: self.duration(raw.reload.interval.as_ref(), "reload.interval", Duration::from_secs(1))?,
         };
-        let backends = self.backends(raw.backends, routing.replicas, raw.health.as_ref(), &raw.upstream)?;
+        let backends = self.backends(raw.backends, &routing, raw.health.as_ref(), &raw.upstream)?;
         Ok(Config { server, admin, routing, upstream, reload, backends })
     }
 
@@ -466,8 +502,17 @@ impl Validator<'_> {
                 Err(e) => return self.err(source.span(), &format!("routing.key[{i}]"), e),
             }
         }
+        let hash = raw.hash.unwrap_or(HashMode::Ring);
         let replicas = match &raw.replicas {
+            None if hash == HashMode::Nginx => ring::NGINX_REPLICAS,
             None => ring::DEFAULT_REPLICAS,
+            Some(r) if hash == HashMode::Nginx => {
+                return self.err(
+                    r.span(),
+                    "routing.replicas",
+                    "does not apply with hash = \"nginx\", which places 160 points per unit of weight as nginx does; remove it".into(),
+                )
+            }
             Some(r) => match u32::try_from(*r.get_ref()) {
                 Ok(n) if (1..=100_000).contains(&n) => n,
                 _ => {
@@ -481,7 +526,26 @@ impl Validator<'_> {
         };
         let drain_timeout =
             self.duration(raw.drain_timeout.as_ref(), "routing.drain_timeout", Duration::from_secs(300))?;
-        Ok(RoutingConfig { keys, missing_key: raw.missing_key.unwrap_or(MissingKey::Reject), replicas, drain_timeout })
+        let rebalance_rate = match &raw.rebalance_rate {
+            None => 100.0,
+            Some(r) if r.get_ref().is_finite() && (0.01..=1_000_000.0).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                return self.err(
+                    r.span(),
+                    "routing.rebalance_rate",
+                    format!("must be between 0.01 and 1000000 tunnels per second, got {}", r.get_ref()),
+                )
+            }
+        };
+        Ok(RoutingConfig {
+            keys,
+            missing_key: raw.missing_key.unwrap_or(MissingKey::Reject),
+            hash,
+            replicas,
+            drain_timeout,
+            rebalance: raw.rebalance.unwrap_or(Rebalance::Migrate),
+            rebalance_rate,
+        })
     }
 
     fn upstream(&self, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
@@ -597,7 +661,7 @@ impl Validator<'_> {
     fn backends(
         &self,
         raw: Option<Spanned<Vec<RawBackend>>>,
-        replicas: u32,
+        routing: &RoutingConfig,
         global_health: Option<&RawHealth>,
         upstream: &RawUpstream,
     ) -> Result<Vec<BackendConfig>, ConfigError> {
@@ -651,10 +715,14 @@ impl Validator<'_> {
                     format!("duplicate backend id {id:?} (also backends[{first}])"),
                 );
             }
-            let address = b.address.get_ref().trim();
-            if let Err(e) = validate_address(address) {
-                return self.err(b.address.span(), &field("address"), e);
-            }
+            let server = b.address.get_ref().trim();
+            let nginx = routing.hash == HashMode::Nginx;
+            let address = match validate_address(server, nginx) {
+                Ok(false) => server.to_string(),
+                // nginx's default port; the ring still hashes `server`.
+                Ok(true) => format!("{server}:80"),
+                Err(e) => return self.err(b.address.span(), &field("address"), e),
+            };
             let weight = match &b.weight {
                 None => 1,
                 Some(w) => match u32::try_from(*w.get_ref()) {
@@ -671,7 +739,7 @@ impl Validator<'_> {
                     }
                 },
             };
-            points += u64::from(weight) * u64::from(replicas);
+            points += u64::from(weight) * u64::from(routing.replicas);
             if points > MAX_RING_POINTS {
                 return self.err(
                     b.weight.as_ref().map_or(b.id.span(), |w| w.span()),
@@ -695,8 +763,16 @@ impl Validator<'_> {
                     return self.err(span, &field("state"), format!("{other:?}: use \"active\" or \"draining\""))
                 }
             };
-            let tls = self.backend_tls(b, &field, address, upstream, &mut clients)?;
-            out.push(BackendConfig { id: id.to_string(), address: address.to_string(), weight, health, draining, tls });
+            let tls = self.backend_tls(b, &field, &address, upstream, &mut clients)?;
+            out.push(BackendConfig {
+                id: id.to_string(),
+                address,
+                server: server.to_string(),
+                weight,
+                health,
+                draining,
+                tls,
+            });
         }
         Ok(out)
     }
@@ -768,9 +844,14 @@ impl Validator<'_> {
 }
 
 /// Checks a backend address: `host:port` with a non-zero port, where host is
-/// an IPv4 address, a bracketed IPv6 address or a DNS name.
-fn validate_address(address: &str) -> Result<(), String> {
+/// an IPv4 address, a bracketed IPv6 address or a DNS name. With
+/// `portless_ok` (nginx mode) the port may be left out: `Ok(true)` says it
+/// was, and the backend is reached on port 80 as nginx would.
+fn validate_address(address: &str, portless_ok: bool) -> Result<bool, String> {
     let hint = "write host:port, e.g. \"10.0.0.5:8080\", \"[fd00::5]:8080\" or \"app-1.internal:8080\"";
+    if address.len() >= 5 && address[..5].eq_ignore_ascii_case("unix:") {
+        return Err(format!("{address:?}: unix sockets are not supported as backends; {hint}"));
+    }
     if address.contains("://") || address.contains('/') {
         return Err(format!("{address:?} must be host:port without a scheme or path; {hint}"));
     }
@@ -778,11 +859,12 @@ fn validate_address(address: &str) -> Result<(), String> {
     if address.contains('@') {
         return Err(format!("{address:?} must not contain user info; {hint}"));
     }
-    match authority.port_u16() {
+    let portless = match authority.port_u16() {
         Some(0) => return Err(format!("{address:?} has port 0; {hint}")),
-        Some(_) => {}
+        Some(_) => false,
+        None if portless_ok && !address.ends_with(':') => true,
         None => return Err(format!("{address:?} has no port; {hint}")),
-    }
+    };
     let host = authority.host();
     let valid_host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         v6.parse::<std::net::Ipv6Addr>().is_ok()
@@ -797,7 +879,7 @@ fn validate_address(address: &str) -> Result<(), String> {
     if !valid_host {
         return Err(format!("{address:?} has an invalid host; {hint}"));
     }
-    Ok(())
+    Ok(portless)
 }
 
 /// Parses durations written as `"500ms"`, `"2s"`, `"1m"`, `"1h"` (a whole
@@ -890,6 +972,8 @@ weight = 2
         assert_eq!(c.backends[1].weight, 2);
         assert_eq!(c.routing.missing_key, MissingKey::Reject);
         assert_eq!(c.routing.replicas, ring::DEFAULT_REPLICAS);
+        assert_eq!(c.routing.rebalance, Rebalance::Migrate);
+        assert_eq!(c.routing.rebalance_rate, 100.0);
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().expect("addr"));
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(3));
     }
@@ -945,6 +1029,34 @@ weight = 2
     }
 
     #[test]
+    fn nginx_hash_hashes_the_address_as_written() {
+        let nginx = GOOD.replace("[routing]", "[routing]\nhash = \"nginx\"");
+        let c = Config::parse(&nginx.replace("app-2.internal:9002", "app-2.internal")).expect("portless is fine");
+        assert_eq!(c.routing.hash, HashMode::Nginx);
+        assert_eq!(c.routing.replicas, ring::NGINX_REPLICAS);
+        assert_eq!(
+            (c.backends[1].address.as_str(), c.backends[1].server.as_str()),
+            ("app-2.internal:80", "app-2.internal")
+        );
+        assert_eq!(c.backends[0].server, "127.0.0.1:9001");
+        let c = Config::parse(&nginx.replace("app-2.internal:9002", "[::1]")).expect("portless v6");
+        assert_eq!(c.backends[1].address, "[::1]:80");
+        // Without nginx mode a port is still required.
+        assert_eq!(
+            error_for(&GOOD.replace("app-2.internal:9002", "app-2.internal")).field.as_deref(),
+            Some("backends[1].address")
+        );
+        for bad in ["unix:/run/app.sock", "app-2.internal:", "[::1:80"] {
+            let e = error_for(&nginx.replace("app-2.internal:9002", bad));
+            assert_eq!(e.field.as_deref(), Some("backends[1].address"), "{bad}: {e}");
+        }
+        let e = error_for(&nginx.replace("hash = \"nginx\"", "hash = \"nginx\"\nreplicas = 160"));
+        assert_eq!(e.field.as_deref(), Some("routing.replicas"), "{e}");
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nhash = \"maglev\""));
+        assert!(e.message.contains("maglev"), "{e}");
+    }
+
+    #[test]
     fn bad_key_patterns_are_rejected() {
         for bad in
             ["header:", "path:/devices/*/{id}", "path:devices/{id}", "path:/devices/x", "query:", "ip:x", "cookie:a=b"]
@@ -961,6 +1073,19 @@ weight = 2
             assert_eq!(e.field.as_deref(), Some("backends[1].id"), "{bad}: {e}");
         }
         Config::parse(&GOOD.replace("\"app-2\"", "\"eu-west/app_2.v1:9@a\"")).expect("plain id");
+    }
+
+    #[test]
+    fn rebalance_settings() {
+        let c = Config::parse(&GOOD.replace("[routing]", "[routing]\nrebalance = \"keep\"\nrebalance_rate = 5"))
+            .expect("valid");
+        assert_eq!((c.routing.rebalance, c.routing.rebalance_rate), (Rebalance::Keep, 5.0));
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nrebalance_rate = 0"));
+        assert_eq!(e.field.as_deref(), Some("routing.rebalance_rate"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nrebalance = \"shuffle\""));
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.to_string().contains("`keep` or `migrate`"), "{e}");
     }
 
     #[test]

@@ -66,6 +66,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ViaLabel {
+    via: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -109,6 +114,10 @@ pub struct Metrics {
     failovers: Family<BackendLabel, Counter>,
     retries: Family<BackendLabel, Counter>,
     tls_handshake_failures: Family<ReasonLabel, Counter>,
+    routed_by_tunnel: Counter,
+    routed_by_ring: Counter,
+    misplaced: Family<BackendLabel, Gauge>,
+    migrations: Family<BackendLabel, Counter>,
     /// Per backend id: set when the backend leaves the config, so handles
     /// still held by requests and tunnels in flight stop creating series.
     retired: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
@@ -147,6 +156,10 @@ impl Metrics {
             failovers: Family::default(),
             retries: Family::default(),
             tls_handshake_failures: Family::default(),
+            routed_by_tunnel: Counter::default(),
+            routed_by_ring: Counter::default(),
+            misplaced: Family::default(),
+            migrations: Family::default(),
         };
         m.registry.register_collector(Box::new(ProcessCollector));
         let r = m.registry.sub_registry_with_prefix("sticky_proxy");
@@ -200,6 +213,24 @@ impl Metrics {
             "retries",
             "Requests retried on the next backend after a failed connect, by the backend that failed",
             m.retries.clone(),
+        );
+        let routed: Family<ViaLabel, Counter> = Family::default();
+        m.routed_by_tunnel = routed.get_or_create_owned(&ViaLabel { via: "tunnel" });
+        m.routed_by_ring = routed.get_or_create_owned(&ViaLabel { via: "ring" });
+        r.register(
+            "http_routed",
+            "HTTP requests with a device ID, by what chose their backend: the device's open tunnel, or the ring",
+            routed,
+        );
+        r.register(
+            "tunnels_misplaced",
+            "Open tunnels whose device would now be routed to another backend, by the backend holding them",
+            m.misplaced.clone(),
+        );
+        r.register(
+            "tunnel_migrations",
+            "Misplaced tunnels closed with 1012 so their device reconnects to its owner, by the backend left",
+            m.migrations.clone(),
         );
         r.register(
             "tls_handshake_failures",
@@ -286,6 +317,7 @@ impl Metrics {
         self.health_check_duration.remove(&label);
         self.failovers.remove(&label);
         self.retries.remove(&label);
+        self.migrations.remove(&label);
         for result in ["success", "failure"] {
             self.health_checks.remove(&BackendResult { backend: label.backend.clone(), result });
         }
@@ -310,6 +342,30 @@ impl Metrics {
         let result = if ok { "success" } else { "failure" };
         self.health_checks.get_or_create(&BackendResult { backend: id.to_string(), result }).inc();
         self.health_check_duration.get_or_create(&BackendLabel { backend: id.to_string() }).observe(took.as_secs_f64());
+    }
+
+    /// An HTTP request went to the backend holding its device's tunnel.
+    pub fn routed_by_tunnel(&self) {
+        self.routed_by_tunnel.inc();
+    }
+
+    /// An HTTP request went where the ring (with failover) said.
+    pub fn routed_by_ring(&self) {
+        self.routed_by_ring.inc();
+    }
+
+    /// Replaces the misplaced-tunnel gauges: `counts` by backend id (every
+    /// current backend should be listed, with 0 where none are misplaced).
+    pub fn set_misplaced<'a>(&self, counts: impl IntoIterator<Item = (&'a str, usize)>) {
+        self.misplaced.clear();
+        for (id, n) in counts {
+            self.misplaced.get_or_create(&BackendLabel { backend: id.to_string() }).set(n as i64);
+        }
+    }
+
+    /// A misplaced tunnel on `backend` was asked to move.
+    pub fn migration(&self, backend: &str) {
+        self.migrations.get_or_create(&BackendLabel { backend: backend.to_string() }).inc();
     }
 
     /// Creates every handshake failure series at 0 (when a TLS listener

@@ -36,6 +36,7 @@ use tracing::{info, warn};
 use crate::config::UpstreamConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::registry::TunnelRegistry;
 use crate::routing::{Backend, Decision, Router};
 use crate::tls::UpstreamConnector;
 use crate::{h2ws, tunnel};
@@ -118,6 +119,8 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// Flips to `true` when open tunnels must close (end of shutdown).
     pub(crate) close_tunnels: watch::Receiver<bool>,
+    /// Open tunnels by device: HTTP for a device follows its tunnel.
+    pub(crate) tunnels: Arc<TunnelRegistry>,
 }
 
 impl Proxy {
@@ -127,6 +130,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         close_tunnels: watch::Receiver<bool>,
+        tunnels: Arc<TunnelRegistry>,
     ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -137,7 +141,7 @@ impl Proxy {
             .pool_max_idle_per_host(upstream.pool_max_idle)
             .pool_idle_timeout(upstream.pool_idle_timeout)
             .build(UpstreamConnector::new(connector, router.clone(), upstream.connect_timeout));
-        Proxy { router, client, health, connect_timeout: upstream.connect_timeout, metrics, close_tunnels }
+        Proxy { router, client, health, connect_timeout: upstream.connect_timeout, metrics, close_tunnels, tunnels }
     }
 
     pub fn router(&self) -> &Router {
@@ -170,14 +174,30 @@ impl Proxy {
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"));
             return response;
         }
+        let upgrade = is_websocket_upgrade(req.headers()) || h2ws::is_extended_connect(&req);
         let (key, backend, response_timeout) = {
             let table = self.router.load();
             let response_timeout = table.config().upstream.response_timeout;
             match table.decide(req.uri(), req.headers()) {
                 Decision::Owner { key, backend, failed_over_from } => {
-                    if let Some(owner) = &failed_over_from {
-                        owner.stats.failover();
-                    }
+                    // HTTP for a device with an open tunnel goes where the
+                    // tunnel is; a new tunnel goes to the ring's choice.
+                    let held = if upgrade { None } else { self.tunnels.holder(&key.id, &table) };
+                    let backend = match held {
+                        Some(held) => {
+                            self.metrics.routed_by_tunnel();
+                            held
+                        }
+                        None => {
+                            if !upgrade {
+                                self.metrics.routed_by_ring();
+                            }
+                            if let Some(owner) = &failed_over_from {
+                                owner.stats.failover();
+                            }
+                            backend
+                        }
+                    };
                     (Some(key.id.into_owned()), backend, response_timeout)
                 }
                 Decision::Spread { backend } => {
@@ -202,7 +222,7 @@ impl Proxy {
         };
         let device = key.as_deref().map_or(Cow::Borrowed("-"), String::from_utf8_lossy).into_owned();
 
-        if is_websocket_upgrade(req.headers()) || h2ws::is_extended_connect(&req) {
+        if upgrade {
             let tunnel = tunnel::Request { client_addr, proto, backend, key, device, started, response_timeout };
             return tunnel::open(self, req, tunnel).await;
         }

@@ -12,6 +12,11 @@
 //! owner is down, the device goes to the next distinct backend that is up in
 //! ring order (the same rule in every replica, so replicas that agree on
 //! health agree on placement), and comes back when the owner is up again.
+//!
+//! With `routing.hash = "nginx"` the ring is nginx's (see [`crate::ring`])
+//! and failover steps point by point as nginx does: the first usable
+//! backend among the owner's point and the 20 after it; past those, nginx
+//! falls back to round robin, and so does this table.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,11 +28,15 @@ use hyper::header::HeaderMap;
 use hyper::Uri;
 use tokio::sync::watch;
 
-use crate::config::{Config, MissingKey};
+use crate::config::{Config, HashMode, MissingKey};
 use crate::key::{DeviceKey, KeyExtractor};
 use crate::metrics::{BackendStats, Metrics};
-use crate::ring::{Member, Ring};
+use crate::ring::{self, Member, Ring, Ties};
 use crate::tls::UpstreamTls;
+
+/// Points nginx looks at for a usable server before it falls back to round
+/// robin (`hp->tries > 20` in `ngx_http_upstream_get_chash_peer`).
+const NGINX_POINT_TRIES: usize = 21;
 
 /// The shared handle through which the hot path reads the current table.
 pub type Router = Arc<LiveTable>;
@@ -114,6 +123,8 @@ pub struct RoutingTable {
     /// Backend id → index into `backends` (and `up`, `draining`).
     index: Arc<HashMap<String, usize>>,
     ring: Arc<Ring>,
+    /// `routing.hash = "nginx"`: failover steps through points as nginx does.
+    nginx: bool,
     keys: Arc<KeyExtractor>,
     /// Health, by backend index: `true` while the backend may take traffic.
     up: Vec<bool>,
@@ -144,17 +155,31 @@ impl RoutingTable {
                 })
             })
             .collect();
-        let members: Vec<Member<'_>> =
-            backends.iter().map(|b| Member { identity: b.id.as_bytes(), weight: b.weight }).collect();
+        let nginx = config.routing.hash == HashMode::Nginx;
+        let ring = if nginx {
+            let identities: Vec<Vec<u8>> = config.backends.iter().map(|b| ring::nginx_identity(&b.server)).collect();
+            let members: Vec<Member<'_>> = identities
+                .iter()
+                .zip(&config.backends)
+                .map(|(identity, b)| Member { identity, weight: b.weight })
+                .collect();
+            Ring::with_ties(&members, ring::NGINX_REPLICAS, Ties::FirstListed)
+        } else {
+            let members: Vec<Member<'_>> =
+                backends.iter().map(|b| Member { identity: b.id.as_bytes(), weight: b.weight }).collect();
+            Ring::new(&members, config.routing.replicas)
+        };
+        let keys = config.routing.keys.clone();
         let index = backends.iter().enumerate().map(|(i, b)| (b.id.clone(), i)).collect();
         RoutingTable {
-            ring: Arc::new(Ring::new(&members, config.routing.replicas)),
+            ring: Arc::new(ring),
+            nginx,
             index: Arc::new(index),
             up: vec![true; backends.len()],
             draining: config.backends.iter().map(|b| b.draining.then(Instant::now)).collect(),
             drain_overrides: Arc::new(HashMap::new()),
             backends: Arc::new(backends),
-            keys: Arc::new(KeyExtractor::new(config.routing.keys.clone())),
+            keys: Arc::new(if nginx { KeyExtractor::nginx(keys) } else { KeyExtractor::new(keys) }),
             missing_key: config.routing.missing_key,
             next_spread: AtomicUsize::new(0),
             config,
@@ -221,6 +246,7 @@ impl RoutingTable {
             backends: Arc::clone(&self.backends),
             index: Arc::clone(&self.index),
             ring: Arc::clone(&self.ring),
+            nginx: self.nginx,
             keys: Arc::clone(&self.keys),
             up,
             missing_key: self.missing_key,
@@ -267,7 +293,16 @@ impl RoutingTable {
         if self.usable(owner) {
             return self.backends.get(owner).map(|b| (Arc::clone(b), None));
         }
-        let standby = walk.find(|&i| self.usable(i))?;
+        let standby = if self.nginx {
+            // The owner's point is the first of nginx's tries.
+            let stepped = self.ring.point_owners(device_id).take(NGINX_POINT_TRIES).find(|&i| self.usable(i));
+            match stepped {
+                Some(i) => i,
+                None => self.spread_index()?,
+            }
+        } else {
+            walk.find(|&i| self.usable(i))?
+        };
         Some((Arc::clone(self.backends.get(standby)?), self.backends.get(owner).cloned()))
     }
 
@@ -291,9 +326,14 @@ impl RoutingTable {
     }
 
     fn spread(&self) -> Option<Arc<Backend>> {
+        self.spread_index().map(|i| Arc::clone(&self.backends[i]))
+    }
+
+    /// The next usable backend in turn.
+    fn spread_index(&self) -> Option<usize> {
         let n = self.backends.len();
         let start = self.next_spread.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|k| (start + k) % n).find(|&i| self.usable(i)).map(|i| Arc::clone(&self.backends[i]))
+        (0..n).map(|k| (start + k) % n).find(|&i| self.usable(i))
     }
 
     /// Where a device ID goes and why, for the admin API.

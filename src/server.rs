@@ -36,6 +36,8 @@ use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::rebalance::Rebalancer;
+use crate::registry::TunnelRegistry;
 use crate::reload::{Reloader, Trigger};
 use crate::routing::{Router, RoutingTable};
 
@@ -53,6 +55,7 @@ pub struct RunningProxy {
     reloader: Arc<Reloader>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    tunnels: Arc<TunnelRegistry>,
     /// `true`: stop accepting and finish in-flight HTTP.
     drain: watch::Sender<bool>,
     /// `true`: close everything still open, tunnels included.
@@ -87,12 +90,14 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     let (drain, _) = watch::channel(false);
     let (close, _) = watch::channel(false);
     let health = Health::new(router.clone(), Arc::clone(&metrics));
+    let tunnels = Arc::new(TunnelRegistry::new());
     let proxy = Arc::new(Proxy::new(
         router.clone(),
         &config.upstream,
         Arc::clone(&metrics),
         Arc::clone(&health),
         close.subscribe(),
+        Arc::clone(&tunnels),
     ));
 
     let running = RunningProxy {
@@ -103,6 +108,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         reloader: Arc::clone(&reloader),
         metrics: Arc::clone(&metrics),
         health: Arc::clone(&health),
+        tunnels: Arc::clone(&tunnels),
         drain,
         close,
     };
@@ -114,6 +120,8 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     };
     tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
     tokio::spawn(health.run(running.drain.subscribe()));
+    let rebalancer = Rebalancer::new(router.clone(), Arc::clone(&tunnels), Arc::clone(&metrics));
+    tokio::spawn(rebalancer.run(running.drain.subscribe()));
 
     // `proto` says how the client came: X-Forwarded-Proto.
     let proxy_service = |proto: &'static str| {
@@ -133,7 +141,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         info!(tls_listen = %addr, "TLS listener serving (HTTP/1.1 and HTTP/2)");
     }
     tokio::spawn(connections.clone().accept_loop(proxy_listener, Transport::Plain, proxy_service("http")));
-    let admin_state = AdminState { router, reloader, metrics };
+    let admin_state = AdminState { router, reloader, metrics, tunnels };
     let admin_service = move |_addr: SocketAddr| {
         let state = admin_state.clone();
         move |req: Request<Incoming>| {
@@ -181,6 +189,11 @@ impl RunningProxy {
 
     pub fn health(&self) -> &Arc<Health> {
         &self.health
+    }
+
+    /// The open tunnels, by device.
+    pub fn tunnels(&self) -> &Arc<TunnelRegistry> {
+        &self.tunnels
     }
 
     /// Stops accepting, waits up to the grace period for in-flight HTTP,
