@@ -81,8 +81,12 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                let tls = c.server.tls.as_ref().map_or_else(String::new, |tls| {
+                    let names: Vec<String> = tls.certificates.names().map(|n| n.join(" ")).collect();
+                    format!(", TLS on {} (certificates for: {})", tls.listen, names.join("; "))
+                });
                 println!(
-                    "{}: OK ({} backends, proxy on {}, admin on {}, device ID from {})",
+                    "{}: OK ({} backends, proxy on {}{tls}, admin on {}, device ID from {})",
                     config.display(),
                     c.backends.len(),
                     c.server.listen,

@@ -9,14 +9,17 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::http::uri::Authority;
+use rustls::pki_types::ServerName;
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::key::KeySource;
 use crate::ring;
+use crate::tls::{self, CertStore, ClientConfigs, PairError, UpstreamTls};
 
 /// Upper bound on ring points (sum of weight × replicas over all backends):
 /// 10 million points is 80 MB of ring, far beyond any sane deployment.
@@ -47,6 +50,20 @@ pub struct ServerConfig {
     /// starts this clock when it waits for the next request, so it is also
     /// the idle limit of a keep-alive connection.
     pub header_read_timeout: Duration,
+    /// Serve cleartext HTTP/2 with prior knowledge (h2c) on `listen` too.
+    pub h2c: bool,
+    /// The TLS listener, if any.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: a listener of its own terminating TLS.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    /// A client must finish its TLS handshake within this.
+    pub handshake_timeout: Duration,
+    /// The certificates, already read and checked; the first is the default.
+    pub certificates: Arc<CertStore>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +144,8 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
+    /// CA file trusted by `tls = true` backends without their own `tls_ca`.
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +165,8 @@ pub struct BackendConfig {
     /// `state = "draining"`: no new devices; open tunnels close after
     /// `routing.drain_timeout`.
     pub draining: bool,
+    /// `tls = true`: connect with TLS, verifying the backend's certificate.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// How a backend's health is judged (`[health]`, per-backend overrides).
@@ -276,6 +297,26 @@ struct RawServer {
     listen: Spanned<String>,
     shutdown_grace: Option<Spanned<String>>,
     header_read_timeout: Option<Spanned<String>>,
+    h2c: Option<bool>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: Spanned<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    handshake_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    certificates: Vec<RawCertificate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -312,6 +353,7 @@ struct RawUpstream {
     response_timeout: Option<Spanned<String>>,
     pool_max_idle: Option<Spanned<i64>>,
     pool_idle_timeout: Option<Spanned<String>>,
+    tls_ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -322,6 +364,9 @@ struct RawBackend {
     weight: Option<Spanned<i64>>,
     health: Option<RawHealth>,
     state: Option<Spanned<String>>,
+    tls: Option<Spanned<bool>>,
+    tls_ca: Option<Spanned<String>>,
+    tls_server_name: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -365,6 +410,11 @@ impl Validator<'_> {
                 "server.header_read_timeout",
                 Duration::from_secs(30),
             )?,
+            h2c: raw.server.h2c.unwrap_or(false),
+            tls: match &raw.server.tls {
+                Some(raw) => Some(self.tls(raw)?),
+                None => None,
+            },
         };
         let admin = self.admin(raw.admin.as_ref())?;
         if admin.listen == server.listen && server.listen.port() != 0 {
@@ -374,6 +424,15 @@ impl Validator<'_> {
                 "must differ from server.listen: the admin API never shares a listener with proxied traffic".into(),
             );
         }
+        if let (Some(tls), Some(raw_tls)) = (&server.tls, &raw.server.tls) {
+            if tls.listen.port() != 0 && (tls.listen == server.listen || tls.listen == admin.listen) {
+                return self.err(
+                    raw_tls.listen.span(),
+                    "server.tls.listen",
+                    "must differ from server.listen and admin.listen".into(),
+                );
+            }
+        }
 
         let routing = self.routing(raw.routing)?;
         let upstream = self.upstream(&raw.upstream)?;
@@ -381,7 +440,7 @@ impl Validator<'_> {
             watch: raw.reload.watch.unwrap_or(true),
             interval: self.duration(raw.reload.interval.as_ref(), "reload.interval", Duration::from_secs(1))?,
         };
-        let backends = self.backends(raw.backends, &routing, raw.health.as_ref())?;
+        let backends = self.backends(raw.backends, &routing, raw.health.as_ref(), &raw.upstream)?;
         Ok(Config { server, admin, routing, upstream, reload, backends })
     }
 
@@ -520,7 +579,83 @@ impl Validator<'_> {
                 "upstream.pool_idle_timeout",
                 Duration::from_secs(90),
             )?,
+            tls_ca: raw.tls_ca.as_ref().map(|ca| self.path(ca)),
         })
+    }
+
+    /// A path as written in the file, relative to the file's directory.
+    fn path(&self, value: &Spanned<String>) -> PathBuf {
+        self.base.join(value.get_ref().trim())
+    }
+
+    fn tls(&self, raw: &RawTls) -> Result<TlsConfig, ConfigError> {
+        let listen = self.socket_addr(&raw.listen, "server.tls.listen")?;
+        let handshake_timeout =
+            self.duration(raw.handshake_timeout.as_ref(), "server.tls.handshake_timeout", Duration::from_secs(10))?;
+        // The first pair is `cert`/`key`, then `[[server.tls.certificates]]`.
+        let mut spans = vec![(raw.cert.clone(), raw.key.clone(), "server.tls".to_string())];
+        for (i, c) in raw.certificates.iter().enumerate() {
+            spans.push((c.cert.clone(), c.key.clone(), format!("server.tls.certificates[{i}]")));
+        }
+        let pairs: Vec<(PathBuf, PathBuf)> = spans.iter().map(|(c, k, _)| (self.path(c), self.path(k))).collect();
+        match tls::load_server_certificates(&pairs) {
+            Ok(store) => Ok(TlsConfig { listen, handshake_timeout, certificates: Arc::new(store) }),
+            Err((i, error)) => {
+                let (cert, key, section) = &spans[i];
+                match error {
+                    PairError::Cert(m) => self.err(cert.span(), &format!("{section}.cert"), m),
+                    PairError::Key(m) => self.err(key.span(), &format!("{section}.key"), m),
+                }
+            }
+        }
+    }
+
+    /// A backend's TLS settings (`tls`, `tls_ca`, `tls_server_name`).
+    fn backend_tls(
+        &self,
+        b: &RawBackend,
+        field: &dyn Fn(&str) -> String,
+        address: &str,
+        upstream: &RawUpstream,
+        clients: &mut ClientConfigs,
+    ) -> Result<Option<UpstreamTls>, ConfigError> {
+        let on = b.tls.as_ref().is_some_and(|t| *t.get_ref());
+        if !on {
+            for (name, value) in [("tls_ca", &b.tls_ca), ("tls_server_name", &b.tls_server_name)] {
+                if let Some(v) = value {
+                    return self.err(v.span(), &field(name), "only applies with tls = true".into());
+                }
+            }
+            return Ok(None);
+        }
+        let (ca, ca_span, ca_field) = match (&b.tls_ca, &upstream.tls_ca) {
+            (Some(own), _) => (Some(self.path(own)), own.span(), field("tls_ca")),
+            (None, Some(default)) => (Some(self.path(default)), default.span(), "upstream.tls_ca".to_string()),
+            (None, None) => (None, b.tls.as_ref().map_or(0..0, |t| t.span()), field("tls")),
+        };
+        let (client, ca_hash) = match clients.get(ca.as_deref()) {
+            Ok(client) => client,
+            Err(e) => return self.err(ca_span, &ca_field, e),
+        };
+        let (name, span) = match &b.tls_server_name {
+            Some(n) => (n.get_ref().trim().to_string(), n.span()),
+            None => {
+                // The address's host, brackets of an IPv6 address removed.
+                let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+                (host.trim_start_matches('[').trim_end_matches(']').to_string(), b.address.span())
+            }
+        };
+        let server_name = match ServerName::try_from(name.clone()) {
+            Ok(n) => n,
+            Err(_) => {
+                return self.err(
+                    span,
+                    &field("tls_server_name"),
+                    format!("{name:?} is not a DNS name or IP address to verify the backend's certificate against"),
+                )
+            }
+        };
+        Ok(Some(UpstreamTls::new(client, server_name, ca, ca_hash)))
     }
 
     fn backends(
@@ -528,6 +663,7 @@ impl Validator<'_> {
         raw: Option<Spanned<Vec<RawBackend>>>,
         routing: &RoutingConfig,
         global_health: Option<&RawHealth>,
+        upstream: &RawUpstream,
     ) -> Result<Vec<BackendConfig>, ConfigError> {
         let Some(raw) = raw else {
             return Err(ConfigError {
@@ -558,6 +694,7 @@ impl Validator<'_> {
             None => HealthConfig::passive_only(),
         };
         let mut out: Vec<BackendConfig> = Vec::with_capacity(raw.get_ref().len());
+        let mut clients = ClientConfigs::default();
         let mut points: u64 = 0;
         for (i, b) in raw.get_ref().iter().enumerate() {
             let field = |name: &str| format!("backends[{i}].{name}");
@@ -626,6 +763,7 @@ impl Validator<'_> {
                     return self.err(span, &field("state"), format!("{other:?}: use \"active\" or \"draining\""))
                 }
             };
+            let tls = self.backend_tls(b, &field, &address, upstream, &mut clients)?;
             out.push(BackendConfig {
                 id: id.to_string(),
                 address,
@@ -633,6 +771,7 @@ impl Validator<'_> {
                 weight,
                 health,
                 draining,
+                tls,
             });
         }
         Ok(out)
@@ -758,6 +897,40 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     Duration::try_from_secs_f64(seconds).ok()
+}
+
+/// Every file a config text refers to (PEM files, CA files, the admin token
+/// file), relative paths taken from `base`. The reload watcher hashes them
+/// with the config, so replacing a certificate is a change to reload.
+/// Reads only the TOML structure; text that doesn't parse refers to nothing.
+pub fn referenced_files(text: &str, base: &Path) -> Vec<PathBuf> {
+    // Every such key has one of these in its name: most configs skip the parse.
+    if !text.contains("tls") && !text.contains("token_file") {
+        return Vec::new();
+    }
+    let Ok(root) = text.parse::<toml::Table>() else { return Vec::new() };
+    let mut files = Vec::new();
+    let mut add = |table: Option<&toml::Table>, key: &str| {
+        if let Some(path) = table.and_then(|t| t.get(key)).and_then(toml::Value::as_str) {
+            files.push(base.join(path.trim()));
+        }
+    };
+    let section = |table: &toml::Table, key: &str| table.get(key).and_then(toml::Value::as_table).cloned();
+    let tls = section(&root, "server").and_then(|s| section(&s, "tls"));
+    add(tls.as_ref(), "cert");
+    add(tls.as_ref(), "key");
+    for c in tls.as_ref().and_then(|t| t.get("certificates")).and_then(toml::Value::as_array).into_iter().flatten() {
+        add(c.as_table(), "cert");
+        add(c.as_table(), "key");
+    }
+    add(section(&root, "upstream").as_ref(), "tls_ca");
+    add(section(&root, "admin").as_ref(), "token_file");
+    for b in root.get("backends").and_then(toml::Value::as_array).into_iter().flatten() {
+        add(b.as_table(), "tls_ca");
+    }
+    files.sort();
+    files.dedup();
+    files
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -941,6 +1114,17 @@ weight = 2
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("1e400s"), None);
+    }
+
+    #[test]
+    fn referenced_files_are_every_pem_ca_and_token_file() {
+        let text = GOOD.replace("[routing]", "[server.tls]\nlisten = \"127.0.0.1:8443\"\ncert = \"a.pem\"\nkey = \"a.key\"\n[[server.tls.certificates]]\ncert = \"b.pem\"\nkey = \"b.key\"\n[admin]\ntoken_file = \"token\"\n[upstream]\ntls_ca = \"ca.pem\"\n[routing]")
+            + "tls = true\ntls_ca = \"own-ca.pem\"\n";
+        let files = referenced_files(&text, Path::new("/etc/sp"));
+        let names: Vec<&str> = files.iter().filter_map(|f| f.file_name()?.to_str()).collect();
+        assert_eq!(names, ["a.key", "a.pem", "b.key", "b.pem", "ca.pem", "own-ca.pem", "token"]);
+        assert!(files.iter().all(|f| f.starts_with("/etc/sp")));
+        assert!(referenced_files(GOOD, Path::new(".")).is_empty());
     }
 
     #[test]

@@ -71,6 +71,11 @@ struct ViaLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -108,6 +113,7 @@ pub struct Metrics {
     health_transitions: Family<BackendTo, Counter>,
     failovers: Family<BackendLabel, Counter>,
     retries: Family<BackendLabel, Counter>,
+    tls_handshake_failures: Family<ReasonLabel, Counter>,
     routed_by_tunnel: Counter,
     routed_by_ring: Counter,
     misplaced: Family<BackendLabel, Gauge>,
@@ -149,6 +155,7 @@ impl Metrics {
             health_transitions: Family::default(),
             failovers: Family::default(),
             retries: Family::default(),
+            tls_handshake_failures: Family::default(),
             routed_by_tunnel: Counter::default(),
             routed_by_ring: Counter::default(),
             misplaced: Family::default(),
@@ -224,6 +231,11 @@ impl Metrics {
             "tunnel_migrations",
             "Misplaced tunnels closed with 1012 so their device reconnects to its owner, by the backend left",
             m.migrations.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason (timeout, closed, not_tls, protocol, incompatible, alert, other)",
+            m.tls_handshake_failures.clone(),
         );
         let build_info: Family<VersionLabel, Gauge> = Family::default();
         build_info.get_or_create(&VersionLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
@@ -356,6 +368,19 @@ impl Metrics {
         self.migrations.get_or_create(&BackendLabel { backend: backend.to_string() }).inc();
     }
 
+    /// Creates every handshake failure series at 0 (when a TLS listener
+    /// starts), so that dashboards see them before the first failure.
+    pub fn tls_listener_started(&self) {
+        for reason in crate::tls::HANDSHAKE_FAILURE_REASONS {
+            let _ = self.tls_handshake_failures.get_or_create(&ReasonLabel { reason });
+        }
+    }
+
+    /// A client's TLS handshake failed.
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
     pub fn missing_key(&self) {
         self.missing_key.inc();
     }
@@ -438,7 +463,10 @@ impl BackendStats {
 
     pub fn upstream_error(&self, failure: UpstreamFailure) {
         let kind = match failure {
-            UpstreamFailure::Refused | UpstreamFailure::Unreachable | UpstreamFailure::BadAddress => 0,
+            UpstreamFailure::Refused
+            | UpstreamFailure::Unreachable
+            | UpstreamFailure::BadAddress
+            | UpstreamFailure::Tls => 0,
             UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => 1,
             UpstreamFailure::Broken => 2,
             // The client's doing; never counted against a backend.

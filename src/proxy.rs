@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -38,7 +38,8 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::registry::TunnelRegistry;
 use crate::routing::{Backend, Decision, Router};
-use crate::tunnel;
+use crate::tls::UpstreamConnector;
+use crate::{h2ws, tunnel};
 
 /// Response bodies: a backend's streamed body, or a short message of ours.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -111,7 +112,7 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 /// State shared by every connection of one running proxy.
 pub struct Proxy {
     router: Router,
-    client: Client<HttpConnector, UpstreamBody>,
+    client: Client<UpstreamConnector, UpstreamBody>,
     pub(crate) health: Arc<Health>,
     /// Fixed at start: the pooled connector is built with it.
     pub(crate) connect_timeout: Duration,
@@ -139,7 +140,7 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(upstream.pool_max_idle)
             .pool_idle_timeout(upstream.pool_idle_timeout)
-            .build(connector);
+            .build(UpstreamConnector::new(connector, router.clone(), upstream.connect_timeout));
         Proxy { router, client, health, connect_timeout: upstream.connect_timeout, metrics, close_tunnels, tunnels }
     }
 
@@ -147,11 +148,33 @@ impl Proxy {
         &self.router
     }
 
-    /// Serves one request from `client_addr`. Never fails: every problem
-    /// becomes a response with a status and a reason.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client_addr: SocketAddr) -> Response<ProxyBody> {
+    /// Serves one request from `client_addr`, which came over `proto`
+    /// (`"http"` or `"https"`, for `X-Forwarded-Proto`). Never fails: every
+    /// problem becomes a response with a status and a reason.
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client_addr: SocketAddr,
+        proto: &'static str,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let upgrade = is_websocket_upgrade(req.headers());
+        if req.version() == Version::HTTP_2 {
+            let (mut parts, body) = req.into_parts();
+            from_http2(&parts.uri, &mut parts.headers);
+            req = Request::from_parts(parts, body);
+        }
+        // A reverse proxy tunnels only WebSockets (HTTP/2's extended CONNECT).
+        if req.method() == Method::CONNECT && !h2ws::is_extended_connect(&req) {
+            let mut response = text_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is only accepted for WebSockets over HTTP/2 (:protocol websocket)\n",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"));
+            return response;
+        }
+        let upgrade = is_websocket_upgrade(req.headers()) || h2ws::is_extended_connect(&req);
         let (key, backend, response_timeout) = {
             let table = self.router.load();
             let response_timeout = table.config().upstream.response_timeout;
@@ -200,13 +223,14 @@ impl Proxy {
         let device = key.as_deref().map_or(Cow::Borrowed("-"), String::from_utf8_lossy).into_owned();
 
         if upgrade {
-            let tunnel = tunnel::Request { client_addr, backend, key, device, started, response_timeout };
+            let tunnel = tunnel::Request { client_addr, proto, backend, key, device, started, response_timeout };
             return tunnel::open(self, req, tunnel).await;
         }
 
         let method = req.method().clone();
         let path = req.uri().path().to_string();
-        let (backend, response) = self.forward(req, client_addr, key.as_deref(), backend, response_timeout).await;
+        let (backend, response) =
+            self.forward(req, client_addr, proto, key.as_deref(), backend, response_timeout).await;
         backend.stats.response(response.status().as_u16(), started.elapsed());
         info!(
             device,
@@ -228,13 +252,14 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         client_addr: SocketAddr,
+        proto: &'static str,
         key: Option<&[u8]>,
         mut backend: Arc<Backend>,
         response_timeout: Duration,
     ) -> (Arc<Backend>, Response<ProxyBody>) {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        add_forwarded_headers(&mut parts.headers, client_addr, "http");
+        add_forwarded_headers(&mut parts.headers, client_addr, proto);
         let replay = match body.size_hint().exact() {
             Some(0) => Some(Bytes::new()),
             Some(n) if n <= REPLAYABLE_BODY => match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
@@ -350,7 +375,7 @@ fn upstream_request(
 ) -> Result<Request<UpstreamBody>, UpstreamFailure> {
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
-    *request.uri_mut() = upstream_uri(&backend.address, &parts.uri)?;
+    *request.uri_mut() = upstream_uri(&backend.address, backend.tls.as_ref(), &parts.uri)?;
     *request.headers_mut() = parts.headers.clone();
     Ok(request)
 }
@@ -368,12 +393,21 @@ pub enum UpstreamFailure {
     BadAddress,
     /// The client's request body failed mid-upload: not the backend's fault.
     ClientAborted,
+    /// The TLS handshake with the backend failed (its certificate is not
+    /// trusted or not for its name, or it doesn't speak TLS).
+    Tls,
 }
 
 impl UpstreamFailure {
     /// The connection was never made, so nothing reached the backend.
     pub fn is_connect(self) -> bool {
-        matches!(self, UpstreamFailure::Refused | UpstreamFailure::Unreachable | UpstreamFailure::ConnectTimeout)
+        matches!(
+            self,
+            UpstreamFailure::Refused
+                | UpstreamFailure::Unreachable
+                | UpstreamFailure::ConnectTimeout
+                | UpstreamFailure::Tls
+        )
     }
 
     pub(crate) fn classify(err: &(dyn StdError + 'static), during_connect: bool) -> UpstreamFailure {
@@ -383,6 +417,9 @@ impl UpstreamFailure {
                 return UpstreamFailure::ClientAborted;
             }
             if let Some(io) = e.downcast_ref::<io::Error>() {
+                if crate::tls::is_tls_error(io) {
+                    return UpstreamFailure::Tls;
+                }
                 match io.kind() {
                     io::ErrorKind::TimedOut if during_connect => return UpstreamFailure::ConnectTimeout,
                     io::ErrorKind::TimedOut => return UpstreamFailure::Timeout,
@@ -423,19 +460,28 @@ impl UpstreamFailure {
                 StatusCode::BAD_REQUEST,
                 "the request body did not arrive whole; nothing was blamed on the backend".into(),
             ),
+            UpstreamFailure::Tls => {
+                (StatusCode::BAD_GATEWAY, format!("backend {id} ({addr}): the TLS handshake failed"))
+            }
         };
         warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
         text_response(status, reason + "\n")
     }
 }
 
-/// `http://{address}{path?query}` for the upstream request.
-pub(crate) fn upstream_uri(address: &str, original: &Uri) -> Result<Uri, UpstreamFailure> {
+/// `http://{address}{path?query}` for the upstream request, or for a TLS
+/// backend `https://{tls id}@{address}…` (see [`crate::tls::authority`]);
+/// the client sends it in origin form.
+pub(crate) fn upstream_uri(
+    address: &str,
+    tls: Option<&crate::tls::UpstreamTls>,
+    original: &Uri,
+) -> Result<Uri, UpstreamFailure> {
     // Asterisk-form (`OPTIONS *`) has no path to forward; ask for "/".
     let path = original.path_and_query().map(|p| p.as_str()).filter(|p| p.starts_with('/')).unwrap_or("/");
     Uri::builder()
-        .scheme("http")
-        .authority(address)
+        .scheme(if tls.is_some() { "https" } else { "http" })
+        .authority(&*crate::tls::authority(address, tls))
         .path_and_query(path)
         .build()
         .map_err(|_| UpstreamFailure::BadAddress)
@@ -492,6 +538,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     headers.remove(header::UPGRADE);
+}
+
+/// Makes an HTTP/2 request's headers fit an HTTP/1.1 backend: `Host` from
+/// the `:authority` (HTTP/2 clients rarely send `Host`), and cookie crumbs,
+/// which HTTP/2 lets a client send as separate headers, joined into one
+/// `Cookie` line as RFC 9113 §8.2.3 asks. Pseudo-headers never appear in a
+/// `HeaderMap`; hyper keeps them in the method, URI and extensions.
+pub fn from_http2(uri: &Uri, headers: &mut HeaderMap) {
+    if !headers.contains_key(header::HOST) {
+        if let Some(host) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            headers.insert(header::HOST, host);
+        }
+    }
+    if headers.get_all(header::COOKIE).iter().nth(1).is_some() {
+        let crumbs: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+        if let Ok(joined) = HeaderValue::from_bytes(&crumbs.join(&b"; "[..])) {
+            headers.insert(header::COOKIE, joined);
+        }
+    }
 }
 
 /// Appends the client to `X-Forwarded-For` and sets `-Proto` and `-Host`.
@@ -574,12 +639,27 @@ mod tests {
     fn upstream_uri_keeps_path_and_query() {
         let uri: Uri = "/devices/a%20b/messages?x=1".parse().expect("uri");
         assert_eq!(
-            upstream_uri("10.0.0.1:80", &uri).expect("uri").to_string(),
+            upstream_uri("10.0.0.1:80", None, &uri).expect("uri").to_string(),
             "http://10.0.0.1:80/devices/a%20b/messages?x=1"
         );
         assert_eq!(
-            upstream_uri("[::1]:9000", &"*".parse().expect("uri")).map(|u| u.to_string()),
+            upstream_uri("[::1]:9000", None, &"*".parse().expect("uri")).map(|u| u.to_string()),
             Ok("http://[::1]:9000/".into())
         );
+    }
+
+    #[test]
+    fn http2_requests_get_host_and_one_cookie_line() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("device_id=d7"));
+        from_http2(&"https://api.example.com:8443/x".parse().expect("uri"), &mut h);
+        assert_eq!(h[header::HOST], "api.example.com:8443");
+        assert_eq!(h.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1; device_id=d7"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("kept.example"));
+        from_http2(&"https://other.example/x".parse().expect("uri"), &mut h);
+        assert_eq!(h[header::HOST], "kept.example", "a Host the client sent stays");
     }
 }

@@ -32,6 +32,7 @@ use crate::config::{Config, HashMode, MissingKey};
 use crate::key::{DeviceKey, KeyExtractor};
 use crate::metrics::{BackendStats, Metrics};
 use crate::ring::{self, Member, Ring, Ties};
+use crate::tls::UpstreamTls;
 
 /// Points nginx looks at for a usable server before it falls back to round
 /// robin (`hp->tries > 20` in `ngx_http_upstream_get_chash_peer`).
@@ -89,6 +90,8 @@ pub struct Backend {
     /// `host:port` to connect to.
     pub address: String,
     pub weight: u32,
+    /// `Some`: spoken to over TLS.
+    pub tls: Option<UpstreamTls>,
     /// This backend's metric handles (shared with the same backend in
     /// other snapshots, so counts carry across reloads).
     pub stats: BackendStats,
@@ -143,7 +146,13 @@ impl RoutingTable {
             .iter()
             .map(|b| {
                 let stats = metrics.backend(&b.id);
-                Arc::new(Backend { id: b.id.clone(), address: b.address.clone(), weight: b.weight, stats })
+                Arc::new(Backend {
+                    id: b.id.clone(),
+                    address: b.address.clone(),
+                    weight: b.weight,
+                    tls: b.tls.clone(),
+                    stats,
+                })
             })
             .collect();
         let nginx = config.routing.hash == HashMode::Nginx;
@@ -364,6 +373,13 @@ impl RoutingTable {
     /// The ring owner of a device ID, whatever its health.
     pub fn owner(&self, device_id: &[u8]) -> Option<&Arc<Backend>> {
         self.ring.owner(device_id).and_then(|i| self.backends.get(i))
+    }
+
+    /// The TLS settings with this id of a backend at `address`, for a new
+    /// pooled connection (a scan: connections are made far less often than
+    /// requests, and only TLS backends pay it).
+    pub fn backend_tls(&self, address: &str, id: u64) -> Option<UpstreamTls> {
+        self.backends.iter().filter(|b| b.address == address).find_map(|b| b.tls.clone().filter(|t| t.id == id))
     }
 
     /// The index of the backend with this id.

@@ -40,6 +40,7 @@ use crate::proxy::{add_forwarded_headers, strip_hop_by_hop, Proxy, ProxyBody, Up
 use crate::registry::TunnelControl;
 use crate::routing::Backend;
 use crate::splice::Splice;
+use crate::tls::UpstreamStream;
 use crate::wsframe;
 
 /// Time allowed for both sides to complete the upgrade after a 101.
@@ -55,6 +56,8 @@ const CLOSE_HANDSHAKE_LIMIT: Duration = Duration::from_secs(3);
 /// What the proxy decided for an upgrade request.
 pub(crate) struct Request {
     pub client_addr: SocketAddr,
+    /// How the client reached us, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
     pub backend: Arc<Backend>,
     /// The device ID's bytes, to find a retry target on the ring.
     pub key: Option<Vec<u8>>,
@@ -65,7 +68,10 @@ pub(crate) struct Request {
 
 /// Sends a WebSocket upgrade to its backend and, on 101, starts the tunnel.
 pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunnel: Request) -> Response<ProxyBody> {
-    let Request { client_addr, mut backend, key, device, started, response_timeout } = tunnel;
+    let Request { client_addr, proto, mut backend, key, device, started, response_timeout } = tunnel;
+    // HTTP/2 (RFC 8441): the stream is the client's side of the tunnel, and
+    // the backend gets an HTTP/1.1 upgrade made from the CONNECT.
+    let extended_connect = crate::h2ws::is_extended_connect(&req);
     let client_upgrade = hyper::upgrade::on(&mut req);
     let path = req.uri().path().to_string();
     // The upgrade's headers, cleaned once; the request itself has no body,
@@ -77,7 +83,8 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
     if let Some(upgrade) = upgrade {
         parts.headers.insert(header::UPGRADE, upgrade);
     }
-    add_forwarded_headers(&mut parts.headers, client_addr, "http");
+    add_forwarded_headers(&mut parts.headers, client_addr, proto);
+    let bridge = extended_connect.then(|| crate::h2ws::to_http1_upgrade(&mut parts));
 
     let mut retried = false;
     let mut backend_response = loop {
@@ -119,6 +126,15 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
     let mut response = Response::new(Either::Right(Default::default()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = std::mem::take(backend_response.headers_mut());
+    if let Some(bridge) = &bridge {
+        if let Err(e) = bridge.answer(&mut response) {
+            warn!(device, backend = %backend.id, path, "websocket over HTTP/2: {e}");
+            return crate::proxy::text_response(
+                StatusCode::BAD_GATEWAY,
+                format!("backend {} answered the WebSocket upgrade wrongly\n", backend.id),
+            );
+        }
+    }
 
     let mut close = proxy.close_tunnels.clone();
     let router = Arc::clone(proxy.router());
@@ -242,14 +258,9 @@ async fn send_upgrade(
     backend: &Backend,
     response_timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamFailure> {
-    let connect = tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(backend.address.as_str()));
-    let stream = match connect.await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(UpstreamFailure::classify(&e, true)),
-        Err(_) => return Err(UpstreamFailure::ConnectTimeout),
-    };
-    let _ = stream.set_nodelay(true);
-    crate::server::keep_alive(&stream);
+    let stream = crate::tls::connect(&backend.address, backend.tls.as_ref(), proxy.connect_timeout)
+        .await
+        .map_err(|e| UpstreamFailure::classify(&e, true))?;
     let (mut sender, connection) =
         http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamFailure::classify(&e, false))?;
     tokio::spawn(async move {
@@ -276,17 +287,26 @@ async fn send_upgrade(
 }
 
 /// One side of a tunnel: the plain TCP stream when the upgraded connection
-/// is one (hyper's wrapping taken off), any other upgraded stream as is.
+/// is one, the backend connection (TCP or TLS) of a tunnel's backend side
+/// (hyper's wrapping taken off), any other upgraded stream as is.
 enum Io {
     Tcp(TcpStream),
+    Backend(Box<UpstreamStream>),
     Upgraded(TokioIo<Upgraded>),
 }
 
 impl Io {
     /// The stream and the bytes hyper had already read past the upgrade.
     fn from_upgraded(upgraded: Upgraded) -> (Io, Bytes) {
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => (Io::Tcp(parts.io.into_inner()), parts.read_buf),
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => return (Io::Tcp(parts.io.into_inner()), parts.read_buf),
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<UpstreamStream>>() {
+            Ok(parts) => match parts.io.into_inner() {
+                UpstreamStream::Plain(tcp) => (Io::Tcp(tcp), parts.read_buf),
+                tls => (Io::Backend(Box::new(tls)), parts.read_buf),
+            },
             Err(upgraded) => (Io::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
         }
     }
@@ -296,6 +316,7 @@ impl AsyncRead for Io {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Backend(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
             Io::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
         }
     }
@@ -305,6 +326,7 @@ impl AsyncWrite for Io {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Io::Tcp(io) => Pin::new(io).poll_write(cx, data),
+            Io::Backend(io) => Pin::new(io.as_mut()).poll_write(cx, data),
             Io::Upgraded(io) => Pin::new(io).poll_write(cx, data),
         }
     }
@@ -312,6 +334,7 @@ impl AsyncWrite for Io {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Io::Backend(io) => Pin::new(io.as_mut()).poll_flush(cx),
             Io::Upgraded(io) => Pin::new(io).poll_flush(cx),
         }
     }
@@ -319,6 +342,7 @@ impl AsyncWrite for Io {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Io::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Backend(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
             Io::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
         }
     }
