@@ -166,43 +166,44 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let up = poll_flow(
-            cx,
-            &mut this.client,
-            &mut this.backend,
-            &mut this.up,
-            &mut this.ending,
-            Dir::Up,
-            &this.counted_up,
-        )?;
-        let down = poll_flow(
-            cx,
-            &mut this.backend,
-            &mut this.client,
-            &mut this.down,
-            &mut this.ending,
-            Dir::Down,
-            &this.counted_down,
-        )?;
+        let up = this.poll_dir(cx, Dir::Up)?;
+        let down = this.poll_dir(cx, Dir::Down)?;
         // The down direction may have moved the ending on (the backend's
         // reply arrived): give the up direction another look.
-        let up = if up.is_pending() {
-            poll_flow(
-                cx,
-                &mut this.client,
-                &mut this.backend,
-                &mut this.up,
-                &mut this.ending,
-                Dir::Up,
-                &this.counted_up,
-            )?
-        } else {
-            up
-        };
+        let up = if up.is_pending() { this.poll_dir(cx, Dir::Up)? } else { up };
         if up.is_ready() && down.is_ready() {
             Poll::Ready(Ok((this.up.bytes, this.down.bytes)))
         } else {
             Poll::Pending
+        }
+    }
+}
+
+impl<C, B> Splice<C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll_dir(&mut self, cx: &mut Context<'_>, dir: Dir) -> Poll<io::Result<()>> {
+        match dir {
+            Dir::Up => poll_flow(
+                cx,
+                &mut self.client,
+                &mut self.backend,
+                &mut self.up,
+                &mut self.ending,
+                dir,
+                &self.counted_up,
+            ),
+            Dir::Down => poll_flow(
+                cx,
+                &mut self.backend,
+                &mut self.client,
+                &mut self.down,
+                &mut self.ending,
+                dir,
+                &self.counted_down,
+            ),
         }
     }
 }
