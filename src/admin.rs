@@ -9,6 +9,7 @@
 //! | `POST /reload` | re-reads the config file: 200 JSON, or 400 with the error |
 //! | `GET /backends` | JSON: each backend's address, weight, state, tunnels, requests, ring share |
 //! | `GET /route?key=ID` | JSON: the backend that owns a device, and why |
+//! | `GET /devices/{id}` | JSON: the device's open tunnels, and where its HTTP goes now and why |
 //!
 //! With `admin.token` set, all but `/healthz`, `/readyz` and `/metrics`
 //! need `Authorization: Bearer <token>`; the comparison takes the same time
@@ -26,8 +27,9 @@ use serde_json::json;
 use crate::key::percent_decode;
 use crate::metrics::Metrics;
 use crate::proxy::{text_response, ProxyBody};
+use crate::registry::{is_misplaced, TunnelRegistry};
 use crate::reload::{Reloader, Trigger};
-use crate::routing::Router;
+use crate::routing::{Router, RoutingTable};
 
 /// What the admin API reads and drives.
 #[derive(Debug, Clone)]
@@ -35,6 +37,7 @@ pub struct AdminState {
     pub router: Router,
     pub reloader: Arc<Reloader>,
     pub metrics: Arc<Metrics>,
+    pub tunnels: Arc<TunnelRegistry>,
 }
 
 /// Answers one admin request.
@@ -57,6 +60,9 @@ pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Prox
         ("/healthz", true) => text_response(StatusCode::OK, "ok\n"),
         ("/readyz", true) => readyz(state),
         ("/metrics", true) => {
+            let table = state.router.load();
+            let misplaced = misplaced_by_backend(state, &table);
+            state.metrics.set_misplaced(table.backends().iter().map(|b| b.id.as_str()).zip(misplaced));
             let mut response = text_response(StatusCode::OK, state.metrics.encode());
             response
                 .headers_mut()
@@ -66,13 +72,14 @@ pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<Prox
         ("/backends", true) => backends(state),
         (p, false) if req.method() == Method::POST && p.starts_with("/backends/") => drain(p, state),
         ("/route", true) => route(&req, state),
+        (p, true) if p.starts_with("/devices/") => device(p, state),
         ("/reload", false) if req.method() == Method::POST => reload(state).await,
         ("/reload", _) => method_not_allowed("POST"),
         ("/healthz" | "/readyz" | "/metrics" | "/backends" | "/route", false) => method_not_allowed("GET"),
         _ => text_response(
             StatusCode::NOT_FOUND,
             format!(
-                "no admin endpoint {path}; see /healthz, /readyz, /metrics, /backends, /route?key=ID, POST /reload\n"
+                "no admin endpoint {path}; see /healthz, /readyz, /metrics, /backends, /route?key=ID, /devices/ID, POST /reload\n"
             ),
         ),
     }
@@ -89,9 +96,21 @@ fn readyz(state: &AdminState) -> Response<ProxyBody> {
     }
 }
 
+/// Misplaced tunnels per backend of `table`, in its backend order.
+fn misplaced_by_backend(state: &AdminState, table: &RoutingTable) -> Vec<usize> {
+    let mut counts = vec![0; table.backends().len()];
+    for tunnel in state.tunnels.misplaced(table) {
+        if let Some(i) = table.position(&tunnel.backend.id) {
+            counts[i] += 1;
+        }
+    }
+    counts
+}
+
 fn backends(state: &AdminState) -> Response<ProxyBody> {
     let table = state.router.load();
     let shares = table.ring_shares();
+    let misplaced = misplaced_by_backend(state, &table);
     let list: Vec<_> = table
         .backends()
         .iter()
@@ -110,6 +129,7 @@ fn backends(state: &AdminState) -> Response<ProxyBody> {
                 },
                 "health": if table.is_up(&b.id) == Some(false) { "down" } else { "up" },
                 "open_websockets": b.stats.open_tunnels(),
+                "misplaced_websockets": misplaced.get(i).copied().unwrap_or(0),
                 "requests_served": b.stats.served(),
                 "ring_share": shares.get(i).copied().unwrap_or(0.0),
             })
@@ -159,6 +179,64 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
             }),
         ),
         None => text_response(StatusCode::SERVICE_UNAVAILABLE, "no backend on the ring\n"),
+    }
+}
+
+/// `GET /devices/{id}`: the device's tunnels through this proxy, and where
+/// its HTTP requests go now.
+fn device(path: &str, state: &AdminState) -> Response<ProxyBody> {
+    let raw = path.trim_start_matches("/devices/");
+    let id = percent_decode(raw.as_bytes(), false).into_owned();
+    if id.is_empty() {
+        return text_response(StatusCode::BAD_REQUEST, "give the device ID as /devices/ID (percent-encoded)\n");
+    }
+    let table = state.router.load();
+    let now = std::time::SystemTime::now();
+    let tunnels: Vec<_> = state
+        .tunnels
+        .tunnels_of(&id)
+        .iter()
+        .map(|t| {
+            json!({
+                "backend": t.backend.id,
+                "address": t.backend.address,
+                "since_unix": t.opened_at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+                "open_seconds": now.duration_since(t.opened_at).map_or(0.0, |d| d.as_secs_f64()),
+                "misplaced": is_misplaced(t, &table),
+            })
+        })
+        .collect();
+    let Some(why) = table.explain(&id) else {
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, "no backend on the ring\n");
+    };
+    let (http, reason) = match state.tunnels.holder(&id, &table) {
+        Some(held) => (Some(held), "tunnel: the device has a WebSocket open on this backend".to_string()),
+        None if tunnels.is_empty() => (why.serving.clone(), why.reason.to_string()),
+        None => (why.serving.clone(), format!("{}; its tunnels are on backends that are down", why.reason)),
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "device": String::from_utf8_lossy(&id),
+            "tunnels": tunnels,
+            "http": {
+                "backend": http.as_ref().map(|b| json!({ "id": b.id, "address": b.address })),
+                "via": via(http.is_some(), &reason),
+                "reason": reason,
+            },
+            "ring_owner": { "id": why.owner.id, "address": why.owner.address, "up": table.is_up(&why.owner.id) },
+            "generation": table.generation(),
+        }),
+    )
+}
+
+/// The one-word form of an HTTP routing reason.
+fn via(routed: bool, reason: &str) -> &'static str {
+    match reason {
+        _ if !routed => "none",
+        r if r.starts_with("tunnel") => "tunnel",
+        r if r.starts_with("ring owner") => "ring owner",
+        _ => "failover",
     }
 }
 

@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `route` and `demo`.
+//! The command line: `run`, `check`, `route`, `import-nginx` and `demo`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +9,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
 use crate::demo::DemoInstance;
+use crate::nginx_import;
 use crate::routing::RoutingTable;
 use crate::server;
 
@@ -38,8 +39,24 @@ enum Command {
     Route {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
-        /// The device ID as the proxy sees it (after percent-decoding).
-        device_id: String,
+        /// The device ID as the proxy hashes it (percent-decoded; raw with
+        /// `routing.hash = "nginx"`).
+        #[arg(required_unless_present = "stdin")]
+        device_id: Option<String>,
+        /// Read device IDs from stdin, one a line, and print `ID<TAB>address`
+        /// for each, e.g. to compare with an nginx access log.
+        #[arg(long, conflicts_with = "device_id")]
+        stdin: bool,
+    },
+    /// Print the sticky-proxy config equivalent to an nginx upstream that uses
+    /// `hash … consistent`. Exit 0: it routes like nginx; 2: it is printed,
+    /// but routes some requests differently (reasons on stderr); 1: error.
+    ImportNginx {
+        /// nginx's config file, e.g. /etc/nginx/nginx.conf (includes are followed).
+        file: PathBuf,
+        /// The upstream to translate; needed when several use `hash`.
+        #[arg(long, value_name = "NAME")]
+        upstream: Option<String>,
     },
     /// Start the proxy and three demo app instances, and print how to try them.
     Demo {
@@ -64,8 +81,12 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                let tls = c.server.tls.as_ref().map_or_else(String::new, |tls| {
+                    let names: Vec<String> = tls.certificates.names().map(|n| n.join(" ")).collect();
+                    format!(", TLS on {} (certificates for: {})", tls.listen, names.join("; "))
+                });
                 println!(
-                    "{}: OK ({} backends, proxy on {}, admin on {}, device ID from {})",
+                    "{}: OK ({} backends, proxy on {}{tls}, admin on {}, device ID from {})",
                     config.display(),
                     c.backends.len(),
                     c.server.listen,
@@ -76,15 +97,30 @@ pub fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
-        Command::Route { config, device_id } => match Config::load(&config) {
+        Command::Route { config, device_id, stdin } => match Config::load(&config) {
             Ok(c) => {
                 let table = RoutingTable::offline(&c);
-                match table.owner(device_id.as_bytes()) {
-                    Some(b) => {
-                        println!("{device_id} -> {} ({})", b.id, b.address);
-                        ExitCode::SUCCESS
-                    }
-                    None => fail("the ring is empty"),
+                match device_id {
+                    _ if stdin => route_lines(&table),
+                    Some(id) => route_one(&table, &id),
+                    None => fail("give a device ID or --stdin"),
+                }
+            }
+            Err(e) => fail(e),
+        },
+        Command::ImportNginx { file, upstream } => match nginx_import::import(&file, upstream.as_deref()) {
+            Ok(import) => {
+                print!("{}", import.toml);
+                for note in &import.notes {
+                    eprintln!("{note}");
+                }
+                if import.routes_differently() {
+                    eprintln!(
+                        "import-nginx: the printed config routes some requests differently from nginx (see above)"
+                    );
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
                 }
             }
             Err(e) => fail(e),
@@ -105,6 +141,48 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `route ID`: the backend serving the device with every backend up.
+fn route_one(table: &RoutingTable, id: &str) -> ExitCode {
+    match (table.owner(id.as_bytes()), table.serving(id.as_bytes())) {
+        (Some(owner), Some((b, _))) if b.id == owner.id => {
+            println!("{id} -> {} ({})", b.id, b.address);
+            ExitCode::SUCCESS
+        }
+        (Some(owner), Some((b, _))) => {
+            println!("{id} -> {} ({}) [ring owner {} is draining]", b.id, b.address, owner.id);
+            ExitCode::SUCCESS
+        }
+        (Some(_), None) => fail("every backend is draining"),
+        (None, _) => fail("the ring is empty"),
+    }
+}
+
+/// `route --stdin`: `ID<TAB>address` per line read.
+fn route_lines(table: &RoutingTable) -> ExitCode {
+    use std::io::{BufRead, Write};
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for line in std::io::stdin().lock().split(b'\n') {
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => return fail(format!("reading stdin: {e}")),
+        };
+        let id = line.strip_suffix(b"\r").unwrap_or(&line);
+        // nginx logs an empty variable as "-": no device ID, round robin.
+        let address = match id {
+            b"" | b"-" => "-".to_string(),
+            id => table.serving(id).map_or("-".to_string(), |(b, _)| b.address.clone()),
+        };
+        let written = out.write_all(id).and_then(|()| writeln!(out, "\t{address}"));
+        if let Err(e) = written {
+            return fail(format!("writing stdout: {e}"));
+        }
+    }
+    match out.flush() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("writing stdout: {e}")),
+    }
+}
+
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::FAILURE
@@ -117,7 +195,7 @@ fn init_logging() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
-/// Runs `work` on a multi-threaded runtime of `workers` threads; the proxy,
+/// Runs `work` on a runtime of `workers` threads; the proxy,
 /// the admin API, health checks and tunnels all share it.
 fn block_on(workers: usize, work: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
     server::raise_fd_limit();

@@ -9,14 +9,17 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::http::uri::Authority;
+use rustls::pki_types::ServerName;
 use serde::Deserialize;
 use toml::Spanned;
 
 use crate::key::KeySource;
 use crate::ring;
+use crate::tls::{self, CertStore, ClientConfigs, PairError, UpstreamTls};
 
 /// Upper bound on ring points (sum of weight × replicas over all backends):
 /// 10 million points is 80 MB of ring, far beyond any sane deployment.
@@ -61,6 +64,20 @@ pub struct ServerConfig {
     pub workers: usize,
     /// One `info` line per proxied request (device, backend, status, time).
     pub access_log: bool,
+    /// Serve cleartext HTTP/2 with prior knowledge (h2c) on `listen` too.
+    pub h2c: bool,
+    /// The TLS listener, if any.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: a listener of its own terminating TLS.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    /// A client must finish its TLS handshake within this.
+    pub handshake_timeout: Duration,
+    /// The certificates, already read and checked; the first is the default.
+    pub certificates: Arc<CertStore>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,15 +108,43 @@ pub enum MissingKey {
     Spread,
 }
 
+/// How backends are placed on the ring and keys looked up (`routing.hash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HashMode {
+    /// sticky-proxy's ring: backend `id`s, `replicas` points per weight.
+    Ring,
+    /// nginx's `hash $key consistent`: each backend's `address` as written,
+    /// 160 points per weight, nginx's tie rule, keys as nginx's variables
+    /// hold them (raw).
+    Nginx,
+}
+
+/// What happens to a tunnel whose device has another owner after a ring change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rebalance {
+    /// Leave it open; its HTTP follows it until the device reconnects.
+    Keep,
+    /// Close it with 1012 (at `rebalance_rate`) so the device reconnects
+    /// to its owner.
+    Migrate,
+}
+
 #[derive(Debug, Clone)]
 pub struct RoutingConfig {
     /// Where the device ID is looked for, in order; the first hit wins.
     pub keys: Vec<KeySource>,
     pub missing_key: MissingKey,
-    /// Ring points per unit of backend weight.
+    pub hash: HashMode,
+    /// Ring points per unit of backend weight (160 with `hash = "nginx"`).
     pub replicas: u32,
     /// How long a draining backend's open WebSocket tunnels may stay.
     pub drain_timeout: Duration,
+    /// Misplaced tunnels after a ring change: keep or migrate.
+    pub rebalance: Rebalance,
+    /// Misplaced tunnels closed per second under `migrate`.
+    pub rebalance_rate: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -113,20 +158,29 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// How long an idle pooled connection is kept.
     pub pool_idle_timeout: Duration,
+    /// CA file trusted by `tls = true` backends without their own `tls_ca`.
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
     /// Stable identity hashed onto the ring; the address may change freely.
     pub id: String,
-    /// `host:port`, where host is an IP address, `[IPv6]` or a DNS name.
+    /// `host:port` to connect to, where host is an IP address, `[IPv6]` or
+    /// a DNS name.
     pub address: String,
+    /// The address exactly as written (trimmed): with `hash = "nginx"`, what
+    /// the ring hashes, as nginx hashes its `server` text; it may lack the
+    /// port, which is then 80 in `address`.
+    pub server: String,
     pub weight: u32,
     /// `[health]` with this backend's overrides applied.
     pub health: HealthConfig,
     /// `state = "draining"`: no new devices; open tunnels close after
     /// `routing.drain_timeout`.
     pub draining: bool,
+    /// `tls = true`: connect with TLS, verifying the backend's certificate.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// How a backend's health is judged (`[health]`, per-backend overrides).
@@ -259,6 +313,26 @@ struct RawServer {
     header_read_timeout: Option<Spanned<String>>,
     workers: Option<Spanned<i64>>,
     access_log: Option<bool>,
+    h2c: Option<bool>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: Spanned<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    handshake_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    certificates: Vec<RawCertificate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -281,8 +355,11 @@ struct RawReload {
 struct RawRouting {
     key: Spanned<Vec<Spanned<String>>>,
     missing_key: Option<MissingKey>,
+    hash: Option<HashMode>,
     replicas: Option<Spanned<i64>>,
     drain_timeout: Option<Spanned<String>>,
+    rebalance: Option<Rebalance>,
+    rebalance_rate: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -292,6 +369,7 @@ struct RawUpstream {
     response_timeout: Option<Spanned<String>>,
     pool_max_idle: Option<Spanned<i64>>,
     pool_idle_timeout: Option<Spanned<String>>,
+    tls_ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -302,6 +380,9 @@ struct RawBackend {
     weight: Option<Spanned<i64>>,
     health: Option<RawHealth>,
     state: Option<Spanned<String>>,
+    tls: Option<Spanned<bool>>,
+    tls_ca: Option<Spanned<String>>,
+    tls_server_name: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -347,6 +428,11 @@ impl Validator<'_> {
             )?,
             workers: self.workers(raw.server.workers.as_ref())?,
             access_log: raw.server.access_log.unwrap_or(true),
+            h2c: raw.server.h2c.unwrap_or(false),
+            tls: match &raw.server.tls {
+                Some(raw) => Some(self.tls(raw)?),
+                None => None,
+            },
         };
         let admin = self.admin(raw.admin.as_ref())?;
         if admin.listen == server.listen && server.listen.port() != 0 {
@@ -356,6 +442,15 @@ impl Validator<'_> {
                 "must differ from server.listen: the admin API never shares a listener with proxied traffic".into(),
             );
         }
+        if let (Some(tls), Some(raw_tls)) = (&server.tls, &raw.server.tls) {
+            if tls.listen.port() != 0 && (tls.listen == server.listen || tls.listen == admin.listen) {
+                return self.err(
+                    raw_tls.listen.span(),
+                    "server.tls.listen",
+                    "must differ from server.listen and admin.listen".into(),
+                );
+            }
+        }
 
         let routing = self.routing(raw.routing)?;
         let upstream = self.upstream(&raw.upstream)?;
@@ -363,7 +458,7 @@ impl Validator<'_> {
             watch: raw.reload.watch.unwrap_or(true),
             interval: self.duration(raw.reload.interval.as_ref(), "reload.interval", Duration::from_secs(1))?,
         };
-        let backends = self.backends(raw.backends, routing.replicas, raw.health.as_ref())?;
+        let backends = self.backends(raw.backends, &routing, raw.health.as_ref(), &raw.upstream)?;
         Ok(Config { server, admin, routing, upstream, reload, backends })
     }
 
@@ -439,8 +534,17 @@ impl Validator<'_> {
                 Err(e) => return self.err(source.span(), &format!("routing.key[{i}]"), e),
             }
         }
+        let hash = raw.hash.unwrap_or(HashMode::Ring);
         let replicas = match &raw.replicas {
+            None if hash == HashMode::Nginx => ring::NGINX_REPLICAS,
             None => ring::DEFAULT_REPLICAS,
+            Some(r) if hash == HashMode::Nginx => {
+                return self.err(
+                    r.span(),
+                    "routing.replicas",
+                    "does not apply with hash = \"nginx\", which places 160 points per unit of weight as nginx does; remove it".into(),
+                )
+            }
             Some(r) => match u32::try_from(*r.get_ref()) {
                 Ok(n) if (1..=100_000).contains(&n) => n,
                 _ => {
@@ -454,7 +558,26 @@ impl Validator<'_> {
         };
         let drain_timeout =
             self.duration(raw.drain_timeout.as_ref(), "routing.drain_timeout", Duration::from_secs(300))?;
-        Ok(RoutingConfig { keys, missing_key: raw.missing_key.unwrap_or(MissingKey::Reject), replicas, drain_timeout })
+        let rebalance_rate = match &raw.rebalance_rate {
+            None => 100.0,
+            Some(r) if r.get_ref().is_finite() && (0.01..=1_000_000.0).contains(r.get_ref()) => *r.get_ref(),
+            Some(r) => {
+                return self.err(
+                    r.span(),
+                    "routing.rebalance_rate",
+                    format!("must be between 0.01 and 1000000 tunnels per second, got {}", r.get_ref()),
+                )
+            }
+        };
+        Ok(RoutingConfig {
+            keys,
+            missing_key: raw.missing_key.unwrap_or(MissingKey::Reject),
+            hash,
+            replicas,
+            drain_timeout,
+            rebalance: raw.rebalance.unwrap_or(Rebalance::Migrate),
+            rebalance_rate,
+        })
     }
 
     fn upstream(&self, raw: &RawUpstream) -> Result<UpstreamConfig, ConfigError> {
@@ -488,14 +611,91 @@ impl Validator<'_> {
                 "upstream.pool_idle_timeout",
                 Duration::from_secs(90),
             )?,
+            tls_ca: raw.tls_ca.as_ref().map(|ca| self.path(ca)),
         })
+    }
+
+    /// A path as written in the file, relative to the file's directory.
+    fn path(&self, value: &Spanned<String>) -> PathBuf {
+        self.base.join(value.get_ref().trim())
+    }
+
+    fn tls(&self, raw: &RawTls) -> Result<TlsConfig, ConfigError> {
+        let listen = self.socket_addr(&raw.listen, "server.tls.listen")?;
+        let handshake_timeout =
+            self.duration(raw.handshake_timeout.as_ref(), "server.tls.handshake_timeout", Duration::from_secs(10))?;
+        // The first pair is `cert`/`key`, then `[[server.tls.certificates]]`.
+        let mut spans = vec![(raw.cert.clone(), raw.key.clone(), "server.tls".to_string())];
+        for (i, c) in raw.certificates.iter().enumerate() {
+            spans.push((c.cert.clone(), c.key.clone(), format!("server.tls.certificates[{i}]")));
+        }
+        let pairs: Vec<(PathBuf, PathBuf)> = spans.iter().map(|(c, k, _)| (self.path(c), self.path(k))).collect();
+        match tls::load_server_certificates(&pairs) {
+            Ok(store) => Ok(TlsConfig { listen, handshake_timeout, certificates: Arc::new(store) }),
+            Err((i, error)) => {
+                let (cert, key, section) = &spans[i];
+                match error {
+                    PairError::Cert(m) => self.err(cert.span(), &format!("{section}.cert"), m),
+                    PairError::Key(m) => self.err(key.span(), &format!("{section}.key"), m),
+                }
+            }
+        }
+    }
+
+    /// A backend's TLS settings (`tls`, `tls_ca`, `tls_server_name`).
+    fn backend_tls(
+        &self,
+        b: &RawBackend,
+        field: &dyn Fn(&str) -> String,
+        address: &str,
+        upstream: &RawUpstream,
+        clients: &mut ClientConfigs,
+    ) -> Result<Option<UpstreamTls>, ConfigError> {
+        let on = b.tls.as_ref().is_some_and(|t| *t.get_ref());
+        if !on {
+            for (name, value) in [("tls_ca", &b.tls_ca), ("tls_server_name", &b.tls_server_name)] {
+                if let Some(v) = value {
+                    return self.err(v.span(), &field(name), "only applies with tls = true".into());
+                }
+            }
+            return Ok(None);
+        }
+        let (ca, ca_span, ca_field) = match (&b.tls_ca, &upstream.tls_ca) {
+            (Some(own), _) => (Some(self.path(own)), own.span(), field("tls_ca")),
+            (None, Some(default)) => (Some(self.path(default)), default.span(), "upstream.tls_ca".to_string()),
+            (None, None) => (None, b.tls.as_ref().map_or(0..0, |t| t.span()), field("tls")),
+        };
+        let (client, ca_hash) = match clients.get(ca.as_deref()) {
+            Ok(client) => client,
+            Err(e) => return self.err(ca_span, &ca_field, e),
+        };
+        let (name, span) = match &b.tls_server_name {
+            Some(n) => (n.get_ref().trim().to_string(), n.span()),
+            None => {
+                // The address's host, brackets of an IPv6 address removed.
+                let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+                (host.trim_start_matches('[').trim_end_matches(']').to_string(), b.address.span())
+            }
+        };
+        let server_name = match ServerName::try_from(name.clone()) {
+            Ok(n) => n,
+            Err(_) => {
+                return self.err(
+                    span,
+                    &field("tls_server_name"),
+                    format!("{name:?} is not a DNS name or IP address to verify the backend's certificate against"),
+                )
+            }
+        };
+        Ok(Some(UpstreamTls::new(client, server_name, ca, ca_hash)))
     }
 
     fn backends(
         &self,
         raw: Option<Spanned<Vec<RawBackend>>>,
-        replicas: u32,
+        routing: &RoutingConfig,
         global_health: Option<&RawHealth>,
+        upstream: &RawUpstream,
     ) -> Result<Vec<BackendConfig>, ConfigError> {
         let Some(raw) = raw else {
             return Err(ConfigError {
@@ -526,6 +726,7 @@ impl Validator<'_> {
             None => HealthConfig::passive_only(),
         };
         let mut out: Vec<BackendConfig> = Vec::with_capacity(raw.get_ref().len());
+        let mut clients = ClientConfigs::default();
         let mut points: u64 = 0;
         for (i, b) in raw.get_ref().iter().enumerate() {
             let field = |name: &str| format!("backends[{i}].{name}");
@@ -546,10 +747,14 @@ impl Validator<'_> {
                     format!("duplicate backend id {id:?} (also backends[{first}])"),
                 );
             }
-            let address = b.address.get_ref().trim();
-            if let Err(e) = validate_address(address) {
-                return self.err(b.address.span(), &field("address"), e);
-            }
+            let server = b.address.get_ref().trim();
+            let nginx = routing.hash == HashMode::Nginx;
+            let address = match validate_address(server, nginx) {
+                Ok(false) => server.to_string(),
+                // nginx's default port; the ring still hashes `server`.
+                Ok(true) => format!("{server}:80"),
+                Err(e) => return self.err(b.address.span(), &field("address"), e),
+            };
             let weight = match &b.weight {
                 None => 1,
                 Some(w) => match u32::try_from(*w.get_ref()) {
@@ -566,7 +771,7 @@ impl Validator<'_> {
                     }
                 },
             };
-            points += u64::from(weight) * u64::from(replicas);
+            points += u64::from(weight) * u64::from(routing.replicas);
             if points > MAX_RING_POINTS {
                 return self.err(
                     b.weight.as_ref().map_or(b.id.span(), |w| w.span()),
@@ -590,7 +795,16 @@ impl Validator<'_> {
                     return self.err(span, &field("state"), format!("{other:?}: use \"active\" or \"draining\""))
                 }
             };
-            out.push(BackendConfig { id: id.to_string(), address: address.to_string(), weight, health, draining });
+            let tls = self.backend_tls(b, &field, &address, upstream, &mut clients)?;
+            out.push(BackendConfig {
+                id: id.to_string(),
+                address,
+                server: server.to_string(),
+                weight,
+                health,
+                draining,
+                tls,
+            });
         }
         Ok(out)
     }
@@ -662,9 +876,14 @@ impl Validator<'_> {
 }
 
 /// Checks a backend address: `host:port` with a non-zero port, where host is
-/// an IPv4 address, a bracketed IPv6 address or a DNS name.
-fn validate_address(address: &str) -> Result<(), String> {
+/// an IPv4 address, a bracketed IPv6 address or a DNS name. With
+/// `portless_ok` (nginx mode) the port may be left out: `Ok(true)` says it
+/// was, and the backend is reached on port 80 as nginx would.
+fn validate_address(address: &str, portless_ok: bool) -> Result<bool, String> {
     let hint = "write host:port, e.g. \"10.0.0.5:8080\", \"[fd00::5]:8080\" or \"app-1.internal:8080\"";
+    if address.len() >= 5 && address[..5].eq_ignore_ascii_case("unix:") {
+        return Err(format!("{address:?}: unix sockets are not supported as backends; {hint}"));
+    }
     if address.contains("://") || address.contains('/') {
         return Err(format!("{address:?} must be host:port without a scheme or path; {hint}"));
     }
@@ -672,11 +891,12 @@ fn validate_address(address: &str) -> Result<(), String> {
     if address.contains('@') {
         return Err(format!("{address:?} must not contain user info; {hint}"));
     }
-    match authority.port_u16() {
+    let portless = match authority.port_u16() {
         Some(0) => return Err(format!("{address:?} has port 0; {hint}")),
-        Some(_) => {}
+        Some(_) => false,
+        None if portless_ok && !address.ends_with(':') => true,
         None => return Err(format!("{address:?} has no port; {hint}")),
-    }
+    };
     let host = authority.host();
     let valid_host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         v6.parse::<std::net::Ipv6Addr>().is_ok()
@@ -691,7 +911,7 @@ fn validate_address(address: &str) -> Result<(), String> {
     if !valid_host {
         return Err(format!("{address:?} has an invalid host; {hint}"));
     }
-    Ok(())
+    Ok(portless)
 }
 
 /// Parses durations written as `"500ms"`, `"2s"`, `"1m"`, `"1h"` (a whole
@@ -709,6 +929,40 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     Duration::try_from_secs_f64(seconds).ok()
+}
+
+/// Every file a config text refers to (PEM files, CA files, the admin token
+/// file), relative paths taken from `base`. The reload watcher hashes them
+/// with the config, so replacing a certificate is a change to reload.
+/// Reads only the TOML structure; text that doesn't parse refers to nothing.
+pub fn referenced_files(text: &str, base: &Path) -> Vec<PathBuf> {
+    // Every such key has one of these in its name: most configs skip the parse.
+    if !text.contains("tls") && !text.contains("token_file") {
+        return Vec::new();
+    }
+    let Ok(root) = text.parse::<toml::Table>() else { return Vec::new() };
+    let mut files = Vec::new();
+    let mut add = |table: Option<&toml::Table>, key: &str| {
+        if let Some(path) = table.and_then(|t| t.get(key)).and_then(toml::Value::as_str) {
+            files.push(base.join(path.trim()));
+        }
+    };
+    let section = |table: &toml::Table, key: &str| table.get(key).and_then(toml::Value::as_table).cloned();
+    let tls = section(&root, "server").and_then(|s| section(&s, "tls"));
+    add(tls.as_ref(), "cert");
+    add(tls.as_ref(), "key");
+    for c in tls.as_ref().and_then(|t| t.get("certificates")).and_then(toml::Value::as_array).into_iter().flatten() {
+        add(c.as_table(), "cert");
+        add(c.as_table(), "key");
+    }
+    add(section(&root, "upstream").as_ref(), "tls_ca");
+    add(section(&root, "admin").as_ref(), "token_file");
+    for b in root.get("backends").and_then(toml::Value::as_array).into_iter().flatten() {
+        add(b.as_table(), "tls_ca");
+    }
+    files.sort();
+    files.dedup();
+    files
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -750,6 +1004,8 @@ weight = 2
         assert_eq!(c.backends[1].weight, 2);
         assert_eq!(c.routing.missing_key, MissingKey::Reject);
         assert_eq!(c.routing.replicas, ring::DEFAULT_REPLICAS);
+        assert_eq!(c.routing.rebalance, Rebalance::Migrate);
+        assert_eq!(c.routing.rebalance_rate, 100.0);
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().expect("addr"));
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(3));
     }
@@ -805,6 +1061,34 @@ weight = 2
     }
 
     #[test]
+    fn nginx_hash_hashes_the_address_as_written() {
+        let nginx = GOOD.replace("[routing]", "[routing]\nhash = \"nginx\"");
+        let c = Config::parse(&nginx.replace("app-2.internal:9002", "app-2.internal")).expect("portless is fine");
+        assert_eq!(c.routing.hash, HashMode::Nginx);
+        assert_eq!(c.routing.replicas, ring::NGINX_REPLICAS);
+        assert_eq!(
+            (c.backends[1].address.as_str(), c.backends[1].server.as_str()),
+            ("app-2.internal:80", "app-2.internal")
+        );
+        assert_eq!(c.backends[0].server, "127.0.0.1:9001");
+        let c = Config::parse(&nginx.replace("app-2.internal:9002", "[::1]")).expect("portless v6");
+        assert_eq!(c.backends[1].address, "[::1]:80");
+        // Without nginx mode a port is still required.
+        assert_eq!(
+            error_for(&GOOD.replace("app-2.internal:9002", "app-2.internal")).field.as_deref(),
+            Some("backends[1].address")
+        );
+        for bad in ["unix:/run/app.sock", "app-2.internal:", "[::1:80"] {
+            let e = error_for(&nginx.replace("app-2.internal:9002", bad));
+            assert_eq!(e.field.as_deref(), Some("backends[1].address"), "{bad}: {e}");
+        }
+        let e = error_for(&nginx.replace("hash = \"nginx\"", "hash = \"nginx\"\nreplicas = 160"));
+        assert_eq!(e.field.as_deref(), Some("routing.replicas"), "{e}");
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nhash = \"maglev\""));
+        assert!(e.message.contains("maglev"), "{e}");
+    }
+
+    #[test]
     fn bad_key_patterns_are_rejected() {
         for bad in
             ["header:", "path:/devices/*/{id}", "path:devices/{id}", "path:/devices/x", "query:", "ip:x", "cookie:a=b"]
@@ -821,6 +1105,19 @@ weight = 2
             assert_eq!(e.field.as_deref(), Some("backends[1].id"), "{bad}: {e}");
         }
         Config::parse(&GOOD.replace("\"app-2\"", "\"eu-west/app_2.v1:9@a\"")).expect("plain id");
+    }
+
+    #[test]
+    fn rebalance_settings() {
+        let c = Config::parse(&GOOD.replace("[routing]", "[routing]\nrebalance = \"keep\"\nrebalance_rate = 5"))
+            .expect("valid");
+        assert_eq!((c.routing.rebalance, c.routing.rebalance_rate), (Rebalance::Keep, 5.0));
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nrebalance_rate = 0"));
+        assert_eq!(e.field.as_deref(), Some("routing.rebalance_rate"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        let e = error_for(&GOOD.replace("[routing]", "[routing]\nrebalance = \"shuffle\""));
+        assert_eq!(e.line, Some(6), "{e}");
+        assert!(e.to_string().contains("`keep` or `migrate`"), "{e}");
     }
 
     #[test]
@@ -868,6 +1165,17 @@ weight = 2
             assert_eq!(e.field.as_deref(), Some("server.workers"), "{bad}: {e}");
             assert_eq!(e.line, Some(4), "{e}");
         }
+    }
+
+    #[test]
+    fn referenced_files_are_every_pem_ca_and_token_file() {
+        let text = GOOD.replace("[routing]", "[server.tls]\nlisten = \"127.0.0.1:8443\"\ncert = \"a.pem\"\nkey = \"a.key\"\n[[server.tls.certificates]]\ncert = \"b.pem\"\nkey = \"b.key\"\n[admin]\ntoken_file = \"token\"\n[upstream]\ntls_ca = \"ca.pem\"\n[routing]")
+            + "tls = true\ntls_ca = \"own-ca.pem\"\n";
+        let files = referenced_files(&text, Path::new("/etc/sp"));
+        let names: Vec<&str> = files.iter().filter_map(|f| f.file_name()?.to_str()).collect();
+        assert_eq!(names, ["a.key", "a.pem", "b.key", "b.pem", "ca.pem", "own-ca.pem", "token"]);
+        assert!(files.iter().all(|f| f.starts_with("/etc/sp")));
+        assert!(referenced_files(GOOD, Path::new(".")).is_empty());
     }
 
     #[test]

@@ -450,6 +450,9 @@ async fn hold_socket(shared: Arc<Shared>, device: String, mut ws: WsStream) {
         c = pump(&shared, &registration.device, &mut ws, &mut rx) => c,
         _ = stopped(shared.shutdown_rx.clone()) => return,
     };
+    // From here a message can't be sent: refuse new ones (their POST gets
+    // 404) rather than accept them into a queue nobody reads.
+    rx.close();
     drop(registration);
     if closing {
         // The peer sent Close: tungstenite has queued the reply; polling sends it.
@@ -466,6 +469,13 @@ async fn hold_socket(shared: Arc<Shared>, device: String, mut ws: WsStream) {
 async fn pump(shared: &Shared, device: &str, ws: &mut WsStream, rx: &mut mpsc::Receiver<Message>) -> bool {
     loop {
         let outgoing = tokio::select! {
+            // Queued messages first: one accepted before the peer's Close
+            // arrived is still sent.
+            biased;
+            queued = rx.recv() => match queued {
+                Some(m) => m,
+                None => return false,
+            },
             incoming = ws.next() => match incoming {
                 Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => m,
                 Some(Ok(Message::Close(_))) => return true,
@@ -474,10 +484,6 @@ async fn pump(shared: &Shared, device: &str, ws: &mut WsStream, rx: &mut mpsc::R
                     debug!(instance = %shared.name, %device, error = %e, "websocket error");
                     return false;
                 }
-                None => return false,
-            },
-            queued = rx.recv() => match queued {
-                Some(m) => m,
                 None => return false,
             },
         };

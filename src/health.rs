@@ -31,16 +31,19 @@ use crate::config::HealthConfig;
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Router};
 use crate::server::raised;
+use crate::tls::UpstreamConnector;
 
 /// How often the checker looks for checks that are due.
 const TICK: Duration = Duration::from_millis(50);
+/// Backstop only: a check's own `timeout` bounds it, handshake included.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Health bookkeeping for one running proxy.
 #[derive(Debug)]
 pub struct Health {
     router: Router,
     metrics: Arc<Metrics>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<UpstreamConnector, Empty<Bytes>>,
     tracks: Mutex<HashMap<String, Track>>,
     /// Counts transitions; `changed()` fires after each one.
     transitions: watch::Sender<u64>,
@@ -68,6 +71,8 @@ impl Health {
     pub fn new(router: Router, metrics: Arc<Metrics>) -> Arc<Health> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        // TLS backends are checked over TLS, with the same verification as traffic.
+        let connector = UpstreamConnector::new(connector, router.clone(), TLS_HANDSHAKE_TIMEOUT);
         // A fresh connection per check: a check must see a dead listener.
         let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
         let (transitions, _) = watch::channel(0);
@@ -200,7 +205,9 @@ impl Health {
     }
 
     async fn http_check(&self, backend: &Backend, path: &str, timeout: Duration) -> bool {
-        let Ok(request) = Request::get(format!("http://{}{path}", backend.address)).body(Empty::new()) else {
+        let scheme = if backend.tls.is_some() { "https" } else { "http" };
+        let authority = crate::tls::authority(&backend.address, backend.tls.as_ref());
+        let Ok(request) = Request::get(format!("{scheme}://{authority}{path}")).body(Empty::new()) else {
             return false;
         };
         match tokio::time::timeout(timeout, self.client.request(request)).await {

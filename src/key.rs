@@ -16,6 +16,13 @@
 //! `/devices/abc/ws` and `/devices/abc/messages`. Decoding makes `/devices/a%20b`
 //! and `?device_id=a+b` the same device `a b`.
 //!
+//! With `routing.hash = "nginx"` ([`KeyExtractor::nginx`]) values are taken
+//! as nginx 1.22's variables hold them instead, so keys hash to the same
+//! bytes as behind nginx: `header:` is the first such header line
+//! (`$http_…`), `query:` the first parameter whose name matches without
+//! regard to case, raw (`$arg_…`), `cookie:` the raw value up to `;`
+//! (`$cookie_…`). No percent-decoding, no unquoting; `path:` is unchanged.
+//!
 //! Extraction borrows from the request and allocates only when a value needs
 //! decoding.
 
@@ -64,11 +71,19 @@ impl DeviceKey<'_> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyExtractor {
     sources: Vec<KeySource>,
+    /// Values as nginx's variables hold them (see the module doc).
+    nginx: bool,
 }
 
 impl KeyExtractor {
     pub fn new(sources: Vec<KeySource>) -> Self {
-        KeyExtractor { sources }
+        KeyExtractor { sources, nginx: false }
+    }
+
+    /// Takes values as nginx's `$http_`, `$arg_` and `$cookie_` variables
+    /// hold them: raw, as nginx hashes them.
+    pub fn nginx(sources: Vec<KeySource>) -> Self {
+        KeyExtractor { sources, nginx: true }
     }
 
     pub fn sources(&self) -> &[KeySource] {
@@ -79,6 +94,13 @@ impl KeyExtractor {
     pub fn extract<'r>(&self, uri: &'r Uri, headers: &'r HeaderMap) -> Option<DeviceKey<'r>> {
         self.sources.iter().enumerate().find_map(|(source, s)| {
             let id = match s {
+                KeySource::Header(name) if self.nginx => {
+                    headers.get(name).map(|v| Cow::Borrowed(v.as_bytes().trim_ascii()))
+                }
+                KeySource::Query(name) if self.nginx => {
+                    uri.query().and_then(|q| nginx_arg(q.as_bytes(), name.as_bytes())).map(Cow::Borrowed)
+                }
+                KeySource::Cookie(name) if self.nginx => nginx_cookie(headers, name.as_bytes()).map(Cow::Borrowed),
                 KeySource::Header(name) => header_value(headers, name),
                 KeySource::Path(pattern) => pattern.capture(uri.path()),
                 KeySource::Query(name) => uri.query().and_then(|q| query_value(q, name)),
@@ -121,6 +143,59 @@ fn cookie_value<'r>(headers: &'r HeaderMap, name: &str) -> Option<Cow<'r, [u8]>>
             Some(percent_decode(v, false))
         })
     })
+}
+
+/// `$arg_NAME` (`ngx_http_arg`): the raw value of the first `NAME=` that
+/// starts the query or follows a `&`, the name compared without regard to
+/// ASCII case; `;` is not a separator and `+` stays `+`.
+fn nginx_arg<'r>(args: &'r [u8], name: &[u8]) -> Option<&'r [u8]> {
+    let n = name.len();
+    // nginx searches for the name only where an '=' still fits after it.
+    (0..args.len().saturating_sub(n)).find_map(|p| {
+        let starts = p == 0 || args[p - 1] == b'&';
+        if !(starts && args[p + n] == b'=' && args[p..p + n].eq_ignore_ascii_case(name)) {
+            return None;
+        }
+        let value = &args[p + n + 1..];
+        Some(&value[..value.iter().position(|&b| b == b'&').unwrap_or(value.len())])
+    })
+}
+
+/// `$cookie_NAME` (nginx 1.22's `ngx_http_parse_multi_header_lines`): over
+/// the Cookie lines in order, pairs start after `;` or `,` and spaces; the
+/// first whose name matches without regard to ASCII case, then optional
+/// spaces and `=`, gives its value raw: leading spaces skipped, up to the
+/// next `;` (commas and quotes kept).
+fn nginx_cookie<'r>(headers: &'r HeaderMap, name: &[u8]) -> Option<&'r [u8]> {
+    headers.get_all(COOKIE).iter().find_map(|line| {
+        let line = line.as_bytes();
+        let mut at = 0;
+        while at < line.len() {
+            let rest = &line[at..];
+            if rest.len() >= name.len() && rest[..name.len()].eq_ignore_ascii_case(name) {
+                let after = rest[name.len()..].trim_ascii_start_spaces();
+                if let Some(value) = after.strip_prefix(b"=") {
+                    let value = value.trim_ascii_start_spaces();
+                    return Some(&value[..value.iter().position(|&b| b == b';').unwrap_or(value.len())]);
+                }
+            }
+            // Not this pair: past the next ';' or ',' and the spaces after it.
+            at += rest.iter().position(|&b| b == b';' || b == b',').map_or(rest.len(), |i| i + 1);
+            at += line[at..].iter().take_while(|&&b| b == b' ').count();
+        }
+        None
+    })
+}
+
+/// Skipping only spaces (not tabs), as nginx's cookie parser does.
+trait TrimSpaces {
+    fn trim_ascii_start_spaces(&self) -> &Self;
+}
+
+impl TrimSpaces for [u8] {
+    fn trim_ascii_start_spaces(&self) -> &[u8] {
+        &self[self.iter().take_while(|&&b| b == b' ').count()..]
+    }
 }
 
 impl PathPattern {
@@ -323,6 +398,35 @@ mod tests {
         assert_eq!(key(&x, "/?device%5Fid=a%2Fb", &[]), some("a/b", 0));
         assert_eq!(key(&x, "/?device_id=%zz%4", &[]), some("%zz%4", 0));
         assert_eq!(key(&x, "/?device_idx=1&device_id", &[]), None);
+    }
+
+    #[test]
+    fn nginx_values_are_raw_like_nginx_variables() {
+        let x = KeyExtractor::nginx(
+            ["header:x-device-id", "query:device_id", "cookie:device_id"]
+                .iter()
+                .map(|s| s.parse().expect("source"))
+                .collect(),
+        );
+        let k = |uri: &str, headers: &[(&str, &str)]| key(&x, uri, headers);
+        // The first header line, even when a later one is non-empty.
+        assert_eq!(k("/", &[("x-device-id", "a%20b"), ("x-device-id", "c")]), some("a%20b", 0));
+        assert_eq!(k("/?device_id=q", &[("x-device-id", "")]), some("q", 1));
+        // $arg_: raw, first match, name case-insensitive, an empty first match wins.
+        assert_eq!(k("/?device_id=a+b%2F", &[]), some("a+b%2F", 1));
+        assert_eq!(k("/?x=1&DEVICE_ID=v&device_id=w", &[]), some("v", 1));
+        assert_eq!(k("/?device_id=&device_id=w", &[]), None);
+        assert_eq!(k("/?xdevice_id=1;device_id=2&device_id=3", &[]), some("3", 1));
+        assert_eq!(k("/?device_id", &[]), None);
+        assert_eq!(k("/?device%5Fid=z", &[]), None);
+        // $cookie_: raw up to ';', quotes and commas kept, ',' also separates names.
+        let c = |cookie: &str| k("/", &[("cookie", cookie)]);
+        assert_eq!(c("device_id=\"a%20b\""), some("\"a%20b\"", 2));
+        assert_eq!(c("a=1; Device_ID = v,w ; device_id=z"), some("v,w ", 2));
+        assert_eq!(c("a=1,device_id=v"), some("v", 2));
+        assert_eq!(c("device_idx=1; device_id=2"), some("2", 2));
+        assert_eq!(c("x=device_id=1"), None);
+        assert_eq!(k("/", &[("cookie", "a=1"), ("cookie", "device_id=2")]), some("2", 2));
     }
 
     #[test]

@@ -71,6 +71,16 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ViaLabel {
+    via: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -109,6 +119,11 @@ pub struct Metrics {
     health_transitions: Family<BackendTo, Counter>,
     failovers: Family<BackendLabel, Counter>,
     retries: Family<BackendLabel, Counter>,
+    tls_handshake_failures: Family<ReasonLabel, Counter>,
+    routed_by_tunnel: Counter,
+    routed_by_ring: Counter,
+    misplaced: Family<BackendLabel, Gauge>,
+    migrations: Family<BackendLabel, Counter>,
     /// Per backend id: set when the backend leaves the config, so handles
     /// still held by requests and tunnels in flight stop creating series.
     retired: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
@@ -147,6 +162,11 @@ impl Metrics {
             health_transitions: Family::default(),
             failovers: Family::default(),
             retries: Family::default(),
+            tls_handshake_failures: Family::default(),
+            routed_by_tunnel: Counter::default(),
+            routed_by_ring: Counter::default(),
+            misplaced: Family::default(),
+            migrations: Family::default(),
         };
         m.registry.register_collector(Box::new(ProcessCollector));
         let r = m.registry.sub_registry_with_prefix("sticky_proxy");
@@ -205,6 +225,29 @@ impl Metrics {
             "retries",
             "Requests retried on the next backend after a failed connect, by the backend that failed",
             m.retries.clone(),
+        );
+        let routed: Family<ViaLabel, Counter> = Family::default();
+        m.routed_by_tunnel = routed.get_or_create_owned(&ViaLabel { via: "tunnel" });
+        m.routed_by_ring = routed.get_or_create_owned(&ViaLabel { via: "ring" });
+        r.register(
+            "http_routed",
+            "HTTP requests with a device ID, by what chose their backend: the device's open tunnel, or the ring",
+            routed,
+        );
+        r.register(
+            "tunnels_misplaced",
+            "Open tunnels whose device would now be routed to another backend, by the backend holding them",
+            m.misplaced.clone(),
+        );
+        r.register(
+            "tunnel_migrations",
+            "Misplaced tunnels closed with 1012 so their device reconnects to its owner, by the backend left",
+            m.migrations.clone(),
+        );
+        r.register(
+            "tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason (timeout, closed, not_tls, protocol, incompatible, alert, other)",
+            m.tls_handshake_failures.clone(),
         );
         let build_info: Family<VersionLabel, Gauge> = Family::default();
         build_info.get_or_create(&VersionLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
@@ -286,6 +329,7 @@ impl Metrics {
         self.health_check_duration.remove(&label);
         self.failovers.remove(&label);
         self.retries.remove(&label);
+        self.migrations.remove(&label);
         for result in ["success", "failure"] {
             self.health_checks.remove(&BackendResult { backend: label.backend.clone(), result });
         }
@@ -310,6 +354,43 @@ impl Metrics {
         let result = if ok { "success" } else { "failure" };
         self.health_checks.get_or_create(&BackendResult { backend: id.to_string(), result }).inc();
         self.health_check_duration.get_or_create(&BackendLabel { backend: id.to_string() }).observe(took.as_secs_f64());
+    }
+
+    /// An HTTP request went to the backend holding its device's tunnel.
+    pub fn routed_by_tunnel(&self) {
+        self.routed_by_tunnel.inc();
+    }
+
+    /// An HTTP request went where the ring (with failover) said.
+    pub fn routed_by_ring(&self) {
+        self.routed_by_ring.inc();
+    }
+
+    /// Replaces the misplaced-tunnel gauges: `counts` by backend id (every
+    /// current backend should be listed, with 0 where none are misplaced).
+    pub fn set_misplaced<'a>(&self, counts: impl IntoIterator<Item = (&'a str, usize)>) {
+        self.misplaced.clear();
+        for (id, n) in counts {
+            self.misplaced.get_or_create(&BackendLabel { backend: id.to_string() }).set(n as i64);
+        }
+    }
+
+    /// A misplaced tunnel on `backend` was asked to move.
+    pub fn migration(&self, backend: &str) {
+        self.migrations.get_or_create(&BackendLabel { backend: backend.to_string() }).inc();
+    }
+
+    /// Creates every handshake failure series at 0 (when a TLS listener
+    /// starts), so that dashboards see them before the first failure.
+    pub fn tls_listener_started(&self) {
+        for reason in crate::tls::HANDSHAKE_FAILURE_REASONS {
+            let _ = self.tls_handshake_failures.get_or_create(&ReasonLabel { reason });
+        }
+    }
+
+    /// A client's TLS handshake failed.
+    pub fn tls_handshake_failed(&self, reason: &'static str) {
+        self.tls_handshake_failures.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn missing_key(&self) {
@@ -399,7 +480,10 @@ impl BackendStats {
 
     pub fn upstream_error(&self, failure: UpstreamFailure) {
         let kind = match failure {
-            UpstreamFailure::Refused | UpstreamFailure::Unreachable | UpstreamFailure::BadAddress => 0,
+            UpstreamFailure::Refused
+            | UpstreamFailure::Unreachable
+            | UpstreamFailure::BadAddress
+            | UpstreamFailure::Tls => 0,
             UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => 1,
             UpstreamFailure::Broken => 2,
             // The client's doing; never counted against a backend.

@@ -1,7 +1,8 @@
-//! Keep-alive HTTP/1.1 connections to backends, pooled per address.
+//! Keep-alive HTTP/1.1 connections to backends, pooled per address (and,
+//! for a TLS backend, per TLS settings: see [`crate::tls::authority`]).
 //!
-//! A request takes the most recently used idle connection to its backend's
-//! address (or opens one), sends on it, and gives it back as soon as the
+//! A request takes the most recently used idle connection to its backend
+//! (or opens one, TLS included where the backend wants it), sends on it, and gives it back as soon as the
 //! connection can take the next request: at once when the response arrived
 //! whole with its headers, else when its body has been read. At most
 //! `upstream.pool_max_idle` idle connections are kept per address, each for
@@ -24,10 +25,10 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::proxy::{UpstreamBody, UpstreamFailure};
+use crate::tls::UpstreamTls;
 
 /// Idle connections by backend address.
 pub(crate) struct Pool {
@@ -57,16 +58,20 @@ impl Pool {
     pub(crate) async fn send(
         self: &Arc<Self>,
         address: &str,
+        tls: Option<&UpstreamTls>,
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamFailure> {
+        // A plain backend's key is its address as it is (no allocation).
+        let key = crate::tls::authority(address, tls);
+        let key: &str = &key;
         loop {
-            let (mut sender, reused) = match self.checkout(address) {
+            let (mut sender, reused) = match self.checkout(key) {
                 Some(sender) => (sender, true),
-                None => (self.connect(address).await?, false),
+                None => (self.connect(address, tls).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.give_back(address, sender);
+                    self.give_back(key, sender);
                     return Ok(response);
                 }
                 Err(mut e) => match e.take_message() {
@@ -74,7 +79,7 @@ impl Pool {
                     // nothing reached the backend, so try the next one. Each
                     // such connection is dropped, and a new one ends the loop.
                     Some(unsent) if reused => {
-                        debug!(address, "pooled connection closed before use: {}", e.into_error());
+                        debug!(key, "pooled connection closed before use: {}", e.into_error());
                         request = unsent;
                     }
                     _ => return Err(UpstreamFailure::classify(&e.into_error(), false)),
@@ -129,14 +134,17 @@ impl Pool {
         }
     }
 
-    async fn connect(&self, address: &str) -> Result<SendRequest<UpstreamBody>, UpstreamFailure> {
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(address)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(UpstreamFailure::classify(&e, true)),
-            Err(_) => return Err(UpstreamFailure::ConnectTimeout),
-        };
-        let _ = stream.set_nodelay(true);
-        crate::server::keep_alive(&stream);
+    /// A new connection: TCP (and TLS for a TLS backend) within
+    /// `connect_timeout`, nodelay and keepalive set, then the HTTP/1.1
+    /// handshake; its connection task runs until the last sender is gone.
+    async fn connect(
+        &self,
+        address: &str,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<SendRequest<UpstreamBody>, UpstreamFailure> {
+        let stream = crate::tls::connect(address, tls, self.connect_timeout)
+            .await
+            .map_err(|e| UpstreamFailure::classify(&e, true))?;
         let (sender, connection) =
             http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamFailure::classify(&e, false))?;
         let address = address.to_string();
@@ -222,7 +230,7 @@ mod tests {
 
         let pool = Pool::new(1, Duration::from_secs(60), Duration::from_secs(3));
         for _ in 0..3 {
-            let response = pool.send(&address, get("/whoami")).await.expect("response");
+            let response = pool.send(&address, None, get("/whoami")).await.expect("response");
             assert_eq!(response.status(), 200);
             let body = response.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(body, "app");
@@ -237,7 +245,8 @@ mod tests {
         .expect("the connection came back to the pool");
 
         // Two at once: two connections, but only one (max_idle) is kept.
-        let (a, b) = tokio::join!(pool.send(&address, get("/delay/50")), pool.send(&address, get("/delay/50")));
+        let (a, b) =
+            tokio::join!(pool.send(&address, None, get("/delay/50")), pool.send(&address, None, get("/delay/50")));
         for response in [a, b] {
             response.expect("response").into_body().collect().await.expect("body");
         }
@@ -252,7 +261,7 @@ mod tests {
 
         // With no idle time allowed, nothing is handed out again.
         let short = Pool::new(4, Duration::ZERO, Duration::from_secs(3));
-        let response = short.send(&address, get("/whoami")).await.expect("response");
+        let response = short.send(&address, None, get("/whoami")).await.expect("response");
         response.into_body().collect().await.expect("body");
         assert!(short.checkout(&address).is_none(), "expired connections are not handed out");
     }
@@ -263,7 +272,7 @@ mod tests {
         let address = listener.local_addr().expect("addr").to_string();
         drop(listener);
         let pool = Pool::new(4, Duration::from_secs(60), Duration::from_secs(3));
-        let failure = pool.send(&address, get("/")).await.expect_err("nothing listens");
+        let failure = pool.send(&address, None, get("/")).await.expect_err("nothing listens");
         assert!(failure.is_connect(), "{failure:?}");
     }
 }

@@ -27,7 +27,7 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::PathAndQuery;
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
@@ -35,8 +35,9 @@ use crate::config::UpstreamConfig;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
+use crate::registry::TunnelRegistry;
 use crate::routing::{Backend, Decision, Router};
-use crate::tunnel;
+use crate::{h2ws, tunnel};
 
 /// Response bodies: a backend's streamed body, or a short message of ours.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -116,6 +117,8 @@ pub struct Proxy {
     pub(crate) metrics: Arc<Metrics>,
     /// Flips to `true` when open tunnels must close (end of shutdown).
     pub(crate) close_tunnels: watch::Receiver<bool>,
+    /// Open tunnels by device: HTTP for a device follows its tunnel.
+    pub(crate) tunnels: Arc<TunnelRegistry>,
 }
 
 impl Proxy {
@@ -125,28 +128,67 @@ impl Proxy {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         close_tunnels: watch::Receiver<bool>,
+        tunnels: Arc<TunnelRegistry>,
     ) -> Proxy {
         let pool = Pool::new(upstream.pool_max_idle, upstream.pool_idle_timeout, upstream.connect_timeout);
-        Proxy { router, pool, health, connect_timeout: upstream.connect_timeout, metrics, close_tunnels }
+        Proxy { router, pool, health, connect_timeout: upstream.connect_timeout, metrics, close_tunnels, tunnels }
     }
 
     pub fn router(&self) -> &Router {
         &self.router
     }
 
-    /// Serves one request from `client_addr`. Never fails: every problem
-    /// becomes a response with a status and a reason.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, client_addr: SocketAddr) -> Response<ProxyBody> {
+    /// Serves one request from `client_addr`, which came over `proto`
+    /// (`"http"` or `"https"`, for `X-Forwarded-Proto`). Never fails: every
+    /// problem becomes a response with a status and a reason.
+    pub async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client_addr: SocketAddr,
+        proto: &'static str,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
+        if req.version() == Version::HTTP_2 {
+            let (mut parts, body) = req.into_parts();
+            from_http2(&parts.uri, &mut parts.headers);
+            req = Request::from_parts(parts, body);
+        }
+        // A reverse proxy tunnels only WebSockets (HTTP/2's extended CONNECT).
+        if req.method() == Method::CONNECT && !h2ws::is_extended_connect(&req) {
+            let mut response = text_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is only accepted for WebSockets over HTTP/2 (:protocol websocket)\n",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"));
+            return response;
+        }
+        let upgrade = is_websocket_upgrade(req.headers()) || h2ws::is_extended_connect(&req);
         let (key, backend, response_timeout, access_log) = {
             let table = self.router.load();
             let response_timeout = table.config().upstream.response_timeout;
             let access_log = table.config().server.access_log;
             match table.decide(req.uri(), req.headers()) {
                 Decision::Owner { key, backend, failed_over_from } => {
-                    if let Some(owner) = &failed_over_from {
-                        owner.stats.failover();
-                    }
+                    // HTTP for a device with an open tunnel goes where the
+                    // tunnel is; a new tunnel goes to the ring's choice.
+                    let held = if upgrade { None } else { self.tunnels.holder(&key.id, &table) };
+                    let backend = match held {
+                        Some(held) => {
+                            self.metrics.routed_by_tunnel();
+                            held
+                        }
+                        None => {
+                            if !upgrade {
+                                self.metrics.routed_by_ring();
+                            }
+                            if let Some(owner) = &failed_over_from {
+                                owner.stats.failover();
+                            }
+                            backend
+                        }
+                    };
                     (Some(key.id.into_owned()), backend, response_timeout, access_log)
                 }
                 Decision::Spread { backend } => {
@@ -172,16 +214,17 @@ impl Proxy {
         let device =
             |key: &Option<Vec<u8>>| key.as_deref().map_or(Cow::Borrowed("-"), String::from_utf8_lossy).into_owned();
 
-        if is_websocket_upgrade(req.headers()) {
+        if upgrade {
             let device = device(&key);
-            let tunnel = tunnel::Request { client_addr, backend, key, device, started, response_timeout };
+            let tunnel = tunnel::Request { client_addr, proto, backend, key, device, started, response_timeout };
             return tunnel::open(self, req, tunnel).await;
         }
 
         // Copied only when the access log will be written.
         let logged = (access_log && tracing::enabled!(tracing::Level::INFO))
             .then(|| (req.method().clone(), req.uri().path().to_string()));
-        let (backend, response) = self.forward(req, client_addr, key.as_deref(), backend, response_timeout).await;
+        let (backend, response) =
+            self.forward(req, client_addr, proto, key.as_deref(), backend, response_timeout).await;
         let elapsed = started.elapsed();
         backend.stats.response(response.status().as_u16(), elapsed);
         if let Some((method, path)) = logged {
@@ -199,13 +242,14 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         client_addr: SocketAddr,
+        proto: &'static str,
         key: Option<&[u8]>,
         mut backend: Arc<Backend>,
         response_timeout: Duration,
     ) -> (Arc<Backend>, Response<ProxyBody>) {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        add_forwarded_headers(&mut parts.headers, client_addr, "http");
+        add_forwarded_headers(&mut parts.headers, client_addr, proto);
         let replay = match body.size_hint().exact() {
             Some(0) => Some(Bytes::new()),
             Some(n) if n <= REPLAYABLE_BODY => match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
@@ -219,7 +263,7 @@ impl Proxy {
                 let sent = Arc::new(Notify::new());
                 let body = ClientBody { inner: body, sent: Arc::clone(&sent) };
                 let request = upstream_request(&parts, &backend, Either::Left(body));
-                return match self.send(&backend.address, request, response_timeout, Some(sent)).await {
+                return match self.send(&backend, request, response_timeout, Some(sent)).await {
                     Ok(response) => (backend, response),
                     Err(failure) => {
                         self.failed(&backend, failure);
@@ -233,7 +277,7 @@ impl Proxy {
         let mut retried = false;
         loop {
             let request = upstream_request(&parts, &backend, Either::Right(Full::new(replay.clone())));
-            match self.send(&backend.address, request, response_timeout, None).await {
+            match self.send(&backend, request, response_timeout, None).await {
                 Ok(response) => return (backend, response),
                 Err(failure) => {
                     self.failed(&backend, failure);
@@ -266,13 +310,13 @@ impl Proxy {
     /// mistaken for a slow backend.
     async fn send(
         &self,
-        address: &str,
+        backend: &Backend,
         request: Result<Request<UpstreamBody>, UpstreamFailure>,
         response_timeout: Duration,
         uploaded: Option<Arc<Notify>>,
     ) -> Result<Response<ProxyBody>, UpstreamFailure> {
         let request = request?;
-        let exchange = self.pool.send(address, request);
+        let exchange = self.pool.send(&backend.address, backend.tls.as_ref(), request);
         tokio::pin!(exchange);
         if let Some(uploaded) = uploaded {
             let early = tokio::select! {
@@ -341,12 +385,21 @@ pub enum UpstreamFailure {
     BadAddress,
     /// The client's request body failed mid-upload: not the backend's fault.
     ClientAborted,
+    /// The TLS handshake with the backend failed (its certificate is not
+    /// trusted or not for its name, or it doesn't speak TLS).
+    Tls,
 }
 
 impl UpstreamFailure {
     /// The connection was never made, so nothing reached the backend.
     pub fn is_connect(self) -> bool {
-        matches!(self, UpstreamFailure::Refused | UpstreamFailure::Unreachable | UpstreamFailure::ConnectTimeout)
+        matches!(
+            self,
+            UpstreamFailure::Refused
+                | UpstreamFailure::Unreachable
+                | UpstreamFailure::ConnectTimeout
+                | UpstreamFailure::Tls
+        )
     }
 
     pub(crate) fn classify(err: &(dyn StdError + 'static), during_connect: bool) -> UpstreamFailure {
@@ -356,6 +409,9 @@ impl UpstreamFailure {
                 return UpstreamFailure::ClientAborted;
             }
             if let Some(io) = e.downcast_ref::<io::Error>() {
+                if crate::tls::is_tls_error(io) {
+                    return UpstreamFailure::Tls;
+                }
                 match io.kind() {
                     io::ErrorKind::TimedOut if during_connect => return UpstreamFailure::ConnectTimeout,
                     io::ErrorKind::TimedOut => return UpstreamFailure::Timeout,
@@ -396,6 +452,9 @@ impl UpstreamFailure {
                 StatusCode::BAD_REQUEST,
                 "the request body did not arrive whole; nothing was blamed on the backend".into(),
             ),
+            UpstreamFailure::Tls => {
+                (StatusCode::BAD_GATEWAY, format!("backend {id} ({addr}): the TLS handshake failed"))
+            }
         };
         warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
         text_response(status, reason + "\n")
@@ -489,6 +548,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     if present & (1 << HOP_BY_HOP.len()) != 0 {
         headers.remove(header::UPGRADE);
+    }
+}
+
+/// Makes an HTTP/2 request's headers fit an HTTP/1.1 backend: `Host` from
+/// the `:authority` (HTTP/2 clients rarely send `Host`), and cookie crumbs,
+/// which HTTP/2 lets a client send as separate headers, joined into one
+/// `Cookie` line as RFC 9113 §8.2.3 asks. Pseudo-headers never appear in a
+/// `HeaderMap`; hyper keeps them in the method, URI and extensions.
+pub fn from_http2(uri: &Uri, headers: &mut HeaderMap) {
+    if !headers.contains_key(header::HOST) {
+        if let Some(host) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            headers.insert(header::HOST, host);
+        }
+    }
+    if headers.get_all(header::COOKIE).iter().nth(1).is_some() {
+        let crumbs: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+        if let Ok(joined) = HeaderValue::from_bytes(&crumbs.join(&b"; "[..])) {
+            headers.insert(header::COOKIE, joined);
+        }
     }
 }
 
@@ -619,5 +697,20 @@ mod tests {
         assert_eq!(origin_form(&uri).to_string(), "/devices/a%20b/messages?x=1");
         assert_eq!(origin_form(&"*".parse().expect("uri")).to_string(), "/");
         assert_eq!(origin_form(&"http://h:1/p?q".parse().expect("uri")).to_string(), "/p?q");
+    }
+
+    #[test]
+    fn http2_requests_get_host_and_one_cookie_line() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("device_id=d7"));
+        from_http2(&"https://api.example.com:8443/x".parse().expect("uri"), &mut h);
+        assert_eq!(h[header::HOST], "api.example.com:8443");
+        assert_eq!(h.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1; device_id=d7"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("kept.example"));
+        from_http2(&"https://other.example/x".parse().expect("uri"), &mut h);
+        assert_eq!(h[header::HOST], "kept.example", "a Host the client sent stays");
     }
 }

@@ -16,19 +16,22 @@
 //! The watcher polls the file's content rather than using inotify: polling
 //! survives editors that save by rename and Kubernetes ConfigMap updates
 //! (an atomic swap of a symlinked directory), which inotify watches lose,
-//! and reading a small file once a second costs nothing measurable.
+//! and reading a small file once a second costs nothing measurable. The
+//! files the config refers to (TLS certificates and keys, CA files, the
+//! admin token file) are polled with it, so a renewed certificate reloads
+//! even though the config itself did not change.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{referenced_files, Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::routing::{Router, RoutingTable};
 use crate::server::raised;
@@ -86,9 +89,9 @@ pub struct Reloader {
     path: Option<PathBuf>,
     router: Router,
     metrics: Arc<Metrics>,
-    /// Serialises reloads; holds the hash of the file content last read, so
-    /// the watcher neither reloads unchanged content nor retries a bad file
-    /// every second.
+    /// Serialises reloads; holds the hash of the content last read (the
+    /// file's and that of the files it refers to), so the watcher neither
+    /// reloads unchanged content nor retries a bad file every second.
     last_seen: Mutex<Option<u64>>,
     status: watch::Sender<ReloadStatus>,
 }
@@ -97,7 +100,7 @@ impl Reloader {
     /// `path` is the file the running config came from (`None` for an
     /// embedded config, which can't be reloaded).
     pub fn new(path: Option<PathBuf>, router: Router, metrics: Arc<Metrics>) -> Reloader {
-        let last_seen = path.as_ref().and_then(|p| std::fs::read(p).ok()).map(|bytes| hash(&bytes));
+        let last_seen = path.as_ref().and_then(|p| std::fs::read(p).ok().map(|bytes| fingerprint(p, &bytes)));
         let generation = router.load().generation();
         let (status, _) = watch::channel(ReloadStatus { attempts: 0, generation, last_error: None });
         Reloader { path, router, metrics, last_seen: Mutex::new(last_seen), status }
@@ -172,7 +175,8 @@ impl Reloader {
         };
         let bytes = std::fs::read(path)
             .map_err(|e| ConfigError::whole_file(Some(path), format!("cannot read config file: {e}")))?;
-        *last_seen = Some(hash(&bytes));
+        // Before parsing: a file changed during the parse is seen as changed.
+        *last_seen = Some(fingerprint(path, &bytes));
         let mut new = Config::from_file_bytes(path, &bytes)?;
 
         let metrics = &self.metrics;
@@ -201,6 +205,8 @@ impl Reloader {
     /// running config, so both can be changed by a reload.
     pub async fn watch_file(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let Some(path) = self.path.clone() else { return };
+        // The files referred to by the config content last seen (by its hash).
+        let mut referred: Option<(u64, Vec<PathBuf>)> = None;
         loop {
             let reload = self.router.load().config().reload.clone();
             tokio::select! {
@@ -210,7 +216,7 @@ impl Reloader {
             if !reload.watch {
                 continue;
             }
-            let Some(mut seen) = content_hash(&path).await else { continue };
+            let Some(mut seen) = content_hash(&path, &mut referred).await else { continue };
             // A reload holds this lock while it runs; never wait for it on
             // an async worker: check again next tick.
             let unchanged = match self.last_seen.try_lock() {
@@ -226,7 +232,7 @@ impl Reloader {
                     _ = tokio::time::sleep(SETTLE) => {}
                     _ = raised(&mut stop) => return,
                 }
-                match content_hash(&path).await {
+                match content_hash(&path, &mut referred).await {
                     Some(now) if now != seen => seen = now,
                     _ => break,
                 }
@@ -251,6 +257,21 @@ fn keep_fixed_settings(running: &Config, new: &mut Config) -> Vec<&'static str> 
     if new.admin.listen != running.admin.listen {
         changed.push("admin.listen");
         new.admin.listen = running.admin.listen;
+    }
+    match (&running.server.tls, &mut new.server.tls) {
+        (None, Some(_)) => {
+            changed.push("server.tls");
+            new.server.tls = None;
+        }
+        (Some(old), None) => {
+            changed.push("server.tls");
+            new.server.tls = Some(old.clone());
+        }
+        (Some(old), Some(tls)) if tls.listen != old.listen => {
+            changed.push("server.tls.listen");
+            tls.listen = old.listen;
+        }
+        _ => {}
     }
     if new.upstream.connect_timeout != running.upstream.connect_timeout {
         changed.push("upstream.connect_timeout");
@@ -299,6 +320,42 @@ fn hash(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
-async fn content_hash(path: &std::path::Path) -> Option<u64> {
-    tokio::fs::read(path).await.ok().map(|bytes| hash(&bytes))
+/// Hash of a config's content and of each file it refers to (path and
+/// content; an unreadable file counts as absent).
+fn combine(config: u64, files: &[(&Path, Option<Vec<u8>>)]) -> u64 {
+    let mut h = DefaultHasher::new();
+    config.hash(&mut h);
+    for (path, content) in files {
+        path.hash(&mut h);
+        content.hash(&mut h);
+    }
+    h.finish()
+}
+
+fn base_of(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
+}
+
+/// What the watcher compares, for config content `bytes` read from `path`.
+fn fingerprint(path: &Path, bytes: &[u8]) -> u64 {
+    let files = referenced_files(&String::from_utf8_lossy(bytes), base_of(path));
+    let contents: Vec<(&Path, Option<Vec<u8>>)> = files.iter().map(|f| (f.as_path(), std::fs::read(f).ok())).collect();
+    combine(hash(bytes), &contents)
+}
+
+/// [`fingerprint`] for the watcher: async reads, and the config is parsed
+/// for the files it names only when its content changed (`referred` caches
+/// them by content hash).
+async fn content_hash(path: &Path, referred: &mut Option<(u64, Vec<PathBuf>)>) -> Option<u64> {
+    let bytes = tokio::fs::read(path).await.ok()?;
+    let config = hash(&bytes);
+    let files = match referred {
+        Some((seen, files)) if *seen == config => files,
+        _ => &mut referred.insert((config, referenced_files(&String::from_utf8_lossy(&bytes), base_of(path)))).1,
+    };
+    let mut contents = Vec::with_capacity(files.len());
+    for file in files.iter() {
+        contents.push((file.as_path(), tokio::fs::read(file).await.ok()));
+    }
+    Some(combine(config, &contents))
 }

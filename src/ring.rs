@@ -8,9 +8,10 @@
 //! * `base` = crc32 state fed the identity bytes. Point `j` is
 //!   `crc32(base ‖ prev.to_le_bytes())`, where `prev` is 0 for the first point
 //!   and then the previous point's hash (a chain, not a counter).
-//! * Points are sorted by hash; ties go to the smaller identity (then the
-//!   earlier member), and of equal hashes only the first is kept. So the ring
-//!   does not depend on the order members are listed in.
+//! * Points are sorted by hash and of equal hashes only the first is kept.
+//!   Which is first is the [`Ties`] rule: the smaller identity (then the
+//!   earlier member), so the ring does not depend on the order members are
+//!   listed in; or, as nginx does, the member listed first.
 //! * A key belongs to the first point with `hash >= crc32(key)`, wrapping
 //!   around to the first point.
 //!
@@ -46,6 +47,40 @@ pub const MAX_POINTS: u32 = 1 << 25;
 /// Most members a ring holds (owners are stored as `u16`); members past
 /// this index are ignored (config validation is expected to reject them).
 pub const MAX_MEMBERS: usize = 1 << 16;
+
+/// Points per unit of weight in nginx's `hash … consistent`.
+pub const NGINX_REPLICAS: u32 = 160;
+
+/// Which point survives when points of different members have equal hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ties {
+    /// The member with the smaller identity, then the earlier member: the
+    /// ring does not depend on member order.
+    SmallerIdentity,
+    /// The earlier member, as nginx's sort (glibc's stable merge sort over
+    /// points generated in `server` order) leaves it. Verified against real
+    /// nginx by `tests/nginx/compare.sh`.
+    FirstListed,
+}
+
+/// nginx's identity bytes for an upstream `server` written as `server`:
+/// `host`, a NUL, then `port`, split as `ngx_http_upstream_update_chash`
+/// does. `unix:PATH` (any case) hashes PATH with an empty port; otherwise
+/// the port is whatever follows the last `:` when only digits follow it,
+/// and empty when nothing does (`[::1]` keeps its brackets).
+pub fn nginx_identity(server: &str) -> Vec<u8> {
+    let s = server.as_bytes();
+    let (host, port) = if s.len() >= 5 && s[..5].eq_ignore_ascii_case(b"unix:") {
+        (&s[5..], &s[..0])
+    } else {
+        let digits = s.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+        match s.len().checked_sub(digits + 1) {
+            Some(colon) if s[colon] == b':' => (&s[..colon], &s[colon + 1..]),
+            _ => (s, &s[..0]),
+        }
+    };
+    [host, b"\0", port].concat()
+}
 
 /// One ring member as given to [`Ring::new`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,13 +316,23 @@ impl Ring {
     /// (at most [`MAX_MEMBERS`]; later ones are ignored). Each gets
     /// `weight × replicas` points, scaled down if needed (see [`MAX_POINTS`]).
     pub fn new(members: &[Member<'_>], replicas: u32) -> Ring {
+        Ring::with_ties(members, replicas, Ties::SmallerIdentity)
+    }
+
+    /// [`Ring::new`] with a choice of tie rule; `Ring::with_ties(members,
+    /// NGINX_REPLICAS, Ties::FirstListed)` over [`nginx_identity`]s is
+    /// nginx's ring.
+    pub fn with_ties(members: &[Member<'_>], replicas: u32, ties: Ties) -> Ring {
         let members = &members[..members.len().min(MAX_MEMBERS)];
         let counts = point_counts(members, replicas);
         // Members with points in tie order: by identity, equal identities in
-        // member order (the sort is stable). A member's position here is its
-        // rank; at most MAX_MEMBERS of them, so a rank fits in a u16.
+        // member order (the sort is stable), or just member order. A
+        // member's position here is its rank; at most MAX_MEMBERS of them,
+        // so a rank fits in a u16.
         let mut by_rank: Vec<usize> = (0..members.len()).filter(|&m| counts[m] > 0).collect();
-        by_rank.sort_by_key(|&m| members[m].identity);
+        if ties == Ties::SmallerIdentity {
+            by_rank.sort_by_key(|&m| members[m].identity);
+        }
         let chains: Vec<(u32, u32)> = by_rank.iter().map(|&m| (first_point(members[m].identity), counts[m])).collect();
         // At most MAX_POINTS (2^25), so positions fit in a u32.
         let total: usize = counts.iter().map(|&c| c as usize).sum();
@@ -332,7 +377,7 @@ impl Ring {
             for &key in sorted {
                 let (hash, rank) = ((key >> 16) as u32, key as u16);
                 if key >> 16 == kept >> 16 {
-                    // Equal hashes: keep the smaller identity (rank).
+                    // Equal hashes: keep the smaller rank.
                     let kept_rank = kept as u16;
                     let drop = if rank < kept_rank {
                         slots[out - 1] = hash << 16 | by_rank[usize::from(rank)] as u32;
@@ -412,6 +457,15 @@ impl Ring {
     pub fn walk(&self, key: &[u8]) -> impl Iterator<Item = usize> + '_ {
         let start = self.point_index(Self::hash_key(key)).unwrap_or(0);
         Walk { ring: self, pos: start, steps: 0, left: self.live, first: [0; 8], nfirst: 0, seen: Vec::new() }
+    }
+
+    /// The owner of every point in ring order, starting at the key's point
+    /// and going once around: the points nginx steps through (`hash++`)
+    /// when a key's server is unusable. Empty if the ring is.
+    pub fn point_owners(&self, key: &[u8]) -> impl Iterator<Item = usize> + '_ {
+        let n = self.slots.len();
+        let start = self.point_index(Self::hash_key(key)).unwrap_or(0);
+        (0..n).map(move |k| usize::from(self.owner_at((start + k) % n)))
     }
 
     /// Fraction of the 2^32 hash space each member owns, indexed like the
@@ -558,8 +612,9 @@ mod tests {
     }
 
     /// The build as first written: a comparison sort of all points by
-    /// (hash, identity, member), keeping the first of equal hashes.
-    fn reference_build(members: &[Member<'_>], replicas: u32) -> Ring {
+    /// (hash, identity, member) or (hash, member), keeping the first of
+    /// equal hashes.
+    fn reference_build(members: &[Member<'_>], replicas: u32, ties: Ties) -> Ring {
         let members = &members[..members.len().min(MAX_MEMBERS)];
         let counts = point_counts(members, replicas);
         let mut points: Vec<(u32, u16)> = Vec::new();
@@ -569,7 +624,10 @@ mod tests {
         points.sort_unstable_by(|a, b| {
             a.0.cmp(&b.0).then_with(|| {
                 let (ia, ib) = (members[a.1 as usize].identity, members[b.1 as usize].identity);
-                ia.cmp(ib).then(a.1.cmp(&b.1))
+                match ties {
+                    Ties::SmallerIdentity => ia.cmp(ib).then(a.1.cmp(&b.1)),
+                    Ties::FirstListed => a.1.cmp(&b.1),
+                }
             })
         });
         points.dedup_by_key(|p| p.0);
@@ -591,12 +649,14 @@ mod tests {
     }
 
     fn assert_same_ring(members: &[Member<'_>], replicas: u32) {
-        let (got, want) = (Ring::new(members, replicas), reference_build(members, replicas));
-        assert_eq!(got.members, want.members);
-        assert_eq!(got.live, want.live, "live members");
-        assert_eq!(got.slots.len(), want.slots.len(), "points");
-        assert!(got.slots == want.slots, "slots differ");
-        assert!(got.index == want.index, "index differs");
+        for ties in [Ties::SmallerIdentity, Ties::FirstListed] {
+            let (got, want) = (Ring::with_ties(members, replicas, ties), reference_build(members, replicas, ties));
+            assert_eq!(got.members, want.members);
+            assert_eq!(got.live, want.live, "live members, {ties:?}");
+            assert_eq!(got.slots.len(), want.slots.len(), "points, {ties:?}");
+            assert!(got.slots == want.slots, "slots differ, {ties:?}");
+            assert!(got.index == want.index, "index differs, {ties:?}");
+        }
     }
 
     #[test]
@@ -646,6 +706,51 @@ mod tests {
         assert!(region as usize >= RegionSorter::RADIX_MIN, "{region}");
         assert_eq!(r.owner_of_hash(hash), Some(3));
         assert_same_ring(&members, replicas);
+    }
+
+    #[test]
+    fn first_listed_ties_go_to_the_earlier_member() {
+        // The same colliding pair as above: listed first wins, whatever the
+        // identities.
+        let hash = 0x6571_3b95;
+        for (ids, winner) in [(["b14", "a"], 0), (["a", "b14"], 0)] {
+            let members: Vec<Member> = ids.iter().map(|id| Member { identity: id.as_bytes(), weight: 1 }).collect();
+            let r = Ring::with_ties(&members, 1 << 17, Ties::FirstListed);
+            assert_eq!(r.owner_of_hash(hash), Some(winner), "{ids:?}");
+        }
+    }
+
+    #[test]
+    fn nginx_identity_splits_like_nginx() {
+        for (server, host, port) in [
+            ("10.0.0.5:8080", "10.0.0.5", "8080"),
+            ("[::1]:9000", "[::1]", "9000"),
+            ("[::1]", "[::1]", ""),
+            ("app.internal", "app.internal", ""),
+            ("app.internal:80", "app.internal", "80"),
+            ("unix:/run/app.sock", "/run/app.sock", ""),
+            ("UNIX:/run/app:80", "/run/app:80", ""),
+            ("host:", "host", ""),
+            (":80", "", "80"),
+            ("a:b:12", "a:b", "12"),
+            ("a:1x", "a:1x", ""),
+            ("", "", ""),
+        ] {
+            assert_eq!(nginx_identity(server), format!("{host}\0{port}").as_bytes(), "{server}");
+        }
+    }
+
+    #[test]
+    fn point_owners_go_once_around_from_the_key() {
+        let r = ring(&["a", "b", "c"], &[1, 1, 1], 5);
+        let all: Vec<usize> = (0..r.points()).map(|i| usize::from(r.owner_at(i))).collect();
+        let key = b"k";
+        let start = r.point_index(Ring::hash_key(key)).expect("points");
+        let got: Vec<usize> = r.point_owners(key).collect();
+        assert_eq!(got.len(), r.points());
+        assert_eq!(got[..r.points() - start], all[start..]);
+        assert_eq!(got[r.points() - start..], all[..start]);
+        assert_eq!(got[0], r.owner(key).expect("owner"));
     }
 
     #[test]

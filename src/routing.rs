@@ -12,6 +12,11 @@
 //! owner is down, the device goes to the next distinct backend that is up in
 //! ring order (the same rule in every replica, so replicas that agree on
 //! health agree on placement), and comes back when the owner is up again.
+//!
+//! With `routing.hash = "nginx"` the ring is nginx's (see [`crate::ring`])
+//! and failover steps point by point as nginx does: the first usable
+//! backend among the owner's point and the 20 after it; past those, nginx
+//! falls back to round robin, and so does this table.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,10 +28,15 @@ use hyper::header::HeaderMap;
 use hyper::Uri;
 use tokio::sync::watch;
 
-use crate::config::{Config, MissingKey};
+use crate::config::{Config, HashMode, MissingKey};
 use crate::key::{DeviceKey, KeyExtractor};
 use crate::metrics::{BackendStats, Metrics};
-use crate::ring::{Member, Ring};
+use crate::ring::{self, Member, Ring, Ties};
+use crate::tls::UpstreamTls;
+
+/// Points nginx looks at for a usable server before it falls back to round
+/// robin (`hp->tries > 20` in `ngx_http_upstream_get_chash_peer`).
+const NGINX_POINT_TRIES: usize = 21;
 
 /// The shared handle through which the hot path reads the current table.
 pub type Router = Arc<LiveTable>;
@@ -80,6 +90,8 @@ pub struct Backend {
     /// `host:port` to connect to.
     pub address: String,
     pub weight: u32,
+    /// `Some`: spoken to over TLS.
+    pub tls: Option<UpstreamTls>,
     /// This backend's metric handles (shared with the same backend in
     /// other snapshots, so counts carry across reloads).
     pub stats: BackendStats,
@@ -111,6 +123,8 @@ pub struct RoutingTable {
     /// Backend id → index into `backends` (and `up`, `draining`).
     index: Arc<HashMap<String, usize>>,
     ring: Arc<Ring>,
+    /// `routing.hash = "nginx"`: failover steps through points as nginx does.
+    nginx: bool,
     keys: Arc<KeyExtractor>,
     /// Health, by backend index: `true` while the backend may take traffic.
     up: Vec<bool>,
@@ -132,20 +146,40 @@ impl RoutingTable {
             .iter()
             .map(|b| {
                 let stats = metrics.backend(&b.id);
-                Arc::new(Backend { id: b.id.clone(), address: b.address.clone(), weight: b.weight, stats })
+                Arc::new(Backend {
+                    id: b.id.clone(),
+                    address: b.address.clone(),
+                    weight: b.weight,
+                    tls: b.tls.clone(),
+                    stats,
+                })
             })
             .collect();
-        let members: Vec<Member<'_>> =
-            backends.iter().map(|b| Member { identity: b.id.as_bytes(), weight: b.weight }).collect();
+        let nginx = config.routing.hash == HashMode::Nginx;
+        let ring = if nginx {
+            let identities: Vec<Vec<u8>> = config.backends.iter().map(|b| ring::nginx_identity(&b.server)).collect();
+            let members: Vec<Member<'_>> = identities
+                .iter()
+                .zip(&config.backends)
+                .map(|(identity, b)| Member { identity, weight: b.weight })
+                .collect();
+            Ring::with_ties(&members, ring::NGINX_REPLICAS, Ties::FirstListed)
+        } else {
+            let members: Vec<Member<'_>> =
+                backends.iter().map(|b| Member { identity: b.id.as_bytes(), weight: b.weight }).collect();
+            Ring::new(&members, config.routing.replicas)
+        };
+        let keys = config.routing.keys.clone();
         let index = backends.iter().enumerate().map(|(i, b)| (b.id.clone(), i)).collect();
         RoutingTable {
-            ring: Arc::new(Ring::new(&members, config.routing.replicas)),
+            ring: Arc::new(ring),
+            nginx,
             index: Arc::new(index),
             up: vec![true; backends.len()],
             draining: config.backends.iter().map(|b| b.draining.then(Instant::now)).collect(),
             drain_overrides: Arc::new(HashMap::new()),
             backends: Arc::new(backends),
-            keys: Arc::new(KeyExtractor::new(config.routing.keys.clone())),
+            keys: Arc::new(if nginx { KeyExtractor::nginx(keys) } else { KeyExtractor::new(keys) }),
             missing_key: config.routing.missing_key,
             next_spread: AtomicUsize::new(0),
             config,
@@ -212,6 +246,7 @@ impl RoutingTable {
             backends: Arc::clone(&self.backends),
             index: Arc::clone(&self.index),
             ring: Arc::clone(&self.ring),
+            nginx: self.nginx,
             keys: Arc::clone(&self.keys),
             up,
             missing_key: self.missing_key,
@@ -258,9 +293,34 @@ impl RoutingTable {
         if self.usable(owner) {
             return self.backends.get(owner).map(|b| (Arc::clone(b), None));
         }
-        let mut walk = self.ring.walk(device_id);
-        let standby = walk.find(|&i| i != owner && self.usable(i))?;
+        let standby = if self.nginx {
+            // The owner's point is the first of nginx's tries.
+            let stepped = self.ring.point_owners(device_id).take(NGINX_POINT_TRIES).find(|&i| self.usable(i));
+            match stepped {
+                Some(i) => i,
+                None => self.spread_index()?,
+            }
+        } else {
+            self.ring.walk(device_id).find(|&i| i != owner && self.usable(i))?
+        };
         Some((Arc::clone(self.backends.get(standby)?), self.backends.get(owner).cloned()))
+    }
+
+    /// Where a new connection of the device would settle, without side
+    /// effects: like [`RoutingTable::serving`], but `None` when every
+    /// backend is down or when nginx mode falls back to round robin (then
+    /// no single backend is the device's place, so no tunnel is misplaced).
+    pub fn home(&self, device_id: &[u8]) -> Option<&Arc<Backend>> {
+        let mut walk = self.ring.walk(device_id);
+        let owner = walk.next()?;
+        let home = if self.usable(owner) {
+            owner
+        } else if self.nginx {
+            self.ring.point_owners(device_id).take(NGINX_POINT_TRIES).find(|&i| self.usable(i))?
+        } else {
+            walk.find(|&i| self.usable(i))?
+        };
+        self.backends.get(home)
     }
 
     /// The next backend that is up after `failed` for a device (or, without
@@ -283,9 +343,14 @@ impl RoutingTable {
     }
 
     fn spread(&self) -> Option<Arc<Backend>> {
+        self.spread_index().map(|i| Arc::clone(&self.backends[i]))
+    }
+
+    /// The next usable backend in turn.
+    fn spread_index(&self) -> Option<usize> {
         let n = self.backends.len();
         let start = self.next_spread.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|k| (start + k) % n).find(|&i| self.usable(i)).map(|i| Arc::clone(&self.backends[i]))
+        (0..n).map(|k| (start + k) % n).find(|&i| self.usable(i))
     }
 
     /// Where a device ID goes and why, for the admin API.
@@ -308,6 +373,13 @@ impl RoutingTable {
     /// The ring owner of a device ID, whatever its health.
     pub fn owner(&self, device_id: &[u8]) -> Option<&Arc<Backend>> {
         self.ring.owner(device_id).and_then(|i| self.backends.get(i))
+    }
+
+    /// The TLS settings with this id of a backend at `address`, for a new
+    /// pooled connection (a scan: connections are made far less often than
+    /// requests, and only TLS backends pay it).
+    pub fn backend_tls(&self, address: &str, id: u64) -> Option<UpstreamTls> {
+        self.backends.iter().filter(|b| b.address == address).find_map(|b| b.tls.clone().filter(|t| t.id == id))
     }
 
     /// The index of the backend with this id.

@@ -1,8 +1,12 @@
 //! Listeners, connections and the shutdown sequence.
 //!
-//! [`start`] binds the proxy and admin listeners and spawns their accept
-//! loops; each accepted connection is served by hyper's HTTP/1.1 server in a
-//! task of its own. [`RunningProxy::shutdown`] stops in three steps: stop
+//! [`start`] binds the proxy and admin listeners (and the TLS listener of
+//! `[server.tls]`) and spawns their accept loops; each accepted connection
+//! is served in a task of its own: HTTP/1.1, or HTTP/2 when a TLS client
+//! chose `h2` by ALPN or, with `server.h2c`, a cleartext client starts with
+//! the HTTP/2 preface. The TLS handshake happens in that task too, bounded
+//! by `server.tls.handshake_timeout`, so a slow or broken client never holds
+//! up the accept loop. [`RunningProxy::shutdown`] stops in three steps: stop
 //! accepting, let in-flight HTTP finish within `server.shutdown_grace`, then
 //! close whatever is left, WebSocket tunnels included.
 
@@ -11,16 +15,20 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::{Body, Incoming};
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
 use crate::admin::{self, AdminState};
@@ -28,6 +36,8 @@ use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::rebalance::Rebalancer;
+use crate::registry::TunnelRegistry;
 use crate::reload::{Reloader, Trigger};
 use crate::routing::{Router, RoutingTable};
 
@@ -42,11 +52,13 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 /// A proxy that is serving; dropping it leaves it running until the runtime stops.
 pub struct RunningProxy {
     proxy_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     router: Router,
     reloader: Arc<Reloader>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    tunnels: Arc<TunnelRegistry>,
     /// `true`: stop accepting and finish in-flight HTTP.
     drain: watch::Sender<bool>,
     /// `true`: close everything still open, tunnels included.
@@ -68,6 +80,10 @@ pub async fn start_from_file(config: Config, path: PathBuf) -> io::Result<Runnin
 async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<RunningProxy> {
     let proxy_listener = bind(config.server.listen, "server.listen").await?;
     let admin_listener = bind(config.admin.listen, "admin.listen").await?;
+    let tls_listener = match &config.server.tls {
+        Some(tls) => Some(bind(tls.listen, "server.tls.listen").await?),
+        None => None,
+    };
     let metrics = Arc::new(Metrics::new());
     let config = Arc::new(config);
     let router = RoutingTable::new(Arc::clone(&config), 1, &metrics).into_router();
@@ -77,21 +93,25 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     let (drain, _) = watch::channel(false);
     let (close, _) = watch::channel(false);
     let health = Health::new(router.clone(), Arc::clone(&metrics));
+    let tunnels = Arc::new(TunnelRegistry::new());
     let proxy = Arc::new(Proxy::new(
         router.clone(),
         &config.upstream,
         Arc::clone(&metrics),
         Arc::clone(&health),
         close.subscribe(),
+        Arc::clone(&tunnels),
     ));
 
     let running = RunningProxy {
         proxy_addr: proxy_listener.local_addr()?,
+        tls_addr: tls_listener.as_ref().map(TcpListener::local_addr).transpose()?,
         admin_addr: admin_listener.local_addr()?,
         router: router.clone(),
         reloader: Arc::clone(&reloader),
         metrics: Arc::clone(&metrics),
         health: Arc::clone(&health),
+        tunnels: Arc::clone(&tunnels),
         drain,
         close,
     };
@@ -103,16 +123,28 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     };
     tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
     tokio::spawn(health.run(running.drain.subscribe()));
+    let rebalancer = Rebalancer::new(router.clone(), Arc::clone(&tunnels), Arc::clone(&metrics));
+    tokio::spawn(rebalancer.run(running.drain.subscribe()));
 
-    let proxy_service = move |addr: SocketAddr| {
+    // `proto` says how the client came: X-Forwarded-Proto.
+    let proxy_service = |proto: &'static str| {
         let proxy = proxy.clone();
-        move |req: Request<Incoming>| {
+        move |addr: SocketAddr| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, addr).await) }
+            move |req: Request<Incoming>| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(proxy.handle(req, addr, proto).await) }
+            }
         }
     };
-    tokio::spawn(connections.clone().accept_loop(proxy_listener, proxy_service));
-    let admin_state = AdminState { router, reloader, metrics };
+    if let (Some(listener), Some(addr)) = (tls_listener, running.tls_addr) {
+        let acceptor = crate::tls::acceptor(router.clone()).map_err(io::Error::other)?;
+        metrics.tls_listener_started();
+        tokio::spawn(connections.clone().accept_loop(listener, Transport::Tls(acceptor), proxy_service("https")));
+        info!(tls_listen = %addr, "TLS listener serving (HTTP/1.1 and HTTP/2)");
+    }
+    tokio::spawn(connections.clone().accept_loop(proxy_listener, Transport::Plain, proxy_service("http")));
+    let admin_state = AdminState { router, reloader, metrics, tunnels };
     let admin_service = move |_addr: SocketAddr| {
         let state = admin_state.clone();
         move |req: Request<Incoming>| {
@@ -120,7 +152,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
             async move { Ok::<_, Infallible>(admin::handle(req, &state).await) }
         }
     };
-    tokio::spawn(connections.accept_loop(admin_listener, admin_service));
+    tokio::spawn(connections.accept_loop(admin_listener, Transport::Http1, admin_service));
 
     info!(
         listen = %running.proxy_addr,
@@ -143,6 +175,11 @@ impl RunningProxy {
         self.proxy_addr
     }
 
+    /// The TLS listener's address, if `[server.tls]` is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
     }
@@ -161,6 +198,11 @@ impl RunningProxy {
 
     pub fn health(&self) -> &Arc<Health> {
         &self.health
+    }
+
+    /// The open tunnels, by device.
+    pub fn tunnels(&self) -> &Arc<TunnelRegistry> {
+        &self.tunnels
     }
 
     /// Stops accepting, waits up to the grace period for in-flight HTTP,
@@ -256,7 +298,7 @@ struct Connections {
 impl Connections {
     /// Accepts until drained; `make_service` builds a connection's service
     /// from the peer address.
-    async fn accept_loop<M, S, F, B>(mut self, listener: TcpListener, make_service: M)
+    async fn accept_loop<M, S, F, B>(mut self, listener: TcpListener, transport: Transport, make_service: M)
     where
         M: Fn(SocketAddr) -> S,
         S: Fn(Request<Incoming>) -> F + Send + 'static,
@@ -274,7 +316,7 @@ impl Connections {
             match accepted {
                 Ok((stream, peer)) => {
                     let service = make_service(peer);
-                    tokio::spawn(self.clone().serve(stream, peer, service));
+                    tokio::spawn(self.clone().serve(stream, peer, transport.clone(), service));
                 }
                 Err(e) => {
                     let kind = AcceptErrorKind::of(&e);
@@ -296,7 +338,7 @@ impl Connections {
         }
     }
 
-    async fn serve<S, F, B>(mut self, stream: TcpStream, peer: SocketAddr, service: S)
+    async fn serve<S, F, B>(mut self, stream: TcpStream, peer: SocketAddr, transport: Transport, service: S)
     where
         S: Fn(Request<Incoming>) -> F + Send + 'static,
         F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
@@ -306,16 +348,106 @@ impl Connections {
     {
         let _ = stream.set_nodelay(true);
         keep_alive(&stream);
+        match transport {
+            Transport::Http1 => self.serve_http1(TokioIo::new(stream), peer, service).await,
+            Transport::Plain => {
+                let (h2c, header_timeout) = {
+                    let table = self.router.load();
+                    (table.config().server.h2c, table.config().server.header_read_timeout)
+                };
+                if !h2c {
+                    return self.serve_http1(TokioIo::new(stream), peer, service).await;
+                }
+                match tokio::time::timeout(header_timeout, sniff_h2_preface(stream)).await {
+                    Ok(Ok((true, io))) => self.serve_h2(TokioIo::new(io), peer, service).await,
+                    Ok(Ok((false, io))) => self.serve_http1(TokioIo::new(io), peer, service).await,
+                    Ok(Err(e)) => debug!(%peer, "connection ended before its first request: {e}"),
+                    Err(_) => debug!(%peer, "no request within header_read_timeout"),
+                }
+            }
+            Transport::Tls(acceptor) => {
+                let timeout = self
+                    .router
+                    .load()
+                    .config()
+                    .server
+                    .tls
+                    .as_ref()
+                    .map_or(TLS_HANDSHAKE_TIMEOUT, |t| t.handshake_timeout);
+                let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
+                let tls = tokio::select! {
+                    done = handshake => done,
+                    _ = raised(&mut self.close) => return,
+                };
+                let tls = match tls {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        let reason = crate::tls::handshake_failure_reason(&e);
+                        self.metrics.tls_handshake_failed(reason);
+                        return debug!(%peer, reason, "TLS handshake failed: {e}");
+                    }
+                    Err(_) => {
+                        self.metrics.tls_handshake_failed("timeout");
+                        return debug!(%peer, ?timeout, "TLS handshake timed out");
+                    }
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+                    self.serve_h2(TokioIo::new(tls), peer, service).await
+                } else {
+                    self.serve_http1(TokioIo::new(tls), peer, service).await
+                }
+            }
+        }
+    }
+
+    async fn serve_http1<I, S, F, B>(self, io: I, peer: SocketAddr, service: S)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: Fn(Request<Incoming>) -> F + Send + 'static,
+        F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(self.router.load().config().server.header_read_timeout)
-            .serve_connection(TokioIo::new(stream), service_fn(service))
+            .serve_connection(io, service_fn(service))
             .with_upgrades();
+        self.drive(connection, |c| c.graceful_shutdown(), peer).await;
+    }
+
+    /// HTTP/2: streams are served concurrently, each in a task of its own,
+    /// and extended CONNECT (RFC 8441) is advertised for WebSockets.
+    async fn serve_h2<I, S, F, B>(self, io: I, peer: SocketAddr, service: S)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        S: Fn(Request<Incoming>) -> F + Send + 'static,
+        F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let connection = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .enable_connect_protocol()
+            .serve_connection(io, service_fn(service));
+        self.drive(connection, |c| c.graceful_shutdown(), peer).await;
+    }
+
+    /// Runs a connection to its end; on drain, asks it to finish gracefully
+    /// (HTTP/1.1: after the current request; HTTP/2: GOAWAY, then the open
+    /// streams), and on close, drops it.
+    async fn drive<C, E>(mut self, connection: C, graceful_shutdown: impl FnOnce(Pin<&mut C>), peer: SocketAddr)
+    where
+        C: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
         tokio::pin!(connection);
         let result = tokio::select! {
             result = connection.as_mut() => result,
             _ = raised(&mut self.drain) => {
-                connection.as_mut().graceful_shutdown();
+                graceful_shutdown(connection.as_mut());
                 tokio::select! {
                     result = connection.as_mut() => result,
                     _ = raised(&mut self.close) => return,
@@ -327,6 +459,23 @@ impl Connections {
         }
     }
 }
+
+/// How a listener's connections are served.
+#[derive(Clone)]
+enum Transport {
+    /// HTTP/1.1 only (the admin API).
+    Http1,
+    /// Proxied traffic in cleartext: HTTP/1.1, and HTTP/2 with prior
+    /// knowledge when `server.h2c` is on (read per connection, so a reload
+    /// turns it on or off for new connections).
+    Plain,
+    /// Proxied traffic over TLS; ALPN picks HTTP/2 or HTTP/1.1.
+    Tls(TlsAcceptor),
+}
+
+/// Handshake limit if the TLS section vanished from the live config (a
+/// reload can't remove it: it needs a restart); normally the config's.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TCP keepalive, so a peer that vanished without a FIN (a phone that
 /// changed networks, a host that lost power) is noticed within minutes and
@@ -489,4 +638,74 @@ pub fn raise_fd_limit() -> Option<u64> {
     }
     #[cfg(not(unix))]
     None
+}
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the first bytes are known to be, or not to be, the HTTP/2
+/// preface. An HTTP/1.1 request differs at its first byte, so this costs
+/// one read; the bytes read are replayed to whichever server takes over.
+async fn sniff_h2_preface(mut stream: TcpStream) -> io::Result<(bool, Prefixed)> {
+    let mut head = [0u8; H2_PREFACE.len()];
+    let mut filled = 0;
+    let is_h2 = loop {
+        let n = stream.read(&mut head[filled..]).await?;
+        filled += n;
+        if n == 0 || head[..filled] != H2_PREFACE[..filled] {
+            break false;
+        }
+        if filled == H2_PREFACE.len() {
+            break true;
+        }
+    };
+    Ok((is_h2, Prefixed { head, filled, read: 0, stream }))
+}
+
+/// A connection whose first bytes were already read: they are read again
+/// first, then the stream continues.
+struct Prefixed {
+    head: [u8; H2_PREFACE.len()],
+    filled: usize,
+    read: usize,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.read < this.filled {
+            let n = (this.filled - this.read).min(buf.remaining());
+            buf.put_slice(&this.head[this.read..this.read + n]);
+            this.read += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }

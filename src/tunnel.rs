@@ -6,10 +6,17 @@
 //! Protocols`, that answer is passed to the client, both connections are
 //! upgraded, and bytes are copied both ways in one task until either side
 //! closes. Any other answer (401, 404, …) is passed back as is and no tunnel
-//! forms. The proxy doesn't parse WebSocket frames here; it copies bytes.
+//! forms. The bytes are moved by [`crate::splice`], which holds no buffer
+//! while a tunnel is idle.
+//!
+//! A tunnel with a device ID is recorded in the [`crate::registry`] while it
+//! is open, so the device's HTTP requests follow it. The proxy ends a tunnel
+//! itself with a clean WebSocket close handshake (see [`crate::splice`]):
+//! 1012 when the rebalancer moves it to the device's new owner or its
+//! draining backend's `drain_timeout` passes, 1001 at shutdown (once the
+//! HTTP grace period is over).
 //!
 //! Each tunnel is a tokio task, not a thread, so thousands cost only memory.
-//! On shutdown, tunnels close once the HTTP grace period is over.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,22 +29,35 @@ use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderValue};
+use hyper::upgrade::Upgraded;
 use hyper::{Request as HttpRequest, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::proxy::{add_forwarded_headers, strip_hop_by_hop, Proxy, ProxyBody, UpstreamFailure};
+use crate::registry::TunnelControl;
 use crate::routing::Backend;
+use crate::splice::Splice;
+use crate::tls::UpstreamStream;
+use crate::wsframe;
 
 /// Time allowed for both sides to complete the upgrade after a 101.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+/// When the proxy ends a tunnel: how long the backend has to answer its
+/// close frame (and the device to finish a frame it is sending) before the
+/// device's close frame goes anyway.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(1);
+/// After that, how long the close handshake may take before both
+/// connections are simply dropped.
+const CLOSE_HANDSHAKE_LIMIT: Duration = Duration::from_secs(3);
 
 /// What the proxy decided for an upgrade request.
 pub(crate) struct Request {
     pub client_addr: SocketAddr,
+    /// How the client reached us, for `X-Forwarded-Proto`.
+    pub proto: &'static str,
     pub backend: Arc<Backend>,
     /// The device ID's bytes, to find a retry target on the ring.
     pub key: Option<Vec<u8>>,
@@ -48,7 +68,10 @@ pub(crate) struct Request {
 
 /// Sends a WebSocket upgrade to its backend and, on 101, starts the tunnel.
 pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunnel: Request) -> Response<ProxyBody> {
-    let Request { client_addr, mut backend, key, device, started, response_timeout } = tunnel;
+    let Request { client_addr, proto, mut backend, key, device, started, response_timeout } = tunnel;
+    // HTTP/2 (RFC 8441): the stream is the client's side of the tunnel, and
+    // the backend gets an HTTP/1.1 upgrade made from the CONNECT.
+    let extended_connect = crate::h2ws::is_extended_connect(&req);
     let client_upgrade = hyper::upgrade::on(&mut req);
     let path = req.uri().path().to_string();
     // The upgrade's headers, cleaned once; the request itself has no body,
@@ -60,7 +83,8 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
     if let Some(upgrade) = upgrade {
         parts.headers.insert(header::UPGRADE, upgrade);
     }
-    add_forwarded_headers(&mut parts.headers, client_addr, "http");
+    add_forwarded_headers(&mut parts.headers, client_addr, proto);
+    let bridge = extended_connect.then(|| crate::h2ws::to_http1_upgrade(&mut parts));
 
     let mut retried = false;
     let mut backend_response = loop {
@@ -102,9 +126,19 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
     let mut response = Response::new(Either::Right(Default::default()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = std::mem::take(backend_response.headers_mut());
+    if let Some(bridge) = &bridge {
+        if let Err(e) = bridge.answer(&mut response) {
+            warn!(device, backend = %backend.id, path, "websocket over HTTP/2: {e}");
+            return crate::proxy::text_response(
+                StatusCode::BAD_GATEWAY,
+                format!("backend {} answered the WebSocket upgrade wrongly\n", backend.id),
+            );
+        }
+    }
 
     let mut close = proxy.close_tunnels.clone();
     let router = Arc::clone(proxy.router());
+    let registration = key.as_deref().map(|key| proxy.tunnels.register(key, &backend));
     tokio::spawn(async move {
         let upgrades =
             tokio::time::timeout(UPGRADE_TIMEOUT, async { tokio::try_join!(client_upgrade, backend_upgrade) });
@@ -116,37 +150,91 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
             Err(_) => return debug!(device, backend = %backend.id, "websocket upgrade timed out"),
         };
         let _open = backend.stats.tunnel_opened();
+        let control = registration.as_ref().map(|r| Arc::clone(r.control()));
+        let (client_io, early_up) = Io::from_upgraded(client_io);
+        let (backend_io, early_down) = Io::from_upgraded(backend_io);
         // Reads from the device count as "up", reads from the backend as "down".
-        let mut client_io = Counted { io: TokioIo::new(client_io), read: backend.stats.bytes_up.clone() };
-        let mut backend_io = Counted { io: TokioIo::new(backend_io), read: backend.stats.bytes_down.clone() };
+        let mut splice = Splice::new(
+            client_io,
+            backend_io,
+            &early_up,
+            &early_down,
+            backend.stats.bytes_up.clone(),
+            backend.stats.bytes_down.clone(),
+            registration,
+        );
+        drop((early_up, early_down));
         debug!(device, backend = %backend.id, path, setup = ?started.elapsed(), "tunnel open");
         let opened = Instant::now();
-        let copy = tokio::io::copy_bidirectional(&mut client_io, &mut backend_io);
-        tokio::pin!(copy);
         // Wakes on every routing change, to notice this backend draining.
         let mut swaps = router.subscribe();
+        let mut why: Option<&'static str> = None;
+        let mut give_up: Option<tokio::time::Instant> = None;
+        let mut force_at: Option<tokio::time::Instant> = None;
         let outcome = loop {
-            let deadline = drain_deadline(&router, &backend.id);
+            let drain = if why.is_none() { drain_deadline(&router, &backend.id) } else { None };
             tokio::select! {
-                copied = &mut copy => break match copied {
+                copied = &mut splice => break match copied {
                     Ok((up, down)) => format!("closed ({up} bytes up, {down} bytes down)"),
                     Err(e) => format!("closed by error: {e}"),
                 },
-                _ = crate::server::raised(&mut close) => break "closed by proxy shutdown".to_string(),
+                _ = crate::server::raised(&mut close), if why.is_none() => {
+                    why = Some("proxy shutdown");
+                    splice.begin_close(wsframe::CLOSE_GOING_AWAY, "proxy shutting down", mask());
+                }
+                _ = migration_requested(control.as_deref()), if why.is_none() => {
+                    why = Some("moved to its device's new owner");
+                    splice.begin_close(wsframe::CLOSE_SERVICE_RESTART, "moved to another backend: reconnect", mask());
+                }
+                _ = sleep_until_some(drain), if why.is_none() => {
+                    why = Some("its backend is draining and drain_timeout has passed");
+                    splice.begin_close(wsframe::CLOSE_SERVICE_RESTART, "backend draining: reconnect", mask());
+                }
                 changed = swaps.changed() => {
                     if changed.is_err() {
                         // The router is gone: only the copy or shutdown can end us now.
                         swaps = tokio::sync::watch::channel(0).1;
                     }
                 }
-                _ = sleep_until_some(deadline) => {
-                    break "closed: its backend is draining and drain_timeout has passed".to_string()
+                _ = sleep_until_some(force_at) => {
+                    force_at = None;
+                    splice.force_close();
                 }
+                _ = sleep_until_some(give_up) => break "dropped: the close handshake did not finish in time".to_string(),
             }
+            if why.is_some() && give_up.is_none() {
+                let now = tokio::time::Instant::now();
+                force_at = Some(now + CLOSE_REPLY_WAIT);
+                give_up = Some(now + CLOSE_HANDSHAKE_LIMIT);
+            }
+        };
+        drop(splice);
+        let outcome = match why {
+            Some(why) => format!("{outcome}; closed by the proxy: {why}"),
+            None => outcome,
         };
         info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), "tunnel {outcome}");
     });
     response
+}
+
+/// Resolves when the rebalancer asks this tunnel to move (never, for a
+/// tunnel without a device ID).
+async fn migration_requested(control: Option<&TunnelControl>) {
+    match control {
+        Some(control) => control.migration_requested().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A fresh mask for a close frame to the backend (RFC 6455 wants masks
+/// unpredictable; this is not about secrecy, only about not repeating).
+fn mask() -> [u8; 4] {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let bytes = crate::sample::SplitMix64::new(seed).next_u64().to_le_bytes();
+    [bytes[0], bytes[1], bytes[2], bytes[3]]
 }
 
 /// When a tunnel to `id` must close because its backend is draining.
@@ -170,14 +258,9 @@ async fn send_upgrade(
     backend: &Backend,
     response_timeout: Duration,
 ) -> Result<Response<Incoming>, UpstreamFailure> {
-    let connect = tokio::time::timeout(proxy.connect_timeout, TcpStream::connect(backend.address.as_str()));
-    let stream = match connect.await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(UpstreamFailure::classify(&e, true)),
-        Err(_) => return Err(UpstreamFailure::ConnectTimeout),
-    };
-    let _ = stream.set_nodelay(true);
-    crate::server::keep_alive(&stream);
+    let stream = crate::tls::connect(&backend.address, backend.tls.as_ref(), proxy.connect_timeout)
+        .await
+        .map_err(|e| UpstreamFailure::classify(&e, true))?;
     let (mut sender, connection) =
         http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamFailure::classify(&e, false))?;
     tokio::spawn(async move {
@@ -203,35 +286,64 @@ async fn send_upgrade(
     }
 }
 
-/// An upgraded connection that counts the bytes read from it, so tunnel
-/// traffic shows in the metrics while it flows, not only when it ends.
-struct Counted<T> {
-    io: T,
-    read: Counter,
+/// One side of a tunnel: the plain TCP stream when the upgraded connection
+/// is one, the backend connection (TCP or TLS) of a tunnel's backend side
+/// (hyper's wrapping taken off), any other upgraded stream as is.
+enum Io {
+    Tcp(TcpStream),
+    Backend(Box<UpstreamStream>),
+    Upgraded(TokioIo<Upgraded>),
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        let read = buf.filled().len() - before;
-        if read > 0 {
-            self.read.inc_by(read as u64);
+impl Io {
+    /// The stream and the bytes hyper had already read past the upgrade.
+    fn from_upgraded(upgraded: Upgraded) -> (Io, Bytes) {
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => return (Io::Tcp(parts.io.into_inner()), parts.read_buf),
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<UpstreamStream>>() {
+            Ok(parts) => match parts.io.into_inner() {
+                UpstreamStream::Plain(tcp) => (Io::Tcp(tcp), parts.read_buf),
+                tls => (Io::Backend(Box::new(tls)), parts.read_buf),
+            },
+            Err(upgraded) => (Io::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
         }
-        polled
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Backend(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+            Io::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_write(cx, data),
+            Io::Backend(io) => Pin::new(io.as_mut()).poll_write(cx, data),
+            Io::Upgraded(io) => Pin::new(io).poll_write(cx, data),
+        }
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Io::Backend(io) => Pin::new(io.as_mut()).poll_flush(cx),
+            Io::Upgraded(io) => Pin::new(io).poll_flush(cx),
+        }
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Backend(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+            Io::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+        }
     }
 }

@@ -35,6 +35,8 @@ async fn an_admin_drain_moves_new_traffic_and_keeps_tunnels_until_the_timeout() 
     let (addr, admin) = (proxy.proxy_addr(), proxy.admin_addr());
     let http = Http::default();
     let drained = device_owned_by(&proxy, "app-2", 1);
+    // Owned by app-2 too, but with no tunnel open.
+    let newcomer = device_owned_by(&proxy, "app-2", 4);
     let other = device_owned_by(&proxy, "app-3", 2);
     let mut ws = connect_device(addr, &drained).await;
 
@@ -42,12 +44,15 @@ async fn an_admin_drain_moves_new_traffic_and_keeps_tunnels_until_the_timeout() 
     assert_eq!(reply.status, 200, "{}", reply.body);
     let drained_at = Instant::now();
 
-    // New requests for app-2's device go to its failover owner; others stay.
-    let standby = {
+    // New requests for app-2's devices go to their failover owner, except
+    // those of a device whose tunnel is still open on app-2: they follow it.
+    let standby_of = |device: &str| {
         let table = proxy.router().load();
-        table.retry_target(Some(drained.as_bytes()), table.owner(drained.as_bytes()).expect("owner")).expect("standby")
+        table.retry_target(Some(device.as_bytes()), table.owner(device.as_bytes()).expect("owner")).expect("standby")
     };
-    assert_eq!(whoami(&http, addr, &drained).await, standby.id);
+    let standby = standby_of(&drained);
+    assert_eq!(whoami(&http, addr, &newcomer).await, standby_of(&newcomer).id);
+    assert_eq!(whoami(&http, addr, &drained).await, "app-2", "HTTP follows the open tunnel");
     assert_eq!(whoami(&http, addr, &other).await, "app-3");
     let route: serde_json::Value =
         serde_json::from_str(&http.get(&format!("http://{admin}/route?key={drained}"), &[]).await.body).expect("json");
@@ -61,7 +66,7 @@ async fn an_admin_drain_moves_new_traffic_and_keeps_tunnels_until_the_timeout() 
     // A drain survives a reload.
     let reply = http.send(Method::POST, &format!("http://{admin}/reload"), &[], "").await;
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(whoami(&http, addr, &drained).await, standby.id, "still drained after a reload");
+    assert_eq!(whoami(&http, addr, &newcomer).await, standby_of(&newcomer).id, "still drained after a reload");
 
     // The open tunnel still works during the drain…
     within("send", ws.send(Message::text("still here"))).await.expect("send");
@@ -76,6 +81,15 @@ async fn an_admin_drain_moves_new_traffic_and_keeps_tunnels_until_the_timeout() 
     }
     let closed_after = drained_at.elapsed();
     assert!(closed_after >= Duration::from_millis(900), "closed too early: {closed_after:?}");
+    // With its tunnel gone, the device's HTTP goes to the failover owner.
+    let registry = proxy.tunnels();
+    within("tunnel unregistered", async {
+        while !registry.tunnels_of(drained.as_bytes()).is_empty() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert_eq!(whoami(&http, addr, &drained).await, standby.id);
 
     // Undrain: the device comes back to its owner.
     let reply = http.send(Method::POST, &format!("http://{admin}/backends/app-2/undrain"), &[], "").await;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use sticky_proxy::demo::DemoInstance;
 use sticky_proxy::server::RunningProxy;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Active checks every 100 ms; down after 2 failures, up after 2 successes.
 const HEALTH: &str = "[health]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"200ms\"\nfall = 2\nrise = 2";
@@ -100,6 +101,16 @@ async fn a_dead_instance_fails_over_and_comes_back_and_nothing_else_moves() {
     let _revived = DemoInstance::bind("app-2", addr2).await.expect("restart app-2");
     transitions_reach(&mut transitions, 2).await;
     assert_eq!(proxy.router().load().is_up("app-2"), Some(true));
+    // Its tunnel on the failover owner is now misplaced: the rebalancer
+    // closes it with 1012 so the device reconnects to app-2.
+    let code = loop {
+        match within("misplaced tunnel is moved", futures_util::StreamExt::next(&mut ws)).await {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1012));
     let after = answers(&http, &proxy, &devices).await;
     assert_eq!(after, before, "every device is back on its ring owner");
 

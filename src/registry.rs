@@ -1,0 +1,195 @@
+//! The live registry of open WebSocket tunnels: device ID → the backends
+//! holding its sockets.
+//!
+//! Consistent hashing alone has a hole: after a ring change, a device's
+//! socket stays open on its old owner while its HTTP requests go to the new
+//! one, which has no socket. So while a device has a tunnel open through
+//! this proxy, its HTTP requests follow the tunnel ([`TunnelRegistry::holder`]),
+//! and [`crate::rebalance`] moves misplaced tunnels to their new owner.
+//!
+//! The map is split into shards, each behind its own mutex, picked by the
+//! device ID's CRC-32, so tunnels opening and closing on different devices
+//! rarely meet. With no tunnel open at all, the HTTP hot path skips it with
+//! one atomic load.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::Notify;
+
+use crate::routing::{Backend, RoutingTable};
+
+const SHARDS: usize = 64;
+
+type Shard = HashMap<Box<[u8]>, Vec<Entry>>;
+
+/// Open tunnels by device.
+#[derive(Debug)]
+pub struct TunnelRegistry {
+    shards: Box<[Mutex<Shard>]>,
+    open: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+/// One open tunnel.
+#[derive(Debug, Clone)]
+struct Entry {
+    backend: Arc<Backend>,
+    control: Arc<TunnelControl>,
+}
+
+/// How the rest of the proxy reaches one tunnel.
+#[derive(Debug)]
+pub struct TunnelControl {
+    pub id: u64,
+    pub opened: Instant,
+    pub opened_at: SystemTime,
+    /// Asks the tunnel to end cleanly so its device reconnects elsewhere.
+    migrate: Notify,
+}
+
+impl TunnelControl {
+    /// Asks the tunnel to move: it closes with 1012 and the device reconnects.
+    pub fn migrate(&self) {
+        self.migrate.notify_one();
+    }
+
+    /// Resolves once [`TunnelControl::migrate`] has been called.
+    pub async fn migration_requested(&self) {
+        self.migrate.notified().await
+    }
+}
+
+/// A tunnel as seen from outside: for the admin API and the rebalancer.
+#[derive(Debug, Clone)]
+pub struct TunnelInfo {
+    pub device: Box<[u8]>,
+    pub backend: Arc<Backend>,
+    pub control: Weak<TunnelControl>,
+    pub opened: Instant,
+    pub opened_at: SystemTime,
+}
+
+/// Keeps a tunnel registered; dropping it (the tunnel ended) removes it.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<TunnelRegistry>,
+    device: Box<[u8]>,
+    control: Arc<TunnelControl>,
+}
+
+impl Registration {
+    pub fn control(&self) -> &Arc<TunnelControl> {
+        &self.control
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut shard = self.registry.shard(&self.device);
+        if let Some(list) = shard.get_mut(&self.device) {
+            list.retain(|e| e.control.id != self.control.id);
+            if list.is_empty() {
+                shard.remove(&self.device);
+            }
+        }
+        self.registry.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Default for TunnelRegistry {
+    fn default() -> Self {
+        TunnelRegistry::new()
+    }
+}
+
+impl TunnelRegistry {
+    pub fn new() -> TunnelRegistry {
+        TunnelRegistry {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            open: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn shard(&self, device: &[u8]) -> MutexGuard<'_, Shard> {
+        let i = crc32fast::hash(device) as usize % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Records a tunnel of `device` to `backend`, open until the returned
+    /// registration is dropped.
+    pub fn register(self: &Arc<Self>, device: &[u8], backend: &Arc<Backend>) -> Registration {
+        let control = Arc::new(TunnelControl {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            opened: Instant::now(),
+            opened_at: SystemTime::now(),
+            migrate: Notify::new(),
+        });
+        let entry = Entry { backend: Arc::clone(backend), control: Arc::clone(&control) };
+        self.shard(device).entry(device.into()).or_default().push(entry);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Registration { registry: Arc::clone(self), device: device.into(), control }
+    }
+
+    /// Tunnels open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The backend holding the device's newest tunnel, if it is not down:
+    /// where the device's HTTP requests go. (A draining backend still
+    /// holds the socket, so it still gets them.)
+    pub fn holder(&self, device: &[u8], table: &RoutingTable) -> Option<Arc<Backend>> {
+        if self.open() == 0 {
+            return None;
+        }
+        let shard = self.shard(device);
+        let newest = shard.get(device)?.iter().rev().find(|e| table.is_up(&e.backend.id) != Some(false))?;
+        Some(Arc::clone(&newest.backend))
+    }
+
+    /// The device's open tunnels, oldest first.
+    pub fn tunnels_of(&self, device: &[u8]) -> Vec<TunnelInfo> {
+        let shard = self.shard(device);
+        shard.get(device).map_or_else(Vec::new, |list| list.iter().map(|e| info(device, e)).collect())
+    }
+
+    /// Every open tunnel (each shard locked only while it is copied).
+    pub fn all(&self) -> Vec<TunnelInfo> {
+        let mut out = Vec::with_capacity(self.open());
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            out.extend(shard.iter().flat_map(|(device, list)| list.iter().map(|e| info(device, e))));
+        }
+        out
+    }
+
+    /// Tunnels whose device would now be routed elsewhere.
+    pub fn misplaced(&self, table: &RoutingTable) -> Vec<TunnelInfo> {
+        self.all().into_iter().filter(|t| is_misplaced(t, table)).collect()
+    }
+}
+
+fn info(device: &[u8], e: &Entry) -> TunnelInfo {
+    TunnelInfo {
+        device: device.into(),
+        backend: Arc::clone(&e.backend),
+        control: Arc::downgrade(&e.control),
+        opened: e.control.opened,
+        opened_at: e.control.opened_at,
+    }
+}
+
+/// A tunnel is misplaced when a new connection of its device would go to
+/// another backend (its ring owner, or that owner's failover while it is
+/// down). A draining backend's tunnels are not: draining has its own
+/// deadline, `routing.drain_timeout`.
+pub fn is_misplaced(tunnel: &TunnelInfo, table: &RoutingTable) -> bool {
+    if table.draining_since(&tunnel.backend.id).is_some() {
+        return false;
+    }
+    table.home(&tunnel.device).is_some_and(|home| home.id != tunnel.backend.id)
+}

@@ -1,0 +1,511 @@
+//! TLS, both ways: terminating clients' TLS, and speaking TLS to backends.
+//!
+//! Client side: [`load_server_certificates`] reads the PEM pairs of
+//! `[server.tls]` while the config is validated (so a bad or mismatched pair
+//! fails the load or the reload like any other config error, with file, line
+//! and field) into a [`CertStore`]. The TLS listener's [`acceptor`] is built
+//! once; its certificate resolver reads the store of the routing snapshot in
+//! use at each handshake, so a reload swaps certificates with everything
+//! else, and established connections keep the session they negotiated.
+//! SNI picks a certificate by the names in its subjectAltName (exact, then
+//! one-label wildcard); no match, or no SNI, gets the first certificate.
+//! TLS 1.2 and 1.3 only, rustls's default ciphers and key exchanges
+//! (aws-lc-rs, X25519MLKEM768 preferred), ALPN `h2` and `http/1.1`.
+//!
+//! Backend side: a `tls = true` backend gets an [`UpstreamTls`] (a shared
+//! `rustls::ClientConfig` per CA file, or the system's roots, plus its SNI
+//! name). [`UpstreamConnector`] is the pooled client's connector: `https`
+//! URIs are connected with TLS using the settings of the backend at that
+//! address. Their authority carries the settings' [`UpstreamTls::id`] as
+//! user info (`{id}@host:port`, never sent: the request goes out in origin
+//! form and `Host` is the client's), because the pool keys connections by
+//! scheme and authority: a reload that changes a backend's CA or name gets
+//! fresh connections rather than reusing ones verified the old way.
+//! [`connect`] does the same for a WebSocket tunnel's dedicated connection.
+//! Backends are spoken to in HTTP/1.1 only.
+
+use std::borrow::Cow;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::warn;
+
+use crate::routing::Router;
+
+/// ALPN protocol ids offered to clients, most preferred first.
+pub const ALPN_H2: &[u8] = b"h2";
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+/// rustls's default provider, aws-lc-rs, named explicitly so that no other
+/// crate's choice of process-wide default can change it.
+fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())))
+}
+
+// ---- certificates served to clients ----------------------------------------
+
+/// A problem with one certificate/key pair: which of the two files it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PairError {
+    Cert(String),
+    Key(String),
+}
+
+/// One certificate chain with its key, and the DNS names SNI can pick it by.
+struct Served {
+    key: Arc<CertifiedKey>,
+    names: Vec<String>,
+}
+
+/// The certificates of `[server.tls]`: the first is the default.
+pub struct CertStore {
+    served: Vec<Served>,
+    /// Lower-case DNS name → index; the first certificate naming it wins.
+    exact: HashMap<String, usize>,
+    /// `*.example.com` as `example.com` → index.
+    wildcard: HashMap<String, usize>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.served.iter().map(|s| &s.names)).finish()
+    }
+}
+
+impl CertStore {
+    /// The certificate for a ClientHello's SNI name.
+    pub fn pick(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let index = server_name
+            .map(|name| name.trim_end_matches('.').to_ascii_lowercase())
+            .and_then(|name| {
+                self.exact.get(&name).or_else(|| name.split_once('.').and_then(|(_, parent)| self.wildcard.get(parent)))
+            })
+            .copied()
+            .unwrap_or(0);
+        self.served.get(index).map(|s| Arc::clone(&s.key))
+    }
+
+    /// The DNS names of each certificate, in config order.
+    pub fn names(&self) -> impl Iterator<Item = &[String]> {
+        self.served.iter().map(|s| s.names.as_slice())
+    }
+}
+
+/// Reads and checks `(cert, key)` PEM pairs, the default first. Fails with
+/// the index of the pair and what is wrong with it.
+pub fn load_server_certificates(pairs: &[(PathBuf, PathBuf)]) -> Result<CertStore, (usize, PairError)> {
+    let mut store = CertStore { served: Vec::new(), exact: HashMap::new(), wildcard: HashMap::new() };
+    for (i, (cert, key)) in pairs.iter().enumerate() {
+        let served = load_pair(cert, key).map_err(|e| (i, e))?;
+        if i > 0 && served.names.is_empty() {
+            return Err((
+                i,
+                PairError::Cert(format!(
+                    "{} names no DNS name in its subjectAltName, so SNI can never pick it (only the first certificate is served without a name match)",
+                    cert.display()
+                )),
+            ));
+        }
+        for name in &served.names {
+            match name.strip_prefix("*.") {
+                Some(parent) => store.wildcard.entry(parent.to_string()).or_insert(i),
+                None => store.exact.entry(name.clone()).or_insert(i),
+            };
+        }
+        store.served.push(served);
+    }
+    Ok(store)
+}
+
+fn load_pair(cert_path: &Path, key_path: &Path) -> Result<Served, PairError> {
+    let cert_pem =
+        std::fs::read(cert_path).map_err(|e| PairError::Cert(format!("cannot read {}: {e}", cert_path.display())))?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| PairError::Cert(format!("{}: bad PEM: {e}", cert_path.display())))?;
+    if chain.is_empty() {
+        return Err(PairError::Cert(format!("{} holds no PEM CERTIFICATE block", cert_path.display())));
+    }
+    let key_pem =
+        std::fs::read(key_path).map_err(|e| PairError::Key(format!("cannot read {}: {e}", key_path.display())))?;
+    // Never echo key material: errors name the file only.
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
+        PairError::Key(format!(
+            "{} holds no usable private key (PEM PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)",
+            key_path.display()
+        ))
+    })?;
+    let names = webpki::EndEntityCert::try_from(&chain[0])
+        .map_err(|e| PairError::Cert(format!("{}: cannot parse the first certificate: {e}", cert_path.display())))?
+        .valid_dns_names()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => PairError::Key(format!(
+            "the private key in {} does not belong to the certificate in {}",
+            key_path.display(),
+            cert_path.display()
+        )),
+        other => PairError::Key(format!("{}: unusable private key: {other}", key_path.display())),
+    })?;
+    Ok(Served { key: Arc::new(key), names })
+}
+
+/// Picks the certificate from the routing snapshot in use, so a reload
+/// changes the certificates of new handshakes and nothing else.
+#[derive(Debug)]
+struct Resolver {
+    router: Router,
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let table = self.router.load();
+        table.config().server.tls.as_ref()?.certificates.pick(hello.server_name())
+    }
+}
+
+/// The TLS listener's acceptor. Certificates come from the live config.
+pub fn acceptor(router: Router) -> Result<TlsAcceptor, rustls::Error> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(VERSIONS)?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Resolver { router }));
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Why a client's handshake failed, as a metric label.
+pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
+    use rustls::Error as E;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(E::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => "not_tls",
+        Some(E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. }) => {
+            "protocol"
+        }
+        Some(E::PeerMisbehaved(_) | E::DecryptError) => "protocol",
+        Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => "incompatible",
+        Some(E::AlertReceived(_)) => "alert",
+        Some(_) => "other",
+        None => match e.kind() {
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => "closed",
+            _ => "other",
+        },
+    }
+}
+
+/// Every reason [`handshake_failure_reason`] gives, and `timeout`.
+pub const HANDSHAKE_FAILURE_REASONS: [&str; 7] =
+    ["timeout", "closed", "not_tls", "protocol", "incompatible", "alert", "other"];
+
+// ---- TLS to backends --------------------------------------------------------
+
+/// How to speak TLS to one backend.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub client: Arc<ClientConfig>,
+    /// Sent as SNI and verified against the backend's certificate.
+    pub server_name: ServerName<'static>,
+    /// The CA file trusted (`None`: the system's roots).
+    pub ca: Option<PathBuf>,
+    /// Hash of the server name and the trusted CA file's content: equal
+    /// ids verify equally, so their connections may be pooled together.
+    pub id: u64,
+}
+
+impl UpstreamTls {
+    /// Settings for `server_name`, trusting what `client` trusts (`ca`).
+    pub fn new(client: Arc<ClientConfig>, server_name: ServerName<'static>, ca: Option<PathBuf>, ca_hash: u64) -> Self {
+        let mut h = DefaultHasher::new();
+        (ca_hash, server_name.to_str()).hash(&mut h);
+        UpstreamTls { client, server_name, ca, id: h.finish() }
+    }
+}
+
+impl fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTls").field("server_name", &self.server_name).field("ca", &self.ca).finish()
+    }
+}
+
+impl PartialEq for UpstreamTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.server_name == other.server_name && self.ca == other.ca
+    }
+}
+
+/// The authority of requests to a backend: its address, with the TLS
+/// settings' id as user info for a TLS backend (see the module doc).
+pub fn authority<'a>(address: &'a str, tls: Option<&UpstreamTls>) -> Cow<'a, str> {
+    match tls {
+        None => Cow::Borrowed(address),
+        Some(tls) => Cow::Owned(format!("{:016x}@{address}", tls.id)),
+    }
+}
+
+impl Eq for UpstreamTls {}
+
+/// Builds client configs while one config file is validated: backends
+/// trusting the same CA share one (and with it the session cache).
+#[derive(Default)]
+pub struct ClientConfigs {
+    by_ca: HashMap<Option<PathBuf>, (Arc<ClientConfig>, u64)>,
+}
+
+impl ClientConfigs {
+    /// The client config trusting `ca` (a PEM file of one or more CA
+    /// certificates), or the system's roots; and a hash of what it trusts.
+    pub fn get(&mut self, ca: Option<&Path>) -> Result<(Arc<ClientConfig>, u64), String> {
+        let key = ca.map(Path::to_path_buf);
+        if let Some((config, hash)) = self.by_ca.get(&key) {
+            return Ok((Arc::clone(config), *hash));
+        }
+        let (roots, hash) = match ca {
+            Some(path) => {
+                let (roots, hash) = roots_from_file(path)?;
+                (Arc::new(roots), hash)
+            }
+            None => (system_roots()?, 0),
+        };
+        let mut config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+        let config = Arc::new(config);
+        self.by_ca.insert(key, (Arc::clone(&config), hash));
+        Ok((config, hash))
+    }
+}
+
+fn roots_from_file(path: &Path) -> Result<(RootCertStore, u64), String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut h = DefaultHasher::new();
+    pem.hash(&mut h);
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("{}: bad PEM: {e}", path.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: unusable CA certificate: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{} holds no PEM CERTIFICATE block", path.display()));
+    }
+    Ok((roots, h.finish()))
+}
+
+/// The system's trust store, read once per process (it is large, and it
+/// doesn't change under a running proxy often enough to re-read per reload).
+fn system_roots() -> Result<Arc<RootCertStore>, String> {
+    static ROOTS: OnceLock<Result<Arc<RootCertStore>, String>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = RootCertStore::empty();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                let why = found.errors.first().map_or_else(String::new, |e| format!(" ({e})"));
+                return Err(format!("no usable CA certificates in the system's trust store{why}; set tls_ca"));
+            }
+            Ok(Arc::new(roots))
+        })
+        .clone()
+}
+
+/// A connection to a backend: plain TCP or TLS over TCP.
+#[allow(clippy::large_enum_variant)] // one per connection; boxing would add a pointer chase per read
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(tokio_rustls::client::TlsStream<TcpStream>),
+}
+
+impl UpstreamStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            UpstreamStream::Plain(s) => s,
+            UpstreamStream::Tls(s) => s.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, data),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        self.tcp().connected()
+    }
+}
+
+/// Wraps `tcp` in TLS for a backend, within `timeout`. A handshake that
+/// fails is logged here, where the reason is known, and returned as an
+/// `io::Error` carrying the `rustls::Error`.
+async fn handshake(tcp: TcpStream, tls: &UpstreamTls, address: &str, timeout: Duration) -> io::Result<UpstreamStream> {
+    let connector = TlsConnector::from(Arc::clone(&tls.client));
+    match tokio::time::timeout(timeout, connector.connect(tls.server_name.clone(), tcp)).await {
+        Ok(Ok(stream)) => Ok(UpstreamStream::Tls(stream)),
+        Ok(Err(e)) => {
+            warn!(address, server_name = ?tls.server_name, error = %e, "TLS handshake with backend failed");
+            Err(e)
+        }
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake with the backend timed out")),
+    }
+}
+
+/// A dedicated connection to a backend (a WebSocket tunnel's): TCP within
+/// `timeout`, then TLS within another `timeout` if the backend wants it.
+pub async fn connect(address: &str, tls: Option<&UpstreamTls>, timeout: Duration) -> io::Result<UpstreamStream> {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        Ok(connected) => connected?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    };
+    let _ = tcp.set_nodelay(true);
+    crate::server::keep_alive(&tcp);
+    match tls {
+        None => Ok(UpstreamStream::Plain(tcp)),
+        Some(tls) => handshake(tcp, tls, address, timeout).await,
+    }
+}
+
+/// The pooled client's connector: `http://` URIs get TCP, `https://` URIs
+/// TLS with the settings of the backend at that address (looked up in the
+/// routing snapshot in use when the connection is made).
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    http: HttpConnector,
+    router: Router,
+    timeout: Duration,
+}
+
+impl UpstreamConnector {
+    /// `http` connects TCP (its own settings: nodelay, keepalive, timeout);
+    /// `timeout` bounds the TLS handshake after it.
+    pub fn new(mut http: HttpConnector, router: Router, timeout: Duration) -> UpstreamConnector {
+        // The scheme says whether to add TLS; the TCP part is the same.
+        http.enforce_http(false);
+        UpstreamConnector { http, router, timeout }
+    }
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TokioIo<UpstreamStream>>> + Send>>;
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = TokioIo<UpstreamStream>;
+    type Error = io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        self.http.poll_ready(cx).map_err(io::Error::other)
+    }
+
+    fn call(&mut self, uri: Uri) -> ConnectFuture {
+        let tls = if uri.scheme_str() == Some("https") {
+            let authority = uri.authority().map_or("", |a| a.as_str());
+            let (id, address) = authority.split_once('@').unwrap_or(("", authority));
+            let found = u64::from_str_radix(id, 16).ok().and_then(|id| self.router.load().backend_tls(address, id));
+            match found {
+                Some(tls) => Some(tls),
+                // A reload changed the settings since the request was made.
+                None => {
+                    let e = io::Error::other(format!("no backend with these TLS settings at {address} any more"));
+                    return Box::pin(std::future::ready(Err(e)));
+                }
+            }
+        } else {
+            None
+        };
+        let connecting = self.http.call(uri.clone());
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let tcp = connecting.await.map_err(io::Error::other)?.into_inner();
+            let stream = match tls {
+                None => UpstreamStream::Plain(tcp),
+                Some(tls) => {
+                    let address = uri.authority().map_or("", |a| a.as_str());
+                    let address = address.split_once('@').map_or(address, |(_, a)| a);
+                    handshake(tcp, &tls, address, timeout).await?
+                }
+            };
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// Whether `e`, somewhere in its chain, is a TLS failure.
+pub(crate) fn is_tls_error(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
+}
