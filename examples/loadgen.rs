@@ -4,7 +4,7 @@
 //! `SP_...` line that the script parses.
 //!
 //! ```text
-//! loadgen http    --addr A [--connections 4] [--requests 20000] [--ids 10000] [--path /] [--body 0]
+//! loadgen http    --addr A [--connections 4] [--requests 20000] [--ids 10000] [--path /] [--body 0] [--close]
 //! loadgen ws      --addr A [--sockets 1000] [--messages 20] [--size 32] [--ids 10000]
 //! loadgen ws-idle --addr A [--sockets 2000] [--hold 60] [--ready-file F]
 //! loadgen backend --listen 127.0.0.1:19111 [--count 3] [--workers 1]
@@ -70,6 +70,9 @@ enum Mode {
         /// Request body bytes (POST when > 0).
         #[arg(long, default_value_t = 0)]
         body: usize,
+        /// A new connection per request (`Connection: close`).
+        #[arg(long)]
+        close: bool,
     },
     Ws {
         #[arg(long)]
@@ -143,11 +146,11 @@ fn main() -> ExitCode {
 
 async fn run(mode: Mode) -> Result<(), String> {
     match mode {
-        Mode::Http { addr, connections, requests, ids, path, body } => {
+        Mode::Http { addr, connections, requests, ids, path, body, close } => {
             if !(1..=10_000).contains(&connections) || requests > MAX_REQUESTS || ids == 0 {
                 return Err("need 1..10000 connections, at most 1e8 requests, at least 1 id".into());
             }
-            http(addr, connections, requests, ids, path, body).await
+            http(addr, connections, requests, ids, path, body, close).await
         }
         Mode::Ws { addr, sockets, messages, size, ids } => {
             if !(1..=MAX_SOCKETS).contains(&sockets) || messages > 100_000 || ids == 0 || size > 1 << 20 {
@@ -174,6 +177,7 @@ async fn http(
     ids: u64,
     path: String,
     body: usize,
+    close: bool,
 ) -> Result<(), String> {
     let next = Arc::new(AtomicU64::new(0));
     let body = Bytes::from(vec![b'x'; body]);
@@ -181,7 +185,7 @@ async fn http(
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let (next, path, body) = (Arc::clone(&next), path.clone(), body.clone());
-        tasks.push(tokio::spawn(async move { http_connection(addr, next, requests, ids, path, body).await }));
+        tasks.push(tokio::spawn(async move { http_connection(addr, next, requests, ids, path, body, close).await }));
     }
     let mut latencies = Vec::new();
     let mut errors = 0u64;
@@ -208,8 +212,9 @@ async fn http(
     Ok(())
 }
 
-/// One keep-alive connection taking request numbers from `next` until
-/// `total` are taken: (latencies in µs, non-2xx answers).
+/// One client taking request numbers from `next` until `total` are taken,
+/// on one keep-alive connection (or a new connection per request with
+/// `close`): (latencies in µs, non-2xx answers).
 async fn http_connection(
     addr: SocketAddr,
     next: Arc<AtomicU64>,
@@ -217,35 +222,50 @@ async fn http_connection(
     ids: u64,
     path: String,
     body: Bytes,
+    close: bool,
 ) -> Result<(Vec<u32>, u64), String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(connection);
     let method = if body.is_empty() { hyper::Method::GET } else { hyper::Method::POST };
     let (mut latencies, mut errors) = (Vec::new(), 0);
+    let mut sender = None;
     loop {
         let n = next.fetch_add(1, Ordering::Relaxed);
         if n >= total {
             return Ok((latencies, errors));
         }
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method.clone())
             .uri(path.as_str())
             .header("host", addr.to_string())
-            .header("x-device-id", format!("dev-{}", n % ids + 1))
-            .body(Full::new(body.clone()))
-            .map_err(|e| format!("request: {e}"))?;
+            .header("x-device-id", format!("dev-{}", n % ids + 1));
+        if close {
+            request = request.header("connection", "close");
+        }
+        let request = request.body(Full::new(body.clone())).map_err(|e| format!("request: {e}"))?;
         let sent = Instant::now();
-        sender.ready().await.map_err(|e| format!("connection closed: {e}"))?;
-        let response = sender.send_request(request).await.map_err(|e| format!("request failed: {e}"))?;
+        let mut current = match sender.take() {
+            Some(s) => s,
+            None => open_http(addr).await?,
+        };
+        current.ready().await.map_err(|e| format!("connection closed: {e}"))?;
+        let response = current.send_request(request).await.map_err(|e| format!("request failed: {e}"))?;
         if !response.status().is_success() {
             errors += 1;
         }
         response.into_body().collect().await.map_err(|e| format!("response body: {e}"))?;
         latencies.push(micros(sent.elapsed()));
+        if !close {
+            sender = Some(current);
+        }
     }
+}
+
+async fn open_http(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(connection);
+    Ok(sender)
 }
 
 // ---------------------------------------------------------------- websockets

@@ -67,7 +67,9 @@ impl Pool {
         loop {
             let (mut sender, reused) = match self.checkout(key) {
                 Some(sender) => (sender, true),
-                None => (self.connect(address, tls).await?, false),
+                // Boxed: connecting (TLS included) is a large future that
+                // every request would otherwise carry and copy around.
+                None => (Box::pin(self.connect(address, tls)).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {

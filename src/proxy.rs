@@ -217,7 +217,7 @@ impl Proxy {
         if upgrade {
             let device = device(&key);
             let tunnel = tunnel::Request { client_addr, proto, backend, key, device, started, response_timeout };
-            return tunnel::open(self, req, tunnel).await;
+            return Box::pin(tunnel::open(self, req, tunnel)).await;
         }
 
         // Copied only when the access log will be written.

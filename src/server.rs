@@ -338,7 +338,7 @@ impl Connections {
         }
     }
 
-    async fn serve<S, F, B>(mut self, stream: TcpStream, peer: SocketAddr, transport: Transport, service: S)
+    async fn serve<S, F, B>(self, stream: TcpStream, peer: SocketAddr, transport: Transport, service: S)
     where
         S: Fn(Request<Incoming>) -> F + Send + 'static,
         F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
@@ -359,44 +359,49 @@ impl Connections {
                     return self.serve_http1(TokioIo::new(stream), peer, service).await;
                 }
                 match tokio::time::timeout(header_timeout, sniff_h2_preface(stream)).await {
-                    Ok(Ok((true, io))) => self.serve_h2(TokioIo::new(io), peer, service).await,
+                    Ok(Ok((true, io))) => Box::pin(self.serve_h2(TokioIo::new(io), peer, service)).await,
                     Ok(Ok((false, io))) => self.serve_http1(TokioIo::new(io), peer, service).await,
                     Ok(Err(e)) => debug!(%peer, "connection ended before its first request: {e}"),
                     Err(_) => debug!(%peer, "no request within header_read_timeout"),
                 }
             }
-            Transport::Tls(acceptor) => {
-                let timeout = self
-                    .router
-                    .load()
-                    .config()
-                    .server
-                    .tls
-                    .as_ref()
-                    .map_or(TLS_HANDSHAKE_TIMEOUT, |t| t.handshake_timeout);
-                let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
-                let tls = tokio::select! {
-                    done = handshake => done,
-                    _ = raised(&mut self.close) => return,
-                };
-                let tls = match tls {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        let reason = crate::tls::handshake_failure_reason(&e);
-                        self.metrics.tls_handshake_failed(reason);
-                        return debug!(%peer, reason, "TLS handshake failed: {e}");
-                    }
-                    Err(_) => {
-                        self.metrics.tls_handshake_failed("timeout");
-                        return debug!(%peer, ?timeout, "TLS handshake timed out");
-                    }
-                };
-                if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
-                    self.serve_h2(TokioIo::new(tls), peer, service).await
-                } else {
-                    self.serve_http1(TokioIo::new(tls), peer, service).await
-                }
+            // Boxed, like HTTP/2 above: the TLS state is large, and every
+            // plain connection's task would otherwise carry (and copy) it.
+            Transport::Tls(acceptor) => Box::pin(self.serve_tls(stream, peer, acceptor, service)).await,
+        }
+    }
+
+    async fn serve_tls<S, F, B>(mut self, stream: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, service: S)
+    where
+        S: Fn(Request<Incoming>) -> F + Send + 'static,
+        F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let timeout =
+            self.router.load().config().server.tls.as_ref().map_or(TLS_HANDSHAKE_TIMEOUT, |t| t.handshake_timeout);
+        let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
+        let tls = tokio::select! {
+            done = handshake => done,
+            _ = raised(&mut self.close) => return,
+        };
+        let tls = match tls {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let reason = crate::tls::handshake_failure_reason(&e);
+                self.metrics.tls_handshake_failed(reason);
+                return debug!(%peer, reason, "TLS handshake failed: {e}");
             }
+            Err(_) => {
+                self.metrics.tls_handshake_failed("timeout");
+                return debug!(%peer, ?timeout, "TLS handshake timed out");
+            }
+        };
+        if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
+            self.serve_h2(TokioIo::new(tls), peer, service).await
+        } else {
+            self.serve_http1(TokioIo::new(tls), peer, service).await
         }
     }
 

@@ -3,16 +3,17 @@
 # sticky-proxy binaries, counted by valgrind (callgrind, dhat): numbers that do
 # not depend on what else the machine is doing.
 #
-#   bash benches/load/profile.sh [--requests N] BINARY [BINARY ...]
+#   bash benches/load/profile.sh [--requests N] [--close] BINARY [BINARY ...]
 #
 # For each binary and tool: run the proxy under valgrind behind nginx
 # backends (`return 200`), send SHORT and then N requests (X-Device-Id over
-# 10,000 IDs, 4 keep-alive connections) in two separate runs, and report
+# 10,000 IDs, 4 keep-alive connections, or with --close a new connection
+# per request) in two separate runs, and report
 # (count(N) - count(SHORT)) / (N - SHORT), so startup and shutdown cancel out.
 # Leaves callgrind files in the output directory for callgrind_annotate.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 REQUESTS=6000
 SHORT=1000
@@ -20,9 +21,11 @@ PROXY_PORT=18090
 ADMIN_PORT=19909
 BACKEND_PORTS=(19121 19122 19123)
 BINARIES=()
+CLOSE=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --requests) REQUESTS="${2:?--requests needs a number}"; shift 2 ;;
+    --close) CLOSE=(--close); shift ;;
     -h|--help) usage 0 ;;
     -*) echo "unknown option: $1" >&2; usage 2 >&2 ;;
     *) BINARIES+=("$1"); shift ;;
@@ -124,7 +127,7 @@ one() { # binary tool requests label -> prints the tool's total (Ir, or "blocks 
   PIDS+=("$pid")
   wait_port "$PROXY_PORT" "$pid" "$label ($tool)"
   timeout 600 "$LOADGEN" --time-limit 550 http --addr "127.0.0.1:$PROXY_PORT" --connections 4 \
-    --requests "$n" >"$base.load" 2>&1 || rc=$?
+    --requests "$n" "${CLOSE[@]}" >"$base.load" 2>&1 || rc=$?
   kill -TERM "$pid"
   for ((i = 0; i < 600; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$pid" 2>/dev/null || true
@@ -139,7 +142,8 @@ one() { # binary tool requests label -> prints the tool's total (Ir, or "blocks 
 }
 
 echo "sticky-proxy per-request cost under valgrind  $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-echo "load: loadgen http, 4 keep-alive connections, GET / with X-Device-Id over 10,000 IDs;"
+if [ "${#CLOSE[@]}" -gt 0 ]; then conns="4 clients, a new connection per request"; else conns="4 keep-alive connections"; fi
+echo "load: loadgen http, $conns, GET / with X-Device-Id over 10,000 IDs;"
 echo "      per request = (run with $REQUESTS requests - run with $SHORT) / $((REQUESTS - SHORT))"
 echo "backends: nginx return 200 on :${BACKEND_PORTS[*]}; proxy: workers = 1, access_log = false, RUST_LOG=warn"
 echo "output: $OUT_DIR"
