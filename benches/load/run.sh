@@ -4,6 +4,7 @@
 # loopback, one worker each, interleaved runs, medians and ratios.
 #
 #   bash benches/load/run.sh [--quick] [--rounds N] [--duration S] [--scenarios LIST]
+#                            [--ws-sockets N] [--ws-messages N] [--idle-sockets N]
 #                            [--only-sticky] [BINARY_A [BINARY_B]]
 #
 # BINARY_A is the sticky-proxy measured (default: cargo build --release);
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
   exit "${1:-0}"
 }
 
@@ -43,6 +44,7 @@ READY_TRIES=100          # x 0.1 s: a server not answering within 10 s is an err
 STOP_TRIES=50            # x 0.1 s: SIGKILL what is still alive 5 s after SIGTERM
 
 BINARIES=()
+WS_SOCKETS_OPT=""; WS_MESSAGES_OPT=""; IDLE_SOCKETS_OPT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
@@ -55,6 +57,9 @@ while [ $# -gt 0 ]; do
     --scenarios) SCENARIOS="${2:?--scenarios needs a list}"; shift 2 ;;
     --scenarios=*) SCENARIOS="${1#*=}"; shift ;;
     --only-sticky) ONLY_STICKY=1; shift ;;
+    --ws-sockets) WS_SOCKETS_OPT="${2:?--ws-sockets needs a number}"; shift 2 ;;
+    --ws-messages) WS_MESSAGES_OPT="${2:?--ws-messages needs a number}"; shift 2 ;;
+    --idle-sockets) IDLE_SOCKETS_OPT="${2:?--idle-sockets needs a number}"; shift 2 ;;
     -h|--help) usage 0 ;;
     -*) echo "unknown option: $1" >&2; usage 2 >&2 ;;
     *) BINARIES+=("$1"); shift ;;
@@ -63,6 +68,15 @@ done
 if [ "$QUICK" -eq 1 ]; then
   ROUNDS=1; DURATION=2; WARMUP=0; WS_SOCKETS=200; WS_MESSAGES=10; IDLE_SOCKETS=500
 fi
+[ -z "$WS_SOCKETS_OPT" ] || WS_SOCKETS="$WS_SOCKETS_OPT"
+[ -z "$WS_MESSAGES_OPT" ] || WS_MESSAGES="$WS_MESSAGES_OPT"
+[ -z "$IDLE_SOCKETS_OPT" ] || IDLE_SOCKETS="$IDLE_SOCKETS_OPT"
+for v in WS_SOCKETS WS_MESSAGES IDLE_SOCKETS; do
+  if ! [[ "${!v}" =~ ^[0-9]+$ ]] || [ "${!v}" -lt 1 ] || [ "${!v}" -gt 9500 ]; then
+    echo "${v,,} must be 1..9500 (each idle socket takes descriptors in the client, proxy and backend), got '${!v}'" >&2
+    exit 2
+  fi
+done
 for v in ROUNDS DURATION WARMUP; do
   if ! [[ "${!v}" =~ ^[0-9]+$ ]]; then echo "--${v,,} must be a whole number, got '${!v}'" >&2; exit 2; fi
 done
