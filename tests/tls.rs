@@ -198,14 +198,20 @@ async fn start(files: &Files) -> (RunningProxy, SocketAddr) {
     (proxy, tls)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_requests_are_routed_by_device_id_and_marked_https() {
+/// `apps` demo apps behind a proxy with one certificate, for `a.test`.
+async fn one_certificate_stack(apps: usize) -> (Pki, Vec<DemoInstance>, Files, RunningProxy, SocketAddr) {
     let pki = Pki::new();
-    let apps = start_apps(3).await;
+    let apps = start_apps(apps).await;
     let files = Files::new();
     files.put_pair("tls", &pki.leaf(&["a.test"]));
     files.config.write(&tls_config(&apps, &[], "", ""));
     let (proxy, tls_addr) = start(&files).await;
+    (pki, apps, files, proxy, tls_addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_requests_are_routed_by_device_id_and_marked_https() {
+    let (pki, _apps, _files, proxy, tls_addr) = one_certificate_stack(3).await;
 
     let tls = tls_connect(&pki.client(&[b"http/1.1"]), tls_addr, "a.test").await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
@@ -260,12 +266,7 @@ async fn sni_picks_the_certificate_and_no_match_gets_the_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_by_alpn_routes_every_stream_and_a_slow_stream_blocks_none() {
-    let pki = Pki::new();
-    let apps = start_apps(3).await;
-    let files = Files::new();
-    files.put_pair("tls", &pki.leaf(&["a.test"]));
-    files.config.write(&tls_config(&apps, &[], "", ""));
-    let (proxy, tls_addr) = start(&files).await;
+    let (pki, _apps, _files, proxy, tls_addr) = one_certificate_stack(3).await;
 
     let tls = tls_connect(&pki.client(&[b"h2", b"http/1.1"]), tls_addr, "a.test").await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "ALPN picks h2");
@@ -348,12 +349,7 @@ async fn h2_websocket(h2: &H2, url: &str) -> WebSocketStream<TokioIo<hyper::upgr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_over_http2_reach_the_devices_owner_on_http1() {
-    let pki = Pki::new();
-    let apps = start_apps(3).await;
-    let files = Files::new();
-    files.put_pair("tls", &pki.leaf(&["a.test"]));
-    files.config.write(&tls_config(&apps, &[], "", ""));
-    let (proxy, tls_addr) = start(&files).await;
+    let (pki, apps, _files, proxy, tls_addr) = one_certificate_stack(3).await;
     let tls = tls_connect(&pki.client(&[b"h2"]), tls_addr, "a.test").await;
     let h2 = h2_over(tls).await;
     let base = format!("https://a.test:{}", tls_addr.port());
@@ -520,12 +516,7 @@ async fn a_bad_key_on_reload_keeps_the_old_certificate_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_handshakes_are_counted_by_reason_and_never_stall_the_listener() {
-    let pki = Pki::new();
-    let apps = start_apps(1).await;
-    let files = Files::new();
-    files.put_pair("tls", &pki.leaf(&["a.test"]));
-    files.config.write(&tls_config(&apps, &[], "", ""));
-    let (proxy, tls_addr) = start(&files).await;
+    let (pki, _apps, _files, proxy, tls_addr) = one_certificate_stack(1).await;
 
     // A client that connects and says nothing holds no one up...
     let mut silent = within("connect", TcpStream::connect(tls_addr)).await.expect("connect");

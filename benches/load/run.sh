@@ -277,10 +277,10 @@ http_mode_ports() { # scenario -> the backend ports it uses
   case "$1" in ws|ws-idle) echo "${WS_BACKEND_PORTS[*]}" ;; *) echo "${HTTP_BACKEND_PORTS[*]}" ;; esac
 }
 
-write_backend_nginx_conf() { # dir
-  local dir="$1" p
-  mkdir -p "$dir/logs"
-  {
+# The part every nginx config here shares: one worker, in the foreground,
+# logs and pid in `dir`, no access log, long keep-alive.
+nginx_conf_head() { # dir
+  local dir="$1"
     echo "worker_processes 1;"
     echo "daemon off;"
     echo "pid $dir/nginx.pid;"
@@ -290,6 +290,13 @@ write_backend_nginx_conf() { # dir
     echo "http {"
     echo "  access_log off;"
     echo "  keepalive_requests 1000000;"
+}
+
+write_backend_nginx_conf() { # dir
+  local dir="$1" p
+  mkdir -p "$dir/logs"
+  {
+    nginx_conf_head "$dir"
     echo "  keepalive_timeout 300s;"
     echo "  client_body_buffer_size 128k;"
     echo "  client_body_temp_path $dir/body;"
@@ -305,15 +312,7 @@ write_nginx_conf() { # dir ports...
   local dir="$1" p; shift
   mkdir -p "$dir/logs"
   {
-    echo "worker_processes 1;"
-    echo "daemon off;"
-    echo "pid $dir/nginx.pid;"
-    echo "error_log $dir/logs/error.log warn;"
-    echo "worker_rlimit_nofile 20000;"
-    echo "events { worker_connections 10000; }"
-    echo "http {"
-    echo "  access_log off;"
-    echo "  keepalive_requests 1000000;"
+    nginx_conf_head "$dir"
     echo "  client_body_buffer_size 128k;"
     echo "  client_body_temp_path $dir/body;"
     echo "  proxy_temp_path $dir/proxy;"
