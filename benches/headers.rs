@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use hyper::header::{HeaderMap, HeaderValue};
-use sticky_proxy::proxy::{add_forwarded_headers, strip_hop_by_hop};
+use sticky_proxy::proxy::{add_forwarded_headers, strip_hop_by_hop, Client};
 
 fn parsed_like_hyper() -> HeaderMap {
     // hyper reserves exactly the parsed count.
@@ -17,7 +17,7 @@ fn parsed_like_hyper() -> HeaderMap {
 }
 
 fn headers(c: &mut Criterion) {
-    let client = "127.0.0.1:40000".parse().expect("addr");
+    let client = Client::new("127.0.0.1:40000".parse().expect("addr"), "http");
     let template = parsed_like_hyper();
     c.bench_function("headers/clone (baseline)", |b| b.iter(|| black_box(template.clone())));
     c.bench_function("headers/strip_hop_by_hop", |b| {
@@ -30,7 +30,7 @@ fn headers(c: &mut Criterion) {
     c.bench_function("headers/add_forwarded_headers", |b| {
         b.iter(|| {
             let mut h = template.clone();
-            add_forwarded_headers(&mut h, black_box(client), "http");
+            add_forwarded_headers(&mut h, black_box(&client));
             h
         })
     });

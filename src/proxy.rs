@@ -14,7 +14,7 @@
 
 use std::borrow::Cow;
 use std::error::Error as StdError;
-use std::io::{self, Write as _};
+use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -138,15 +138,9 @@ impl Proxy {
         &self.router
     }
 
-    /// Serves one request from `client_addr`, which came over `proto`
-    /// (`"http"` or `"https"`, for `X-Forwarded-Proto`). Never fails: every
+    /// Serves one request from `client`. Never fails: every
     /// problem becomes a response with a status and a reason.
-    pub async fn handle(
-        self: Arc<Self>,
-        mut req: Request<Incoming>,
-        client_addr: SocketAddr,
-        proto: &'static str,
-    ) -> Response<ProxyBody> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, client: Arc<Client>) -> Response<ProxyBody> {
         let started = Instant::now();
         if req.version() == Version::HTTP_2 {
             let (mut parts, body) = req.into_parts();
@@ -216,15 +210,14 @@ impl Proxy {
 
         if upgrade {
             let device = device(&key);
-            let tunnel = tunnel::Request { client_addr, proto, backend, key, device, started, response_timeout };
+            let tunnel = tunnel::Request { client, backend, key, device, started, response_timeout };
             return Box::pin(tunnel::open(self, req, tunnel)).await;
         }
 
         // Copied only when the access log will be written.
         let logged = (access_log && tracing::enabled!(tracing::Level::INFO))
             .then(|| (req.method().clone(), req.uri().path().to_string()));
-        let (backend, response) =
-            self.forward(req, client_addr, proto, key.as_deref(), backend, response_timeout).await;
+        let (backend, response) = self.forward(req, &client, key.as_deref(), backend, response_timeout).await;
         let elapsed = started.elapsed();
         backend.stats.response(response.status().as_u16(), elapsed);
         if let Some((method, path)) = logged {
@@ -241,15 +234,14 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        client_addr: SocketAddr,
-        proto: &'static str,
+        client: &Client,
         key: Option<&[u8]>,
         mut backend: Arc<Backend>,
         response_timeout: Duration,
     ) -> (Arc<Backend>, Response<ProxyBody>) {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        add_forwarded_headers(&mut parts.headers, client_addr, proto);
+        add_forwarded_headers(&mut parts.headers, client);
         let replay = match body.size_hint().exact() {
             Some(0) => Some(Bytes::new()),
             Some(n) if n <= REPLAYABLE_BODY => match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
@@ -570,38 +562,45 @@ pub fn from_http2(uri: &Uri, headers: &mut HeaderMap) {
     }
 }
 
+/// Who sent a request, fixed for its connection: how it came (`"http"` or
+/// `"https"`, for `X-Forwarded-Proto`) and its IP, formatted once for
+/// `X-Forwarded-For` so that requests on a kept-alive connection don't
+/// format it again (a thousand instructions each).
+pub struct Client {
+    pub proto: &'static str,
+    forwarded_for: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr, proto: &'static str) -> Client {
+        // An IP's text is always a valid header value.
+        let forwarded_for =
+            HeaderValue::try_from(addr.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Client { proto, forwarded_for }
+    }
+}
+
 /// Appends the client to `X-Forwarded-For` and sets `-Proto` and `-Host`.
-pub fn add_forwarded_headers(headers: &mut HeaderMap, client_addr: SocketAddr, proto: &'static str) {
+pub fn add_forwarded_headers(headers: &mut HeaderMap, client: &Client) {
     // Room for the three headers at once: at most one growth of the map.
     headers.reserve(3);
     let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
         // Every prior line counts: proxies before us may have added one each.
-        let prior: Vec<&str> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-            .collect();
-        let client_ip = client_addr.ip().to_string();
-        let joined = if prior.is_empty() { client_ip } else { format!("{}, {client_ip}", prior.join(", ")) };
-        HeaderValue::from_str(&joined).ok()
-    } else {
-        // The common case: the address formatted on the stack, one copy.
-        let mut buf = [0u8; 64];
-        let mut cursor = io::Cursor::new(&mut buf[..]);
-        match write!(cursor, "{}", client_addr.ip()) {
-            Ok(()) => {
-                let len = usize::try_from(cursor.position()).unwrap_or(0);
-                HeaderValue::from_bytes(&buf[..len]).ok()
+        let mut joined: Vec<u8> = Vec::new();
+        for prior in headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim) {
+            if !prior.is_empty() {
+                joined.extend_from_slice(prior.as_bytes());
+                joined.extend_from_slice(b", ");
             }
-            Err(_) => HeaderValue::from_str(&client_addr.ip().to_string()).ok(),
         }
+        joined.extend_from_slice(client.forwarded_for.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.forwarded_for.clone())
+    } else {
+        // The common case: no allocation, no formatting.
+        client.forwarded_for.clone()
     };
-    if let Some(value) = forwarded_for {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
-    }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(client.proto));
     match headers.get(header::HOST).cloned() {
         Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
         None => headers.remove(&X_FORWARDED_HOST),
@@ -633,7 +632,7 @@ mod tests {
         h.insert(X_FORWARDED_FOR.clone(), HeaderValue::from_static("10.1.1.1"));
         h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
         h.insert(header::HOST, HeaderValue::from_static("api.example.com"));
-        add_forwarded_headers(&mut h, "127.0.0.9:5555".parse().expect("addr"), "http");
+        add_forwarded_headers(&mut h, &Client::new("127.0.0.9:5555".parse().expect("addr"), "http"));
         assert_eq!(h[&X_FORWARDED_FOR], "10.1.1.1, 127.0.0.9");
         assert_eq!(h[&X_FORWARDED_PROTO], "http");
         assert_eq!(h[&X_FORWARDED_HOST], "api.example.com");
@@ -647,7 +646,7 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("api.example.com"));
         h.insert(header::CONNECTION, HeaderValue::from_static("host"));
         strip_hop_by_hop(&mut h);
-        add_forwarded_headers(&mut h, "127.0.0.9:5555".parse().expect("addr"), "http");
+        add_forwarded_headers(&mut h, &Client::new("127.0.0.9:5555".parse().expect("addr"), "http"));
         assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.9");
         assert_eq!(h[header::HOST], "api.example.com");
     }
@@ -676,7 +675,7 @@ mod tests {
     #[test]
     fn forwarded_for_is_the_client_ip_alone_when_first() {
         let mut h = HeaderMap::new();
-        add_forwarded_headers(&mut h, "[2001:db8::1]:443".parse().expect("addr"), "https");
+        add_forwarded_headers(&mut h, &Client::new("[2001:db8::1]:443".parse().expect("addr"), "https"));
         assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::1");
         assert!(!h.contains_key(&X_FORWARDED_HOST));
     }

@@ -35,7 +35,7 @@ use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Client, Proxy};
 use crate::rebalance::Rebalancer;
 use crate::registry::TunnelRegistry;
 use crate::reload::{Reloader, Trigger};
@@ -131,9 +131,10 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         let proxy = proxy.clone();
         move |addr: SocketAddr| {
             let proxy = proxy.clone();
+            let client = Arc::new(Client::new(addr, proto));
             move |req: Request<Incoming>| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, addr, proto).await) }
+                let (proxy, client) = (proxy.clone(), Arc::clone(&client));
+                async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
             }
         }
     };

@@ -18,7 +18,6 @@
 //!
 //! Each tunnel is a tokio task, not a thread, so thousands cost only memory.
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -36,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-use crate::proxy::{add_forwarded_headers, strip_hop_by_hop, Proxy, ProxyBody, UpstreamFailure};
+use crate::proxy::{add_forwarded_headers, strip_hop_by_hop, Client, Proxy, ProxyBody, UpstreamFailure};
 use crate::registry::TunnelControl;
 use crate::routing::Backend;
 use crate::splice::Splice;
@@ -55,9 +54,7 @@ const CLOSE_HANDSHAKE_LIMIT: Duration = Duration::from_secs(3);
 
 /// What the proxy decided for an upgrade request.
 pub(crate) struct Request {
-    pub client_addr: SocketAddr,
-    /// How the client reached us, for `X-Forwarded-Proto`.
-    pub proto: &'static str,
+    pub client: Arc<Client>,
     pub backend: Arc<Backend>,
     /// The device ID's bytes, to find a retry target on the ring.
     pub key: Option<Vec<u8>>,
@@ -68,7 +65,7 @@ pub(crate) struct Request {
 
 /// Sends a WebSocket upgrade to its backend and, on 101, starts the tunnel.
 pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunnel: Request) -> Response<ProxyBody> {
-    let Request { client_addr, proto, mut backend, key, device, started, response_timeout } = tunnel;
+    let Request { client, mut backend, key, device, started, response_timeout } = tunnel;
     // HTTP/2 (RFC 8441): the stream is the client's side of the tunnel, and
     // the backend gets an HTTP/1.1 upgrade made from the CONNECT.
     let extended_connect = crate::h2ws::is_extended_connect(&req);
@@ -83,7 +80,7 @@ pub(crate) async fn open(proxy: Arc<Proxy>, mut req: HttpRequest<Incoming>, tunn
     if let Some(upgrade) = upgrade {
         parts.headers.insert(header::UPGRADE, upgrade);
     }
-    add_forwarded_headers(&mut parts.headers, client_addr, proto);
+    add_forwarded_headers(&mut parts.headers, &client);
     let bridge = extended_connect.then(|| crate::h2ws::to_http1_upgrade(&mut parts));
 
     let mut retried = false;
