@@ -488,29 +488,39 @@ pub(crate) fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> 
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
+/// and `Upgrade`; `Connection` first, since it names more of them.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
 ];
+
+/// Which of [`HOP_BY_HOP`] `name` is. Most names are ruled out by their
+/// length alone, without comparing bytes.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let name = name.as_str();
+    if !matches!(name.len(), 2 | 7 | 10 | 16..=19) {
+        return None;
+    }
+    HOP_BY_HOP.iter().position(|h| *h == name)
+}
 
 /// Removes hop-by-hop headers, those named in `Connection`, and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds which are present: most requests carry
     // none, most responses only `Connection: keep-alive`, and then no
     // absent header is looked up.
-    let mut present = 0u16; // bit i: HOP_BY_HOP[i]; the next bit: Upgrade
+    let mut present = 0u16; // bit i: HOP_BY_HOP[i]
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name) {
             present |= 1 << i;
-        } else if name == header::UPGRADE {
-            present |= 1 << HOP_BY_HOP.len();
         }
     }
     if present == 0 {
@@ -535,11 +545,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
-            headers.remove(name);
+            headers.remove(*name);
         }
-    }
-    if present & (1 << HOP_BY_HOP.len()) != 0 {
-        headers.remove(header::UPGRADE);
     }
 }
 
