@@ -222,7 +222,8 @@ impl PathPattern {
 /// Decodes `%XX` escapes (and `+` as space in query strings). Malformed
 /// escapes are kept literally, as browsers do, so every input has one key.
 pub fn percent_decode(input: &[u8], plus_as_space: bool) -> Cow<'_, [u8]> {
-    if !input.iter().any(|&b| b == b'%' || (plus_as_space && b == b'+')) {
+    // `contains` on bytes is a memchr: several times faster than a byte loop.
+    if !(input.contains(&b'%') || plus_as_space && input.contains(&b'+')) {
         return Cow::Borrowed(input);
     }
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
