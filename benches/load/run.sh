@@ -232,16 +232,21 @@ tree_pids() { # pid -> the pid and its descendants
   for child in $(pgrep -P "$pid" 2>/dev/null); do tree_pids "$child"; done
 }
 
-tree_cpu_ticks() { # pid -> utime+stime of it and its descendants, clock ticks
-  local total=0 p stat rest
+tree_cpu_ticks() { # pid -> "utime+stime stime" of it and its descendants, clock ticks
+  local total=0 sys=0 p stat rest
   for p in $(tree_pids "$1"); do
     stat="$(cat "/proc/$p/stat" 2>/dev/null)" || continue
     rest="${stat##*) }"            # drop "pid (comm) ", comm may hold spaces
     local -a f
     read -r -a f <<<"$rest"
     total=$((total + f[11] + f[12]))   # fields 14 (utime) and 15 (stime)
+    sys=$((sys + f[12]))
   done
-  echo "$total"
+  echo "$total $sys"
+}
+
+kernel_share() { # cpu0 sys0 cpu1 sys1 -> % of the proxy's CPU time spent in the kernel
+  calc "printf \"%.0f\", ($3 > $1) ? ($4 - $2) / ($3 - $1) * 100 : 0"
 }
 
 tree_rss_kb() { # pid -> VmRSS of it and its descendants, kB
@@ -286,7 +291,7 @@ nginx_conf_head() { # dir
     echo "pid $dir/nginx.pid;"
     echo "error_log $dir/logs/error.log warn;"
     echo "worker_rlimit_nofile 20000;"
-    echo "events { worker_connections 10000; }"
+    echo "events { worker_connections 19500; }"   # a proxied WebSocket is two
     echo "http {"
     echo "  access_log off;"
     echo "  keepalive_requests 1000000;"
@@ -342,7 +347,7 @@ write_haproxy_conf() { # file ports...
   {
     echo "global"
     echo "  nbthread 1"
-    echo "  maxconn 9000"   # 2 descriptors each: fits the 20,000 open files of our machines
+    echo "  maxconn 9600"   # 2 descriptors each: fits the 20,000 open files of our machines
     echo "defaults"
     echo "  mode http"
     echo "  timeout connect 3s"
@@ -433,11 +438,11 @@ run_http() { # who scenario round
     env "${env[@]}" timeout $((WARMUP + 30)) "${LOAD_PIN[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
       -s "$LUA_SCRIPT" "http://127.0.0.1:$PROXY_PORT/" >"$OUT_DIR/warmup-$who-$scenario-$n.txt" 2>&1 || true
   fi
-  local cpu0 cpu1 busy0 busy1 t0 t1
-  busy0="$(sys_busy_ticks)"; t0="$(date +%s%N)"; cpu0="$(tree_cpu_ticks "$PROXY_PID")"
+  local cpu0 cpu1 sys0 sys1 busy0 busy1 t0 t1
+  busy0="$(sys_busy_ticks)"; t0="$(date +%s%N)"; read -r cpu0 sys0 <<<"$(tree_cpu_ticks "$PROXY_PID")"
   env "${env[@]}" timeout $((DURATION + 30)) "${LOAD_PIN[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" \
     --latency -s "$LUA_SCRIPT" "http://127.0.0.1:$PROXY_PORT/" >"$wout" 2>&1 || rc=$?
-  cpu1="$(tree_cpu_ticks "$PROXY_PID")"; t1="$(date +%s%N)"; busy1="$(sys_busy_ticks)"
+  read -r cpu1 sys1 <<<"$(tree_cpu_ticks "$PROXY_PID")"; t1="$(date +%s%N)"; busy1="$(sys_busy_ticks)"
   stop_run_pids
   if [ "$rc" -ne 0 ]; then echo "wrk failed (exit $rc); its output:" >&2; cat "$wout" >&2; exit 1; fi
   local line reqs dur
@@ -447,6 +452,7 @@ run_http() { # who scenario round
   R_RATE="$(calc "printf \"%.0f\", $reqs / ($dur / 1e6)")"
   R_P99="$(calc "printf \"%.3f\", $(field "$line" p99_us) / 1000")"
   R_CPU="$(calc "printf \"%.2f\", ($reqs > 0) ? ($((cpu1 - cpu0)) / $CLK_TCK / $reqs * 1e6) : 0")"
+  R_KERN="$(kernel_share "$cpu0" "$sys0" "$cpu1" "$sys1")"
   R_ERRS=$(( $(field "$line" err_connect) + $(field "$line" err_read) + $(field "$line" err_write) \
     + $(field "$line" err_timeout) + $(field "$line" err_status) ))
   R_MEM="-"
@@ -457,11 +463,11 @@ run_http() { # who scenario round
 run_ws() { # who scenario round
   local who="$1" scenario="$2" n="$3" out="$OUT_DIR/ws-$1-$2-$3.txt" rc=0
   start_proxy "$who" "$scenario"
-  local cpu0 cpu1 busy0 busy1 t0 t1
-  busy0="$(sys_busy_ticks)"; t0="$(date +%s%N)"; cpu0="$(tree_cpu_ticks "$PROXY_PID")"
+  local cpu0 cpu1 sys0 sys1 busy0 busy1 t0 t1
+  busy0="$(sys_busy_ticks)"; t0="$(date +%s%N)"; read -r cpu0 sys0 <<<"$(tree_cpu_ticks "$PROXY_PID")"
   timeout 150 "${LOAD_PIN[@]}" "$LOADGEN" --time-limit 120 ws --addr "127.0.0.1:$PROXY_PORT" \
     --sockets "$WS_SOCKETS" --messages "$WS_MESSAGES" --ids "$DEVICE_IDS" >"$out" 2>&1 || rc=$?
-  cpu1="$(tree_cpu_ticks "$PROXY_PID")"; t1="$(date +%s%N)"; busy1="$(sys_busy_ticks)"
+  read -r cpu1 sys1 <<<"$(tree_cpu_ticks "$PROXY_PID")"; t1="$(date +%s%N)"; busy1="$(sys_busy_ticks)"
   stop_run_pids
   if [ "$rc" -ne 0 ]; then echo "loadgen ws failed (exit $rc); its output:" >&2; cat "$out" >&2; exit 1; fi
   local line msgs
@@ -471,6 +477,7 @@ run_ws() { # who scenario round
   R_P99="$(calc "printf \"%.3f\", $(field "$line" p99_us) / 1000")"
   # Per message, including the sockets' setup (opening is part of the run).
   R_CPU="$(calc "printf \"%.2f\", ($msgs > 0) ? ($((cpu1 - cpu0)) / $CLK_TCK / $msgs * 1e6) : 0")"
+  R_KERN="$(kernel_share "$cpu0" "$sys0" "$cpu1" "$sys1")"
   R_ERRS=0; R_MEM="-"
   R_BUSY="$(calc "printf \"%.0f\", $((busy1 - busy0)) / $CLK_TCK / (($t1 - $t0) / 1e9) * 100")"
 }
@@ -494,9 +501,21 @@ run_ws_idle() { # who scenario round
   # Let the proxy settle (buffers freed after the proving echo), then read.
   sleep 1
   rss1="$(tree_rss_kb "$PROXY_PID")"
+  # Other devices' HTTP while the sockets stay open: does holding them cost
+  # anyone latency? (8 connections, GET /whoami on the demo backends.)
+  local wout="$OUT_DIR/wrk-$who-$scenario-$n.txt" rc=0 line
+  DEVICE_IDS="$DEVICE_IDS" LOAD_PATH=/whoami timeout $((DURATION + 30)) "${LOAD_PIN[@]}" wrk -t1 -c8 \
+    -d"${DURATION}s" --latency -s "$LUA_SCRIPT" "http://127.0.0.1:$PROXY_PORT/" >"$wout" 2>&1 || rc=$?
   stop_run_pids
+  if [ "$rc" -ne 0 ]; then echo "wrk failed (exit $rc); its output:" >&2; cat "$wout" >&2; exit 1; fi
+  line="$(grep '^SP_RESULT ' "$wout" | tail -n 1)"
+  if [ -z "$line" ]; then echo "no SP_RESULT line from wrk; its output:" >&2; cat "$wout" >&2; exit 1; fi
   R_MEM="$(calc "printf \"%.2f\", ($rss1 - $rss0) / $IDLE_SOCKETS")"
-  R_RATE="-"; R_P99="-"; R_CPU="-"; R_ERRS=0; R_BUSY=0
+  R_RATE="$(calc "printf \"%.0f\", $(field "$line" requests) / ($(field "$line" duration_us) / 1e6)")"
+  R_P99="$(calc "printf \"%.3f\", $(field "$line" p99_us) / 1000")"
+  R_ERRS=$(( $(field "$line" err_connect) + $(field "$line" err_read) + $(field "$line" err_write) \
+    + $(field "$line" err_timeout) + $(field "$line" err_status) ))
+  R_CPU="-"; R_KERN="-"; R_BUSY=0
 }
 
 # ---------------------------------------------------------------- backends
@@ -542,7 +561,10 @@ fi
 echo "load:     wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $DEVICE_IDS device IDs, ${WARMUP}s warm-up per run;"
 echo "          ws: $WS_SOCKETS sockets x $WS_MESSAGES messages (one at a time per socket); ws-idle: $IDLE_SOCKETS sockets"
 echo "rounds:   $ROUNDS, interleaved (${CONTESTANTS[*]}), a fresh proxy process per run"
-echo "cpu:      proxy utime+stime (process and children, /proc/PID/stat) / requests (ws: / messages), us"
+echo "cpu:      proxy utime+stime (process and children, /proc/PID/stat) / requests (ws: / messages), us;"
+echo "          kern%: the share of it spent in the kernel (stime), the part no proxy design removes"
+echo "ws-idle:  mem is proxy RSS growth per idle WebSocket; rate and p99 are other devices' HTTP"
+echo "          (wrk -t1 -c8, GET /whoami) while those sockets stay open"
 echo "busy%:    all CPUs busy during the run, % of one CPU (200 = both saturated); rounds where this"
 echo "          exceeds what the run itself explains point at a busy machine"
 echo "raw output and logs: $OUT_DIR"
@@ -551,8 +573,8 @@ echo
 start_backends
 
 # ---------------------------------------------------------------- rounds
-declare -A RATE P99 CPU MEM ERRS
-printf '%-9s %-5s %-9s %10s %9s %8s %9s %8s %6s\n' scenario round proxy rate p99_ms cpu_us mem_kB errors busy%
+declare -A RATE P99 CPU KERN MEM ERRS
+printf '%-9s %-5s %-9s %10s %9s %8s %6s %9s %8s %6s\n' scenario round proxy rate p99_ms cpu_us kern% mem_kB errors busy%
 for scenario in "${SCENARIO_LIST[@]}"; do
   for ((r = 1; r <= ROUNDS; r++)); do
     for who in "${CONTESTANTS[@]}"; do
@@ -562,12 +584,13 @@ for scenario in "${SCENARIO_LIST[@]}"; do
         *) run_http "$who" "$scenario" "$r" ;;
       esac
       key="$scenario/$who"
-      RATE[$key]+="$R_RATE "; P99[$key]+="$R_P99 "; CPU[$key]+="$R_CPU "; MEM[$key]+="$R_MEM "
+      RATE[$key]+="$R_RATE "; P99[$key]+="$R_P99 "; CPU[$key]+="$R_CPU "; KERN[$key]+="$R_KERN "
+      MEM[$key]+="$R_MEM "
       ERRS[$key]=$(( ${ERRS[$key]:-0} + R_ERRS ))
       note=""
       [ "$R_ERRS" -eq 0 ] || note="  <- $R_ERRS errors/non-2xx"
-      printf '%-9s %-5s %-9s %10s %9s %8s %9s %8s %6s%s\n' "$scenario" "$r/$ROUNDS" "$who" "$R_RATE" "$R_P99" \
-        "$R_CPU" "$R_MEM" "$R_ERRS" "$R_BUSY" "$note"
+      printf '%-9s %-5s %-9s %10s %9s %8s %6s %9s %8s %6s%s\n' "$scenario" "$r/$ROUNDS" "$who" "$R_RATE" "$R_P99" \
+        "$R_CPU" "$R_KERN" "$R_MEM" "$R_ERRS" "$R_BUSY" "$note"
     done
   done
 done
@@ -585,15 +608,15 @@ echo
 echo "medians over $ROUNDS rounds (rate: req/s, ws: messages/s; mem: proxy kB per idle WebSocket)"
 echo "ratios: sticky-proxy / the better of nginx and HAProxy for that column"
 echo "        (rate: higher is better, target >= 1.25 HTTP, >= 1.1 ws; p99 and cpu: lower is better, cpu target <= 0.8)"
-printf '%-9s %-9s %10s %9s %8s %9s %7s\n' scenario proxy rate p99_ms cpu_us mem_kB errors
+printf '%-9s %-9s %10s %9s %8s %6s %9s %7s\n' scenario proxy rate p99_ms cpu_us kern% mem_kB errors
 for scenario in "${SCENARIO_LIST[@]}"; do
-  declare -A M_RATE=() M_P99=() M_CPU=() M_MEM=()
+  declare -A M_RATE=() M_P99=() M_CPU=() M_KERN=() M_MEM=()
   for who in "${CONTESTANTS[@]}"; do
     key="$scenario/$who"
     M_RATE[$who]="$(med "${RATE[$key]}")"; M_P99[$who]="$(med "${P99[$key]}")"
-    M_CPU[$who]="$(med "${CPU[$key]}")"; M_MEM[$who]="$(med "${MEM[$key]}")"
-    printf '%-9s %-9s %10s %9s %8s %9s %7s\n' "$scenario" "$who" "${M_RATE[$who]}" "${M_P99[$who]}" \
-      "${M_CPU[$who]}" "${M_MEM[$who]}" "${ERRS[$key]}"
+    M_CPU[$who]="$(med "${CPU[$key]}")"; M_KERN[$who]="$(med "${KERN[$key]}")"; M_MEM[$who]="$(med "${MEM[$key]}")"
+    printf '%-9s %-9s %10s %9s %8s %6s %9s %7s\n' "$scenario" "$who" "${M_RATE[$who]}" "${M_P99[$who]}" \
+      "${M_CPU[$who]}" "${M_KERN[$who]}" "${M_MEM[$who]}" "${ERRS[$key]}"
   done
   if [ "$ONLY_STICKY" -eq 0 ]; then
     best() { # column higher|lower -> the better of nginx and haproxy
@@ -605,21 +628,21 @@ for scenario in "${SCENARIO_LIST[@]}"; do
     }
     for who in "${CONTESTANTS[@]}"; do
       case "$who" in sticky*) ;; *) continue ;; esac
-      printf '%-9s %-9s %10s %9s %8s %9s\n' "$scenario" "$who/best" \
+      printf '%-9s %-9s %10s %9s %8s %6s %9s\n' "$scenario" "$who/best" \
         "$(ratio "${M_RATE[$who]}" "$(best M_RATE higher)")" "$(ratio "${M_P99[$who]}" "$(best M_P99 lower)")" \
-        "$(ratio "${M_CPU[$who]}" "$(best M_CPU lower)")" "$(ratio "${M_MEM[$who]}" "$(best M_MEM lower)")"
+        "$(ratio "${M_CPU[$who]}" "$(best M_CPU lower)")" "-" "$(ratio "${M_MEM[$who]}" "$(best M_MEM lower)")"
     done
   fi
   if [ "${#BINARIES[@]}" -eq 2 ]; then
-    printf '%-9s %-9s %10s %9s %8s %9s\n' "$scenario" "B/A" \
+    printf '%-9s %-9s %10s %9s %8s %6s %9s\n' "$scenario" "B/A" \
       "$(ratio "${M_RATE[sticky-B]}" "${M_RATE[sticky]}")" "$(ratio "${M_P99[sticky-B]}" "${M_P99[sticky]}")" \
-      "$(ratio "${M_CPU[sticky-B]}" "${M_CPU[sticky]}")" "$(ratio "${M_MEM[sticky-B]}" "${M_MEM[sticky]}")"
+      "$(ratio "${M_CPU[sticky-B]}" "${M_CPU[sticky]}")" "-" "$(ratio "${M_MEM[sticky-B]}" "${M_MEM[sticky]}")"
   fi
 done
 echo
 for scenario in "${SCENARIO_LIST[@]}"; do
   for who in "${CONTESTANTS[@]}"; do
     key="$scenario/$who"
-    echo "SUMMARY scenario=$scenario proxy=$who rounds=$ROUNDS rate=$(med "${RATE[$key]}") p99_ms=$(med "${P99[$key]}") cpu_us=$(med "${CPU[$key]}") mem_kb=$(med "${MEM[$key]}") errors=${ERRS[$key]}"
+    echo "SUMMARY scenario=$scenario proxy=$who rounds=$ROUNDS rate=$(med "${RATE[$key]}") p99_ms=$(med "${P99[$key]}") cpu_us=$(med "${CPU[$key]}") kern_pct=$(med "${KERN[$key]}") mem_kb=$(med "${MEM[$key]}") errors=${ERRS[$key]}"
   done
 done
