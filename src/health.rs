@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper::Request;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper::client::conn::http1;
+use hyper::header::{HeaderValue, HOST};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -31,19 +31,15 @@ use crate::config::HealthConfig;
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Router};
 use crate::server::raised;
-use crate::tls::UpstreamConnector;
 
 /// How often the checker looks for checks that are due.
 const TICK: Duration = Duration::from_millis(50);
-/// Backstop only: a check's own `timeout` bounds it, handshake included.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Health bookkeeping for one running proxy.
 #[derive(Debug)]
 pub struct Health {
     router: Router,
     metrics: Arc<Metrics>,
-    client: Client<UpstreamConnector, Empty<Bytes>>,
     tracks: Mutex<HashMap<String, Track>>,
     /// Counts transitions; `changed()` fires after each one.
     transitions: watch::Sender<u64>,
@@ -69,14 +65,8 @@ pub enum Source {
 
 impl Health {
     pub fn new(router: Router, metrics: Arc<Metrics>) -> Arc<Health> {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        // TLS backends are checked over TLS, with the same verification as traffic.
-        let connector = UpstreamConnector::new(connector, router.clone(), TLS_HANDSHAKE_TIMEOUT);
-        // A fresh connection per check: a check must see a dead listener.
-        let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
         let (transitions, _) = watch::channel(0);
-        Arc::new(Health { router, metrics, client, tracks: Mutex::new(HashMap::new()), transitions })
+        Arc::new(Health { router, metrics, tracks: Mutex::new(HashMap::new()), transitions })
     }
 
     /// Health transitions so far; `changed()` fires after each one.
@@ -204,15 +194,27 @@ impl Health {
         self.observe(&backend.id, ok, source);
     }
 
+    /// `GET path` on a fresh connection (a check must see a dead listener),
+    /// over TLS for a TLS backend with the same verification as traffic;
+    /// healthy if answered 2xx or 3xx within `timeout`, handshakes included.
     async fn http_check(&self, backend: &Backend, path: &str, timeout: Duration) -> bool {
-        let scheme = if backend.tls.is_some() { "https" } else { "http" };
-        let authority = crate::tls::authority(&backend.address, backend.tls.as_ref());
-        let Ok(request) = Request::get(format!("{scheme}://{authority}{path}")).body(Empty::new()) else {
-            return false;
-        };
-        match tokio::time::timeout(timeout, self.client.request(request)).await {
-            Ok(Ok(response)) => response.status().is_success() || response.status().is_redirection(),
-            _ => false,
-        }
+        let status = tokio::time::timeout(timeout, get_status(backend, path, timeout)).await;
+        matches!(status, Ok(Some(s)) if s.is_success() || s.is_redirection())
+    }
+}
+
+/// The status of `GET path` on a new connection to `backend`; `None` when
+/// it can't connect or the exchange breaks.
+async fn get_status(backend: &Backend, path: &str, timeout: Duration) -> Option<StatusCode> {
+    let stream = crate::tls::connect(&backend.address, backend.tls.as_ref(), timeout).await.ok()?;
+    let (mut sender, connection) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await.ok()?;
+    let host = HeaderValue::from_str(&backend.address).ok()?;
+    let request = Request::get(path).header(HOST, host).body(Empty::new()).ok()?;
+    let mut connection = std::pin::pin!(connection);
+    // Driven here, not spawned: the connection ends with the check.
+    tokio::select! {
+        biased; // a response that came with the close still counts
+        response = sender.send_request(request) => response.ok().map(|r| r.status()),
+        _ = &mut connection => None,
     }
 }

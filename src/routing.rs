@@ -375,13 +375,6 @@ impl RoutingTable {
         self.ring.owner(device_id).and_then(|i| self.backends.get(i))
     }
 
-    /// The TLS settings with this id of a backend at `address`, for a new
-    /// pooled connection (a scan: connections are made far less often than
-    /// requests, and only TLS backends pay it).
-    pub fn backend_tls(&self, address: &str, id: u64) -> Option<UpstreamTls> {
-        self.backends.iter().filter(|b| b.address == address).find_map(|b| b.tls.clone().filter(|t| t.id == id))
-    }
-
     /// The index of the backend with this id.
     pub fn position(&self, id: &str) -> Option<usize> {
         self.index.get(id).copied()

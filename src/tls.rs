@@ -14,21 +14,17 @@
 //!
 //! Backend side: a `tls = true` backend gets an [`UpstreamTls`] (a shared
 //! `rustls::ClientConfig` per CA file, or the system's roots, plus its SNI
-//! name). [`UpstreamConnector`] is the pooled client's connector: `https`
-//! URIs are connected with TLS using the settings of the backend at that
-//! address. Their authority carries the settings' [`UpstreamTls::id`] as
-//! user info (`{id}@host:port`, never sent: the request goes out in origin
-//! form and `Host` is the client's), because the pool keys connections by
-//! scheme and authority: a reload that changes a backend's CA or name gets
-//! fresh connections rather than reusing ones verified the old way.
-//! [`connect`] does the same for a WebSocket tunnel's dedicated connection.
-//! Backends are spoken to in HTTP/1.1 only.
+//! name). [`connect`] makes every backend connection: pooled ones, a
+//! WebSocket tunnel's own, a health check's. The pool keys a TLS backend's
+//! connections by [`authority`], which carries the settings'
+//! [`UpstreamTls::id`] (`{id}@host:port`), so a reload that changes a
+//! backend's CA or name gets fresh connections rather than reusing ones
+//! verified the old way. Backends are spoken to in HTTP/1.1 only.
 
 use std::borrow::Cow;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -37,9 +33,6 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::TokioIo;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -346,15 +339,6 @@ pub enum UpstreamStream {
     Tls(tokio_rustls::client::TlsStream<TcpStream>),
 }
 
-impl UpstreamStream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            UpstreamStream::Plain(s) => s,
-            UpstreamStream::Tls(s) => s.get_ref().0,
-        }
-    }
-}
-
 impl AsyncRead for UpstreamStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
@@ -405,12 +389,6 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
-impl Connection for UpstreamStream {
-    fn connected(&self) -> Connected {
-        self.tcp().connected()
-    }
-}
-
 /// Wraps `tcp` in TLS for a backend, within `timeout`. A handshake that
 /// fails is logged here, where the reason is known, and returned as an
 /// `io::Error` carrying the `rustls::Error`.
@@ -426,8 +404,9 @@ async fn handshake(tcp: TcpStream, tls: &UpstreamTls, address: &str, timeout: Du
     }
 }
 
-/// A dedicated connection to a backend (a WebSocket tunnel's): TCP within
-/// `timeout`, then TLS within another `timeout` if the backend wants it.
+/// A new connection to a backend (for the pool, a WebSocket tunnel or a
+/// health check): TCP within `timeout`, then TLS within another `timeout`
+/// if the backend wants it.
 pub async fn connect(address: &str, tls: Option<&UpstreamTls>, timeout: Duration) -> io::Result<UpstreamStream> {
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(connected) => connected?,
@@ -438,70 +417,6 @@ pub async fn connect(address: &str, tls: Option<&UpstreamTls>, timeout: Duration
     match tls {
         None => Ok(UpstreamStream::Plain(tcp)),
         Some(tls) => handshake(tcp, tls, address, timeout).await,
-    }
-}
-
-/// The pooled client's connector: `http://` URIs get TCP, `https://` URIs
-/// TLS with the settings of the backend at that address (looked up in the
-/// routing snapshot in use when the connection is made).
-#[derive(Clone)]
-pub struct UpstreamConnector {
-    http: HttpConnector,
-    router: Router,
-    timeout: Duration,
-}
-
-impl UpstreamConnector {
-    /// `http` connects TCP (its own settings: nodelay, keepalive, timeout);
-    /// `timeout` bounds the TLS handshake after it.
-    pub fn new(mut http: HttpConnector, router: Router, timeout: Duration) -> UpstreamConnector {
-        // The scheme says whether to add TLS; the TCP part is the same.
-        http.enforce_http(false);
-        UpstreamConnector { http, router, timeout }
-    }
-}
-
-type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TokioIo<UpstreamStream>>> + Send>>;
-
-impl tower_service::Service<Uri> for UpstreamConnector {
-    type Response = TokioIo<UpstreamStream>;
-    type Error = io::Error;
-    type Future = ConnectFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
-        self.http.poll_ready(cx).map_err(io::Error::other)
-    }
-
-    fn call(&mut self, uri: Uri) -> ConnectFuture {
-        let tls = if uri.scheme_str() == Some("https") {
-            let authority = uri.authority().map_or("", |a| a.as_str());
-            let (id, address) = authority.split_once('@').unwrap_or(("", authority));
-            let found = u64::from_str_radix(id, 16).ok().and_then(|id| self.router.load().backend_tls(address, id));
-            match found {
-                Some(tls) => Some(tls),
-                // A reload changed the settings since the request was made.
-                None => {
-                    let e = io::Error::other(format!("no backend with these TLS settings at {address} any more"));
-                    return Box::pin(std::future::ready(Err(e)));
-                }
-            }
-        } else {
-            None
-        };
-        let connecting = self.http.call(uri.clone());
-        let timeout = self.timeout;
-        Box::pin(async move {
-            let tcp = connecting.await.map_err(io::Error::other)?.into_inner();
-            let stream = match tls {
-                None => UpstreamStream::Plain(tcp),
-                Some(tls) => {
-                    let address = uri.authority().map_or("", |a| a.as_str());
-                    let address = address.split_once('@').map_or(address, |(_, a)| a);
-                    handshake(tcp, &tls, address, timeout).await?
-                }
-            };
-            Ok(TokioIo::new(stream))
-        })
     }
 }
 
