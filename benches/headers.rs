@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use hyper::header::{HeaderMap, HeaderValue};
-use sticky_proxy::proxy::{add_forwarded_headers, strip_hop_by_hop, Client};
+use sticky_proxy::http::headers::{add_forwarded_headers, strip_hop_by_hop, Client};
 
 fn parsed_like_hyper() -> HeaderMap {
     // hyper reserves exactly the parsed count.

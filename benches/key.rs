@@ -5,7 +5,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use hyper::header::{HeaderMap, HeaderValue, COOKIE};
 use hyper::Uri;
-use sticky_proxy::key::KeyExtractor;
+use sticky_proxy::routing::key::KeyExtractor;
 
 fn extractor(sources: &[&str]) -> KeyExtractor {
     KeyExtractor::new(sources.iter().map(|s| s.parse().expect("valid source")).collect())

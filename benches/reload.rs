@@ -9,7 +9,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use sticky_proxy::config::Config;
 use sticky_proxy::metrics::Metrics;
-use sticky_proxy::reload::{Reloader, Trigger};
+use sticky_proxy::ops::reload::{Reloader, Trigger};
 use sticky_proxy::routing::RoutingTable;
 
 /// A config with `n` backends (ids app-1..app-n on loopback ports).

@@ -19,9 +19,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use sticky_proxy::app as server;
 use sticky_proxy::config::Config;
-use sticky_proxy::demo::DemoInstance;
-use sticky_proxy::server;
+use sticky_proxy::tools::demo::DemoInstance;
 
 const BACKENDS: usize = 1000;
 const CLIENTS: usize = 8;

@@ -4,14 +4,14 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use sticky_proxy::ring::{Member, Ring, DEFAULT_REPLICAS};
+use sticky_proxy::routing::ring::{Member, Ring, DEFAULT_REPLICAS};
 
 /// Number of pre-generated device IDs cycled through by lookups (a power of 2).
 const KEYS: usize = 1 << 16;
 
 /// Deterministic UUID-shaped device IDs.
 fn device_ids(n: usize) -> Vec<String> {
-    sticky_proxy::sample::uuids(0x5EED, n)
+    sticky_proxy::tools::sample::uuids(0x5EED, n)
 }
 
 fn backend_ids(n: usize) -> Vec<String> {

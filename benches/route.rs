@@ -33,7 +33,7 @@ fn config(backends: usize) -> Config {
 
 /// Realistic request heads: a few common headers plus the device ID.
 fn requests(by_header: bool) -> Vec<(Uri, HeaderMap)> {
-    sticky_proxy::sample::uuids(0x5EED, REQUESTS)
+    sticky_proxy::tools::sample::uuids(0x5EED, REQUESTS)
         .into_iter()
         .map(|id| {
             let mut headers = HeaderMap::new();
@@ -63,8 +63,8 @@ fn decide(c: &mut Criterion) {
                     i = (i + 1) & (REQUESTS - 1);
                     let (uri, headers) = &reqs[i];
                     let table = router.load();
-                    match table.decide(black_box(uri), black_box(headers)) {
-                        Decision::Owner { backend, .. } => backend.weight,
+                    match table.decide(black_box(uri), black_box(headers), |_| None) {
+                        Decision::Device { first, .. } => first.backend.weight,
                         _ => 0,
                     }
                 })

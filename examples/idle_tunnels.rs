@@ -26,7 +26,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use sticky_proxy::demo::DemoInstance;
+use sticky_proxy::tools::demo::DemoInstance;
 use tokio::net::TcpListener;
 
 const STEP: Duration = Duration::from_secs(60);

@@ -383,7 +383,7 @@ async fn backend(first: SocketAddr, count: u16) -> Result<(), String> {
     for i in 0..count {
         let port = first.port().checked_add(i).ok_or("port out of range")?;
         let addr = SocketAddr::new(first.ip(), port);
-        let instance = sticky_proxy::demo::DemoInstance::bind(format!("ws-{}", i + 1), addr)
+        let instance = sticky_proxy::tools::demo::DemoInstance::bind(format!("ws-{}", i + 1), addr)
             .await
             .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         instances.push(instance);

@@ -1,7 +1,7 @@
 //! Asks a running proxy where device IDs go, for `tests/nginx/compare.sh`.
 //!
 //! `nginx_probe ADDR SEED N` sends `GET /` with `X-Device-Id: ID` for each
-//! of `sticky_proxy::sample::varied_ids(SEED, N)`, in order, over one
+//! of `sticky_proxy::tools::sample::varied_ids(SEED, N)`, in order, over one
 //! keep-alive HTTP/1.1 connection, and prints each response body (the
 //! answering backend's name) on a line of its own. Any answer but 200, or
 //! no answer within 10 s, is an error (exit 1): a probe that guesses would
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 fn run(addr: SocketAddr, seed: u64, n: usize) -> Result<(), String> {
     let mut out = BufWriter::new(std::io::stdout().lock());
     let mut conn: Option<BufReader<TcpStream>> = None;
-    for (i, id) in sticky_proxy::sample::varied_ids(seed, n).iter().enumerate() {
+    for (i, id) in sticky_proxy::tools::sample::varied_ids(seed, n).iter().enumerate() {
         // A kept-alive connection the server closed meanwhile fails before
         // any answer: then once more on a new connection.
         let mut answer = None;

@@ -10,7 +10,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use sticky_proxy::ring::{Member, Ring, DEFAULT_REPLICAS};
+use sticky_proxy::routing::ring::{Member, Ring, DEFAULT_REPLICAS};
 
 fn median(f: impl FnMut(usize) -> Duration, runs: usize) -> Duration {
     let mut times: Vec<Duration> = (0..runs).map(f).collect();

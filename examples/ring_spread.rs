@@ -10,8 +10,8 @@
 //! SEEDS (default 50) sets of 10,000 random device IDs, the busiest
 //! backend's count / mean: median, worst, and how many seeds exceeded 1.10.
 
-use sticky_proxy::ring::{Member, Ring};
-use sticky_proxy::sample::SplitMix64;
+use sticky_proxy::routing::ring::{Member, Ring};
+use sticky_proxy::tools::sample::{SplitMix64, Uuids};
 
 const BACKENDS: usize = 10;
 const KEYS: usize = 10_000;

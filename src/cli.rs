@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use crate::app;
 use crate::config::Config;
-use crate::demo::DemoInstance;
-use crate::nginx_import;
 use crate::routing::RoutingTable;
-use crate::server;
+use crate::tools::demo::DemoInstance;
+use crate::tools::nginx_import;
 
 /// Routes every request about a device, WebSocket and HTTP alike, to the one
 /// backend that owns it, by consistent hashing of the device ID.
@@ -132,7 +132,7 @@ pub fn main() -> ExitCode {
             };
             init_logging();
             let workers = config.server.workers;
-            block_on(workers, server::run(config, path))
+            block_on(workers, app::run(config, path))
         }
         Command::Demo { listen, admin, first_backend_port, instances } => {
             init_logging();
@@ -143,12 +143,13 @@ pub fn main() -> ExitCode {
 
 /// `route ID`: the backend serving the device with every backend up.
 fn route_one(table: &RoutingTable, id: &str) -> ExitCode {
-    match (table.owner(id.as_bytes()), table.serving(id.as_bytes())) {
-        (Some(owner), Some((b, _))) if b.id == owner.id => {
+    let first = table.candidates(id.as_bytes(), None).next().map(|c| c.backend);
+    match (table.owner(id.as_bytes()), first) {
+        (Some(owner), Some(b)) if b.id == owner.id => {
             println!("{id} -> {} ({})", b.id, b.address);
             ExitCode::SUCCESS
         }
-        (Some(owner), Some((b, _))) => {
+        (Some(owner), Some(b)) => {
             println!("{id} -> {} ({}) [ring owner {} is draining]", b.id, b.address, owner.id);
             ExitCode::SUCCESS
         }
@@ -170,7 +171,7 @@ fn route_lines(table: &RoutingTable) -> ExitCode {
         // nginx logs an empty variable as "-": no device ID, round robin.
         let address = match id {
             b"" | b"-" => "-".to_string(),
-            id => table.serving(id).map_or("-".to_string(), |(b, _)| b.address.clone()),
+            id => table.candidates(id, None).next().map_or("-".to_string(), |c| c.backend.address.clone()),
         };
         let written = out.write_all(id).and_then(|()| writeln!(out, "\t{address}"));
         if let Err(e) = written {
@@ -198,7 +199,7 @@ fn init_logging() {
 /// Runs `work` on a runtime of `workers` threads; the proxy,
 /// the admin API, health checks and tunnels all share it.
 fn block_on(workers: usize, work: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
-    server::raise_fd_limit();
+    crate::util::socket::raise_fd_limit();
     // One worker: a current-thread runtime does the same work without the
     // multi-threaded scheduler's cross-thread bookkeeping.
     let mut builder = if workers == 1 {
@@ -251,7 +252,7 @@ async fn demo(listen: SocketAddr, admin: SocketAddr, first_port: u16, instances:
     }
     let backends: Vec<(String, SocketAddr)> = apps.iter().map(|a| (a.name().to_string(), a.addr())).collect();
     let config = Config::parse(&demo_config(listen, admin, &backends)).map_err(std::io::Error::other)?;
-    let running = server::start(&config).await?;
+    let running = app::start(&config).await?;
 
     let owner = running.router().load().owner(b"phone-42").map_or("?".to_string(), |b| b.id.clone());
     let (proxy, admin) = (running.proxy_addr(), running.admin_addr());

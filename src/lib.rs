@@ -1,48 +1,43 @@
 //! sticky-proxy: a reverse proxy that sends every request about a device,
 //! WebSocket upgrade and plain HTTP alike, to the one backend that owns it.
 //!
-//! How a request flows through the modules:
+//! The modules are layers; each imports only from the layers above it in
+//! this list (`tests/layers.rs` checks it):
 //!
-//! 1. [`server`] accepts a connection, does the TLS handshake on the TLS
-//!    listener (certificates from [`tls`]), and serves HTTP/1.1 or HTTP/2 on it;
-//! 2. [`proxy`] loads the current [`routing::RoutingTable`], which uses
-//!    [`key`] to find the device ID and [`ring`] to find its owner;
-//! 3. [`proxy`] forwards plain requests over a pooled upstream connection
-//!    (to the backend holding the device's open tunnel, if [`registry`] knows
-//!    one; TLS to `tls = true` backends, by [`tls`]'s connector), or hands an
-//!    `Upgrade: websocket` request (or an HTTP/2 extended CONNECT, turned
-//!    into an HTTP/1.1 upgrade by [`h2ws`]) to [`tunnel`], which joins the
-//!    two upgraded connections with a [`splice`] that follows their frames
-//!    ([`wsframe`]);
-//! 4. when the ring changes, [`rebalance`] moves tunnels whose device now
-//!    has another owner.
+//! 1. [`util`]: the shutdown signal, socket options, a small PRNG.
+//! 2. [`metrics`] and [`tls`]: leaves that count and encrypt.
+//! 3. [`routing::ring`] and [`routing::key`]: where a device ID hashes,
+//!    and how it is found in a request (the config names their rules).
+//! 4. [`config`]: the TOML file, parsed and validated.
+//! 5. [`routing`]: the live snapshot of backends, ring and health, and the
+//!    one candidates walk that decides where a device's request goes.
+//! 6. [`http`]: headers, bodies and the proxy's own responses.
+//! 7. [`upstream`]: the one connector to backends, the pool, failures and
+//!    whether they may be retried, and health.
+//! 8. [`tunnel`]: WebSocket tunnels: handshake, session, splice, the
+//!    registry of open tunnels and the rebalancer that moves them.
+//! 9. [`server`]: listeners and connections; [`proxy`]: one request's path.
+//! 10. [`ops`]: hot reload and the admin API.
+//! 11. [`app`]: the wiring, the only module that knows every part.
+//! 12. [`cli`] and [`tools`] (import-nginx, the demo app, sample data).
 //!
-//! [`config`] parses and validates the TOML file, [`reload`] swaps in a new
-//! one, [`health`] judges backends, [`metrics`] counts, [`admin`] serves the
-//! operator's API on its own listener, [`demo`] is a small app used by the
-//! `demo` command, the tests and the benchmarks, and [`cli`] is the
-//! command line. [`nginx_import`] translates an nginx config into a
-//! sticky-proxy one (`import-nginx`).
+//! A request flows down the same list from the bottom: [`server`] accepts
+//! it, [`proxy`] asks [`routing`] for its device's candidates, and sends
+//! it through [`upstream`] or opens a [`tunnel`].
 
-pub mod admin;
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod app;
 pub mod cli;
 pub mod config;
-pub mod demo;
-pub mod h2ws;
-pub mod health;
-pub mod key;
+pub mod http;
 pub mod metrics;
-pub mod nginx_import;
-mod pool;
+pub mod ops;
 pub mod proxy;
-pub mod rebalance;
-pub mod registry;
-pub mod reload;
-pub mod ring;
 pub mod routing;
-pub mod sample;
 pub mod server;
-pub mod splice;
 pub mod tls;
+pub mod tools;
 pub mod tunnel;
-pub mod wsframe;
+pub mod upstream;
+pub mod util;

@@ -19,8 +19,6 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::proxy::UpstreamFailure;
-
 /// Status codes that get a pre-resolved counter per backend; any other code
 /// is looked up in its family (a read lock), which is rare by definition.
 const COMMON_CODES: [u16; 16] = [101, 200, 201, 204, 301, 302, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504];
@@ -382,8 +380,8 @@ impl Metrics {
 
     /// Creates every handshake failure series at 0 (when a TLS listener
     /// starts), so that dashboards see them before the first failure.
-    pub fn tls_listener_started(&self) {
-        for reason in crate::tls::HANDSHAKE_FAILURE_REASONS {
+    pub fn tls_listener_started(&self, reasons: &[&'static str]) {
+        for &reason in reasons {
             let _ = self.tls_handshake_failures.get_or_create(&ReasonLabel { reason });
         }
     }
@@ -421,9 +419,9 @@ impl Metrics {
         self.last_reload_success.set(now.as_secs_f64());
     }
 
-    /// Sets `sticky_proxy_backends{state}` from the table in use.
-    pub fn set_backend_states(&self, table: &crate::routing::RoutingTable) {
-        for (state, count) in table.state_counts() {
+    /// Sets `sticky_proxy_backends{state}`: how many backends are in each state.
+    pub fn set_backend_states(&self, counts: [(&'static str, usize); 3]) {
+        for (state, count) in counts {
             self.backends.get_or_create(&StateLabel { state }).set(i64::try_from(count).unwrap_or(i64::MAX));
         }
     }
@@ -478,18 +476,12 @@ impl BackendStats {
         self.retries.inc();
     }
 
-    pub fn upstream_error(&self, failure: UpstreamFailure) {
-        let kind = match failure {
-            UpstreamFailure::Refused
-            | UpstreamFailure::Unreachable
-            | UpstreamFailure::BadAddress
-            | UpstreamFailure::Tls => 0,
-            UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => 1,
-            UpstreamFailure::Broken => 2,
-            // The client's doing; never counted against a backend.
-            UpstreamFailure::ClientAborted => return,
-        };
-        self.errors[kind].inc();
+    /// Counts a request this backend gave no response to, by `kind`
+    /// (one of `ERROR_KINDS`: connect, timeout, reset).
+    pub fn upstream_error(&self, kind: &str) {
+        if let Some(i) = ERROR_KINDS.iter().position(|k| *k == kind) {
+            self.errors[i].inc();
+        }
     }
 
     /// A tunnel opened; the returned guard marks it closed when dropped.

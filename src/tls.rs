@@ -44,7 +44,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::warn;
 
-use crate::routing::Router;
+use crate::util::socket::keep_alive;
 
 /// ALPN protocol ids offered to clients, most preferred first.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -168,26 +168,34 @@ fn load_pair(cert_path: &Path, key_path: &Path) -> Result<Served, PairError> {
     Ok(Served { key: Arc::new(key), names })
 }
 
-/// Picks the certificate from the routing snapshot in use, so a reload
-/// changes the certificates of new handshakes and nothing else.
-#[derive(Debug)]
+/// Picks a handshake's certificate by SNI name (`None`: the client sent
+/// none) from wherever the caller keeps the live ones.
+pub type PickCertificate = Box<dyn Fn(Option<&str>) -> Option<Arc<CertifiedKey>> + Send + Sync>;
+
+/// Asks `pick` for each handshake's certificate, so a reload changes the
+/// certificates of new handshakes and nothing else.
 struct Resolver {
-    router: Router,
+    pick: PickCertificate,
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Resolver")
+    }
 }
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let table = self.router.load();
-        table.config().server.tls.as_ref()?.certificates.pick(hello.server_name())
+        (self.pick)(hello.server_name())
     }
 }
 
-/// The TLS listener's acceptor. Certificates come from the live config.
-pub fn acceptor(router: Router) -> Result<TlsAcceptor, rustls::Error> {
+/// The TLS listener's acceptor; `pick` supplies the live certificates.
+pub fn acceptor(pick: PickCertificate) -> Result<TlsAcceptor, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(Resolver { router }));
+        .with_cert_resolver(Arc::new(Resolver { pick }));
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
@@ -413,7 +421,7 @@ pub async fn connect(address: &str, tls: Option<&UpstreamTls>, timeout: Duration
         Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
     };
     let _ = tcp.set_nodelay(true);
-    crate::server::keep_alive(&tcp);
+    keep_alive(&tcp);
     match tls {
         None => Ok(UpstreamStream::Plain(tcp)),
         Some(tls) => handshake(tcp, tls, address, timeout).await,
@@ -421,6 +429,6 @@ pub async fn connect(address: &str, tls: Option<&UpstreamTls>, timeout: Duration
 }
 
 /// Whether `e`, somewhere in its chain, is a TLS failure.
-pub(crate) fn is_tls_error(e: &io::Error) -> bool {
+pub fn is_tls_error(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
 }

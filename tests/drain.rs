@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::Method;
 use tokio_tungstenite::tungstenite::Message;
 
-fn device_owned_by(proxy: &sticky_proxy::server::RunningProxy, backend: &str, seed: u64) -> String {
+fn device_owned_by(proxy: &sticky_proxy::app::RunningProxy, backend: &str, seed: u64) -> String {
     let mut ids = Ids::new(seed);
     loop {
         let id = ids.next_id();
@@ -48,7 +48,9 @@ async fn an_admin_drain_moves_new_traffic_and_keeps_tunnels_until_the_timeout() 
     // those of a device whose tunnel is still open on app-2: they follow it.
     let standby_of = |device: &str| {
         let table = proxy.router().load();
-        table.retry_target(Some(device.as_bytes()), table.owner(device.as_bytes()).expect("owner")).expect("standby")
+        table
+            .retry_target(Some(device.as_bytes()), None, table.owner(device.as_bytes()).expect("owner"))
+            .expect("standby")
     };
     let standby = standby_of(&drained);
     assert_eq!(whoami(&http, addr, &newcomer).await, standby_of(&newcomer).id);
@@ -56,7 +58,16 @@ async fn an_admin_drain_moves_new_traffic_and_keeps_tunnels_until_the_timeout() 
     assert_eq!(whoami(&http, addr, &other).await, "app-3");
     let route: serde_json::Value =
         serde_json::from_str(&http.get(&format!("http://{admin}/route?key={drained}"), &[]).await.body).expect("json");
+    // /route answers what a request does: the device's HTTP follows its
+    // tunnel to app-2, and the draining owner's stand-in comes next.
+    assert_eq!(route["backend"]["id"], "app-2", "{route}");
+    assert_eq!(route["via"], "tunnel", "{route}");
+    assert_eq!(route["candidates"][1]["id"], standby.id.as_str(), "{route}");
+    assert!(route["candidates"][1]["reason"].as_str().unwrap_or_default().contains("draining"), "{route}");
+    let route: serde_json::Value =
+        serde_json::from_str(&http.get(&format!("http://{admin}/route?key={newcomer}"), &[]).await.body).expect("json");
     assert!(route["reason"].as_str().unwrap_or_default().contains("draining"), "{route}");
+    assert_eq!(route["backend"]["id"], standby_of(&newcomer).id.as_str(), "{route}");
     let backends = http.get(&format!("http://{admin}/backends"), &[]).await.body;
     assert!(backends.contains("\"draining\""), "{backends}");
     let m = parse_prometheus(&http.get(&format!("http://{admin}/metrics"), &[]).await.body);

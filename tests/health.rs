@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sticky_proxy::demo::DemoInstance;
-use sticky_proxy::server::RunningProxy;
+use sticky_proxy::app::RunningProxy;
+use sticky_proxy::tools::demo::DemoInstance;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Active checks every 100 ms; down after 2 failures, up after 2 successes.
@@ -80,7 +80,9 @@ async fn a_dead_instance_fails_over_and_comes_back_and_nothing_else_moves() {
         if before[d] == "app-2" {
             let standby = {
                 let table = proxy.router().load();
-                table.retry_target(Some(d.as_bytes()), table.owner(d.as_bytes()).expect("owner")).expect("standby")
+                table
+                    .retry_target(Some(d.as_bytes()), None, table.owner(d.as_bytes()).expect("owner"))
+                    .expect("standby")
             };
             assert_eq!(during[d], standby.id, "{d} lands on the next live backend of its ring walk");
         } else {

@@ -7,7 +7,7 @@ use common::*;
 use hyper::StatusCode;
 
 /// A device ID whose ring owner is `backend`.
-fn device_owned_by(proxy: &sticky_proxy::server::RunningProxy, backend: &str) -> String {
+fn device_owned_by(proxy: &sticky_proxy::app::RunningProxy, backend: &str) -> String {
     let mut ids = Ids::new(99);
     loop {
         let id = ids.next_id();
@@ -57,7 +57,9 @@ async fn a_backend_that_vanishes_loses_no_request_and_others_keep_serving() {
     // Where app-2's device goes when app-2 is gone: the next backend on its ring walk.
     let standby = {
         let table = proxy.router().load();
-        table.retry_target(Some(doomed.as_bytes()), table.owner(doomed.as_bytes()).expect("owner")).expect("standby")
+        table
+            .retry_target(Some(doomed.as_bytes()), None, table.owner(doomed.as_bytes()).expect("owner"))
+            .expect("standby")
     };
 
     apps[1].shutdown();

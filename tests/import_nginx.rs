@@ -265,7 +265,7 @@ fn nginx_conf(servers: &[String]) -> String {
 
 #[test]
 fn imported_configs_route_every_recorded_id_like_nginx() {
-    let ids = sticky_proxy::sample::varied_ids(7, 10_000);
+    let ids = sticky_proxy::tools::sample::varied_ids(7, 10_000);
     for name in ["ipv4-3", "ipv4-30-weights", "ipv6", "portless-and-hostnames", "ties", "down"] {
         let (servers, answers) = fixture(name);
         let dir = nginx_dir(&format!("roundtrip-{name}"), &[("nginx.conf", &nginx_conf(&servers))]);
@@ -281,8 +281,8 @@ fn imported_configs_route_every_recorded_id_like_nginx() {
             let mut headers = HeaderMap::new();
             let value = HeaderValue::from_bytes(id.as_bytes()).expect("header value");
             headers.insert(HeaderName::from_static("x-device-id"), value);
-            let got = match table.decide(&uri, &headers) {
-                Decision::Owner { backend, .. } => table.position(&backend.id),
+            let got = match table.decide(&uri, &headers, |_| None) {
+                Decision::Device { first, .. } => table.position(&first.backend.id),
                 other => panic!("{name} {id:?}: {other:?}"),
             };
             assert_eq!(got, Some(want), "{name}: {id:?}");
@@ -300,7 +300,7 @@ fn route_stdin_answers_like_nginx_for_a_log() {
     assert_eq!(code, Some(0), "{stderr}");
     // An ID that is literally "-" can't be told from a missing one in a log.
     let (ids, answers): (Vec<String>, Vec<usize>) =
-        sticky_proxy::sample::varied_ids(7, 2_000).into_iter().zip(answers).filter(|(id, _)| id != "-").unzip();
+        sticky_proxy::tools::sample::varied_ids(7, 2_000).into_iter().zip(answers).filter(|(id, _)| id != "-").unzip();
     let mut input: String = ids.iter().map(|id| format!("{id}\n")).collect();
     input.push_str("-\n");
     let mut child = Command::new(env!("CARGO_BIN_EXE_sticky-proxy"))

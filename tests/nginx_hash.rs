@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::Uri;
 use sticky_proxy::config::Config;
-use sticky_proxy::ring::{nginx_identity, Member, Ring, Ties, NGINX_REPLICAS};
+use sticky_proxy::routing::ring::{nginx_identity, Member, Ring, Ties, NGINX_REPLICAS};
 use sticky_proxy::routing::{Decision, RoutingTable};
 
 const SEED: u64 = 7;
@@ -85,15 +85,15 @@ fn chosen(table: &RoutingTable, id: &str) -> usize {
         HeaderName::from_static("x-device-id"),
         HeaderValue::from_bytes(id.as_bytes()).expect("a header value"),
     );
-    match table.decide(&uri, &headers) {
-        Decision::Owner { backend, .. } => table.position(&backend.id).expect("a known backend"),
+    match table.decide(&uri, &headers, |_| None) {
+        Decision::Device { first, .. } => table.position(&first.backend.id).expect("a known backend"),
         other => panic!("{id:?}: {other:?}"),
     }
 }
 
 #[test]
 fn nginx_mode_routes_every_recorded_id_where_nginx_did() {
-    let ids = sticky_proxy::sample::varied_ids(SEED, COUNT);
+    let ids = sticky_proxy::tools::sample::varied_ids(SEED, COUNT);
     for f in fixtures() {
         let table = RoutingTable::offline(&config_for(&f));
         let wrong: Vec<String> = ids
@@ -115,7 +115,7 @@ fn nginx_mode_routes_every_recorded_id_where_nginx_did() {
 
 #[test]
 fn the_recorded_ids_are_varied() {
-    let ids = sticky_proxy::sample::varied_ids(SEED, COUNT);
+    let ids = sticky_proxy::tools::sample::varied_ids(SEED, COUNT);
     let count = |p: fn(&String) -> bool| ids.iter().filter(|id| p(id)).count();
     assert!(count(|id| id.contains('%')) > 1_000);
     assert!(count(|id| !id.is_ascii()) > 800);
@@ -129,7 +129,7 @@ fn the_tie_fixtures_decide_between_tie_rules() {
     // Both tie fixtures list colliding servers (a point of each has the
     // same hash) in opposite orders. nginx's answers must be ones that only
     // "first listed wins" explains, for IDs on both sides of every pair.
-    let ids = sticky_proxy::sample::varied_ids(SEED, COUNT);
+    let ids = sticky_proxy::tools::sample::varied_ids(SEED, COUNT);
     for f in fixtures().into_iter().filter(|f| f.name.starts_with("ties")) {
         let identities: Vec<Vec<u8>> = f.servers.iter().map(|s| nginx_identity(s)).collect();
         let members: Vec<Member> = identities.iter().map(|i| Member { identity: i, weight: 1 }).collect();

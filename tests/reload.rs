@@ -11,7 +11,7 @@ use hyper::Method;
 const HEADER_KEY: &str = r#"key = ["header:x-device-id"]"#;
 
 /// A config listing the given subset of `apps`.
-fn config_with(apps: &[&sticky_proxy::demo::DemoInstance], extra: &str) -> String {
+fn config_with(apps: &[&sticky_proxy::tools::demo::DemoInstance], extra: &str) -> String {
     let mut text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[routing]\n{HEADER_KEY}\n\n[reload]\nwatch = false\n{extra}\n"
     );
@@ -28,7 +28,7 @@ async fn admin_reload(http: &Http, admin: std::net::SocketAddr) -> Reply {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_requests_survive_twenty_reloads() {
     let apps = start_apps(4).await;
-    let sets: [Vec<&sticky_proxy::demo::DemoInstance>; 4] = [
+    let sets: [Vec<&sticky_proxy::tools::demo::DemoInstance>; 4] = [
         vec![&apps[0], &apps[1]],
         vec![&apps[0], &apps[1], &apps[2]],
         vec![&apps[1], &apps[2], &apps[3]],
@@ -149,7 +149,7 @@ async fn the_file_watcher_reloads_changes_once_and_skips_bad_files() {
     assert_eq!(proxy.router().load().backends().len(), 2);
 
     // Unchanged content never reloads again: an explicit reload is the next attempt.
-    proxy.reloader().reload(sticky_proxy::reload::Trigger::Admin).expect("reload");
+    proxy.reloader().reload(sticky_proxy::ops::reload::Trigger::Admin).expect("reload");
     assert_eq!(status.borrow_and_update().attempts, 3);
     proxy.shutdown().await;
 }
@@ -227,7 +227,7 @@ async fn a_save_in_several_writes_reloads_once_with_the_final_content() {
     assert_eq!(proxy.router().load().backends().len(), 2);
 
     // Nothing else was loaded behind our back: an explicit reload is attempt 2.
-    proxy.reloader().reload(sticky_proxy::reload::Trigger::Admin).expect("reload");
+    proxy.reloader().reload(sticky_proxy::ops::reload::Trigger::Admin).expect("reload");
     assert_eq!(status.borrow_and_update().attempts, 2);
     proxy.shutdown().await;
 }

@@ -1,11 +1,11 @@
 //! Properties of the consistent-hash ring, through its public API only.
 
-use sticky_proxy::ring::{Member, Ring, DEFAULT_REPLICAS};
-use sticky_proxy::sample::SplitMix64;
+use sticky_proxy::routing::ring::{Member, Ring, DEFAULT_REPLICAS};
+use sticky_proxy::tools::sample::SplitMix64;
 
 /// `n` UUID-shaped device IDs, the same for the same seed.
 fn device_ids(seed: u64, n: usize) -> Vec<String> {
-    sticky_proxy::sample::uuids(seed, n)
+    sticky_proxy::tools::sample::uuids(seed, n)
 }
 
 /// Backends as (id, weight); the ring refers to them by index.

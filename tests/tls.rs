@@ -18,9 +18,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use sticky_proxy::app::RunningProxy;
 use sticky_proxy::config::Config;
-use sticky_proxy::demo::DemoInstance;
-use sticky_proxy::server::RunningProxy;
+use sticky_proxy::tools::demo::DemoInstance;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
@@ -437,7 +437,9 @@ async fn without_h2c_the_plain_listener_refuses_the_http2_preface() {
 }
 
 /// Waits for the reloader's next attempt (bounded), returning its error if any.
-async fn next_reload(status: &mut tokio::sync::watch::Receiver<sticky_proxy::reload::ReloadStatus>) -> Option<String> {
+async fn next_reload(
+    status: &mut tokio::sync::watch::Receiver<sticky_proxy::ops::reload::ReloadStatus>,
+) -> Option<String> {
     within("a reload attempt", status.changed()).await.expect("reloader alive");
     status.borrow_and_update().last_error.clone()
 }

@@ -12,9 +12,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use sticky_proxy::app::{self as server, RunningProxy};
 use sticky_proxy::config::Config;
-use sticky_proxy::demo::DemoInstance;
-use sticky_proxy::server::{self, RunningProxy};
+use sticky_proxy::tools::demo::DemoInstance;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -140,11 +140,11 @@ pub async fn next_text(ws: &mut Ws) -> String {
 }
 
 /// Deterministic device IDs (`dev-` and 16 hex digits).
-pub struct Ids(sticky_proxy::sample::SplitMix64);
+pub struct Ids(sticky_proxy::tools::sample::SplitMix64);
 
 impl Ids {
     pub fn new(seed: u64) -> Self {
-        Ids(sticky_proxy::sample::SplitMix64::new(seed))
+        Ids(sticky_proxy::tools::sample::SplitMix64::new(seed))
     }
 
     pub fn next_id(&mut self) -> String {

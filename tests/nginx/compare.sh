@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs real nginx with `hash $http_x_device_id consistent` over each server
 # list in tests/fixtures/nginx/*.txt, sends it 10,000 device IDs
-# (sticky_proxy::sample::varied_ids(7, 10000)) and records which server
+# (sticky_proxy::tools::sample::varied_ids(7, 10000)) and records which server
 # answered each one.
 #
 #   tests/nginx/compare.sh            compare with the committed fixtures (CI)
@@ -173,7 +173,7 @@ for fixture in "$fixtures"/*.txt; do
     {
       echo "# Recorded from $nginx_version by tests/nginx/compare.sh --update: do not edit the answers."
       echo "# upstream { hash \$http_x_device_id consistent; <the server lines below> }"
-      echo "# answers: for each of sticky_proxy::sample::varied_ids($SEED, $COUNT), in order,"
+      echo "# answers: for each of sticky_proxy::tools::sample::varied_ids($SEED, $COUNT), in order,"
       echo "# the index (from 0) of the server line nginx sent it to."
       grep '^server ' "$fixture"
       echo "answers"

@@ -19,18 +19,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Empty;
-use hyper::client::conn::http1;
 use hyper::header::{HeaderValue, HOST};
 use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::connector::{Connector, Endpoint};
+use super::error::UpstreamFailure;
 use crate::config::HealthConfig;
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Router};
-use crate::server::raised;
+use crate::util::shutdown::raised;
 
 /// How often the checker looks for checks that are due.
 const TICK: Duration = Duration::from_millis(50);
@@ -48,8 +47,7 @@ pub struct Health {
 /// Streaks and schedule of one backend, by id (survives reloads).
 #[derive(Debug, Default)]
 struct Track {
-    fails: u32,
-    oks: u32,
+    streak: Streak,
     down_since: Option<Instant>,
     next_check: Option<Instant>,
     checking: bool,
@@ -74,9 +72,17 @@ impl Health {
         self.transitions.subscribe()
     }
 
-    /// A request to `backend` could not connect or timed out.
-    pub fn traffic_failure(&self, backend: &Backend) {
-        self.observe(&backend.id, false, Source::Traffic);
+    /// A request to `backend` got no response: counted against the
+    /// backend, and told to health when the failure says the backend
+    /// itself is in trouble (a client that aborted its upload is nobody's
+    /// fault but the client's).
+    pub fn upstream_failed(&self, backend: &Backend, failure: UpstreamFailure) {
+        if let Some(kind) = failure.metric_kind() {
+            backend.stats.upstream_error(kind);
+        }
+        if failure.counts_against_backend() {
+            self.observe(&backend.id, false, Source::Traffic);
+        }
     }
 
     /// Counts one observation and flips the backend's health when a streak
@@ -88,23 +94,9 @@ impl Health {
         let Some(up) = table.is_up(id) else { return };
         let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
         let track = tracks.entry(id.to_string()).or_default();
-        if ok {
-            track.oks += 1;
-            track.fails = 0;
-        } else {
-            track.fails += 1;
-            track.oks = 0;
-        }
-        // A probe (passive-only mode) needs one success; checks need `rise`.
-        let rise = if source == Source::Probe { 1 } else { config.rise };
-        let flip_to = match (up, ok) {
-            (true, false) if track.fails >= config.fall => Some(false),
-            (false, true) if track.oks >= rise && source != Source::Traffic => Some(true),
-            _ => None,
-        };
-        let Some(now_up) = flip_to else { return };
+        let Some(now_up) = track.streak.observe(up, ok, source, config.fall, config.rise) else { return };
         track.down_since = (!now_up).then(Instant::now);
-        let (fails, oks) = (track.fails, track.oks);
+        let Streak { fails, oks } = track.streak;
         drop(tracks);
 
         let updated = self.router.update(|current| {
@@ -119,7 +111,7 @@ impl Health {
         }
         let table = self.router.load();
         self.metrics.health_transition(id, now_up);
-        self.metrics.set_backend_states(&table);
+        self.metrics.set_backend_states(table.state_counts());
         self.transitions.send_modify(|n| *n += 1);
         if now_up {
             info!(backend = id, ?source, successes = oks, "backend is up again; its devices come back to it");
@@ -175,10 +167,7 @@ impl Health {
         let started = Instant::now();
         let (ok, source) = match &config.path {
             Some(path) => (self.http_check(&backend, path, config.timeout).await, Source::Check),
-            None => {
-                let connect = tokio::time::timeout(config.timeout, TcpStream::connect(backend.address.as_str()));
-                (matches!(connect.await, Ok(Ok(_))), Source::Probe)
-            }
+            None => (Connector::new(config.timeout).stream(endpoint(&backend)).await.is_ok(), Source::Probe),
         };
         self.metrics.health_check(&backend.id, ok, started.elapsed());
         {
@@ -206,8 +195,7 @@ impl Health {
 /// The status of `GET path` on a new connection to `backend`; `None` when
 /// it can't connect or the exchange breaks.
 async fn get_status(backend: &Backend, path: &str, timeout: Duration) -> Option<StatusCode> {
-    let stream = crate::tls::connect(&backend.address, backend.tls.as_ref(), timeout).await.ok()?;
-    let (mut sender, connection) = http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await.ok()?;
+    let (mut sender, connection) = Connector::new(timeout).http1::<Empty<Bytes>>(endpoint(backend)).await.ok()?;
     let host = HeaderValue::from_str(&backend.address).ok()?;
     let request = Request::get(path).header(HOST, host).body(Empty::new()).ok()?;
     let mut connection = std::pin::pin!(connection);
@@ -216,5 +204,108 @@ async fn get_status(backend: &Backend, path: &str, timeout: Duration) -> Option<
         biased; // a response that came with the close still counts
         response = sender.send_request(request) => response.ok().map(|r| r.status()),
         _ = &mut connection => None,
+    }
+}
+
+fn endpoint(backend: &Backend) -> Endpoint<'_> {
+    Endpoint { address: &backend.address, tls: backend.tls.as_ref() }
+}
+
+/// Consecutive outcomes of one backend: the pure part of health, HAProxy's
+/// `fall`/`rise` rule.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Streak {
+    /// Failures in a row.
+    pub fails: u32,
+    /// Successes in a row.
+    pub oks: u32,
+}
+
+impl Streak {
+    /// Counts one observation of a backend that is `up` now and says
+    /// whether its health flips: `Some(false)` after `fall` failures in a
+    /// row, from any source; `Some(true)` after `rise` successful active
+    /// checks in a row, or one successful probe (passive-only mode).
+    /// Traffic never brings a backend up: a down backend gets none.
+    pub fn observe(&mut self, up: bool, ok: bool, source: Source, fall: u32, rise: u32) -> Option<bool> {
+        if ok {
+            self.oks = self.oks.saturating_add(1);
+            self.fails = 0;
+        } else {
+            self.fails = self.fails.saturating_add(1);
+            self.oks = 0;
+        }
+        let rise = if source == Source::Probe { 1 } else { rise };
+        match (up, ok) {
+            (true, false) if self.fails >= fall => Some(false),
+            (false, true) if self.oks >= rise && source != Source::Traffic => Some(true),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `(ok, source)` observations to a backend that starts `up`,
+    /// applying each flip; returns the health after each one.
+    fn run(up: bool, fall: u32, rise: u32, seen: &[(bool, Source)]) -> Vec<bool> {
+        let (mut streak, mut up) = (Streak::default(), up);
+        seen.iter()
+            .map(|&(ok, source)| {
+                if let Some(now) = streak.observe(up, ok, source, fall, rise) {
+                    up = now;
+                }
+                up
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fall_failures_in_a_row_mark_a_backend_down() {
+        use Source::Check;
+        let seen = [(false, Check), (false, Check), (false, Check)];
+        assert_eq!(run(true, 3, 2, &seen), [true, true, false]);
+    }
+
+    #[test]
+    fn a_success_breaks_a_failure_streak() {
+        use Source::Check;
+        let seen = [(false, Check), (false, Check), (true, Check), (false, Check), (false, Check)];
+        assert_eq!(run(true, 3, 2, &seen), [true; 5], "never three failures in a row");
+    }
+
+    #[test]
+    fn failures_from_traffic_and_checks_add_up() {
+        let seen = [(false, Source::Traffic), (false, Source::Check)];
+        assert_eq!(run(true, 2, 2, &seen), [true, false]);
+    }
+
+    #[test]
+    fn rise_successful_checks_bring_a_backend_back() {
+        use Source::Check;
+        let seen = [(true, Check), (false, Check), (true, Check), (true, Check)];
+        assert_eq!(run(false, 3, 2, &seen), [false, false, false, true]);
+    }
+
+    #[test]
+    fn traffic_never_brings_a_backend_up() {
+        let seen = [(true, Source::Traffic); 5];
+        assert_eq!(run(false, 1, 1, &seen), [false; 5]);
+    }
+
+    #[test]
+    fn one_probe_success_is_enough_in_passive_mode() {
+        let seen = [(false, Source::Probe), (true, Source::Probe)];
+        assert_eq!(run(false, 1, 5, &seen), [false, true]);
+    }
+
+    #[test]
+    fn observations_that_agree_with_the_state_change_nothing() {
+        let mut streak = Streak::default();
+        assert_eq!(streak.observe(true, true, Source::Check, 1, 1), None);
+        assert_eq!(streak.observe(false, false, Source::Check, 1, 1), None);
+        assert_eq!(streak, Streak { fails: 1, oks: 0 });
     }
 }

@@ -5,7 +5,7 @@
 //! socket stays open on its old owner while its HTTP requests go to the new
 //! one, which has no socket. So while a device has a tunnel open through
 //! this proxy, its HTTP requests follow the tunnel ([`TunnelRegistry::holder`]),
-//! and [`crate::rebalance`] moves misplaced tunnels to their new owner.
+//! and [`super::rebalance`] moves misplaced tunnels to their new owner.
 //!
 //! The map is split into shards, each behind its own mutex, picked by the
 //! device ID's CRC-32, so tunnels opening and closing on different devices

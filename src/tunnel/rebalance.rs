@@ -3,7 +3,7 @@
 //! After a reload adds or removes a backend (or a backend goes down or comes
 //! back), about 1/N of devices have a new owner while their tunnels are
 //! still open on the old one. Their HTTP keeps following the tunnel
-//! ([`crate::registry`]), so nothing is lost; but the tunnel is *misplaced*:
+//! ([`super::registry`]), so nothing is lost; but the tunnel is *misplaced*:
 //! another replica of the proxy, which knows nothing of it, would route the
 //! device's HTTP to the new owner.
 //!
@@ -23,11 +23,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use super::registry::{is_misplaced, TunnelInfo, TunnelRegistry};
 use crate::config::Rebalance;
 use crate::metrics::Metrics;
-use crate::registry::{is_misplaced, TunnelInfo, TunnelRegistry};
 use crate::routing::Router;
-use crate::sample::SplitMix64;
+use crate::util::rng::SplitMix64;
+use crate::util::shutdown::raised;
 
 /// Moves misplaced tunnels to their owner, paced.
 pub struct Rebalancer {
@@ -69,7 +70,7 @@ impl Rebalancer {
                     self.reevaluate();
                 }
                 _ = sleep_until_some(self.next_close) => self.close_next(),
-                _ = crate::server::raised(&mut stop) => return,
+                _ = raised(&mut stop) => return,
             }
         }
     }

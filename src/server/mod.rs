@@ -1,20 +1,17 @@
-//! Listeners, connections and the shutdown sequence.
+//! Listeners and connections: accepting, the TLS handshake, and serving
+//! HTTP/1.1 or HTTP/2 on each connection with a given service.
 //!
-//! [`start`] binds the proxy and admin listeners (and the TLS listener of
-//! `[server.tls]`) and spawns their accept loops; each accepted connection
-//! is served in a task of its own: HTTP/1.1, or HTTP/2 when a TLS client
-//! chose `h2` by ALPN or, with `server.h2c`, a cleartext client starts with
-//! the HTTP/2 preface. The TLS handshake happens in that task too, bounded
-//! by `server.tls.handshake_timeout`, so a slow or broken client never holds
-//! up the accept loop. [`RunningProxy::shutdown`] stops in three steps: stop
-//! accepting, let in-flight HTTP finish within `server.shutdown_grace`, then
-//! close whatever is left, WebSocket tunnels included.
+//! Each accepted connection is served in a task of its own: HTTP/1.1, or
+//! HTTP/2 when a TLS client chose `h2` by ALPN or, with `server.h2c`, a
+//! cleartext client starts with the HTTP/2 preface. The TLS handshake
+//! happens in that task too, bounded by `server.tls.handshake_timeout`, so
+//! a slow or broken client never holds up the accept loop. On drain a
+//! connection finishes its in-flight requests; on close it is dropped.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,148 +26,25 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, warn};
 
-use crate::admin::{self, AdminState};
-use crate::config::Config;
-use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::proxy::{Client, Proxy};
-use crate::rebalance::Rebalancer;
-use crate::registry::TunnelRegistry;
-use crate::reload::{Reloader, Trigger};
-use crate::routing::{Router, RoutingTable};
+use crate::routing::Router;
+use crate::util::shutdown::raised;
+use crate::util::socket::{fd_limit, set_nodelay_and_keepalive};
 
-/// How long tunnels and leftover connections get to close after the grace.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after an accept error such as EMFILE, so the loop doesn't spin:
 /// the refused connection stays queued and the listener stays readable.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// At most one warning per listener this often about failing accepts.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 
-/// A proxy that is serving; dropping it leaves it running until the runtime stops.
-pub struct RunningProxy {
-    proxy_addr: SocketAddr,
-    tls_addr: Option<SocketAddr>,
-    admin_addr: SocketAddr,
-    router: Router,
-    reloader: Arc<Reloader>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    tunnels: Arc<TunnelRegistry>,
-    /// `true`: stop accepting and finish in-flight HTTP.
-    drain: watch::Sender<bool>,
-    /// `true`: close everything still open, tunnels included.
-    close: watch::Sender<bool>,
-}
-
-/// Binds the listeners named in `config` and starts serving. Without a
-/// `path` the config can't be reloaded (the demo's embedded config).
-pub async fn start(config: &Config) -> io::Result<RunningProxy> {
-    start_inner(config.clone(), None).await
-}
-
-/// Like [`start`], for a config loaded from `path`: reloads re-read it, and
-/// it is watched for changes.
-pub async fn start_from_file(config: Config, path: PathBuf) -> io::Result<RunningProxy> {
-    start_inner(config, Some(path)).await
-}
-
-async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<RunningProxy> {
-    let proxy_listener = bind(config.server.listen, "server.listen").await?;
-    let admin_listener = bind(config.admin.listen, "admin.listen").await?;
-    let tls_listener = match &config.server.tls {
-        Some(tls) => Some(bind(tls.listen, "server.tls.listen").await?),
-        None => None,
-    };
-    let metrics = Arc::new(Metrics::new());
-    let config = Arc::new(config);
-    let router = RoutingTable::new(Arc::clone(&config), 1, &metrics).into_router();
-    metrics.loaded_now();
-    metrics.set_backend_states(&router.load());
-    let reloader = Arc::new(Reloader::new(path, router.clone(), Arc::clone(&metrics)));
-    let (drain, _) = watch::channel(false);
-    let (close, _) = watch::channel(false);
-    let health = Health::new(router.clone(), Arc::clone(&metrics));
-    let tunnels = Arc::new(TunnelRegistry::new());
-    let proxy = Arc::new(Proxy::new(
-        router.clone(),
-        &config.upstream,
-        Arc::clone(&metrics),
-        Arc::clone(&health),
-        close.subscribe(),
-        Arc::clone(&tunnels),
-    ));
-
-    let running = RunningProxy {
-        proxy_addr: proxy_listener.local_addr()?,
-        tls_addr: tls_listener.as_ref().map(TcpListener::local_addr).transpose()?,
-        admin_addr: admin_listener.local_addr()?,
-        router: router.clone(),
-        reloader: Arc::clone(&reloader),
-        metrics: Arc::clone(&metrics),
-        health: Arc::clone(&health),
-        tunnels: Arc::clone(&tunnels),
-        drain,
-        close,
-    };
-    let connections = Connections {
-        router: router.clone(),
-        metrics: Arc::clone(&metrics),
-        drain: running.drain.subscribe(),
-        close: running.close.subscribe(),
-    };
-    tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
-    tokio::spawn(health.run(running.drain.subscribe()));
-    let rebalancer = Rebalancer::new(router.clone(), Arc::clone(&tunnels), Arc::clone(&metrics));
-    tokio::spawn(rebalancer.run(running.drain.subscribe()));
-
-    // `proto` says how the client came: X-Forwarded-Proto.
-    let proxy_service = |proto: &'static str| {
-        let proxy = proxy.clone();
-        move |addr: SocketAddr| {
-            let proxy = proxy.clone();
-            let client = Arc::new(Client::new(addr, proto));
-            move |req: Request<Incoming>| {
-                let (proxy, client) = (proxy.clone(), Arc::clone(&client));
-                async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
-            }
-        }
-    };
-    if let (Some(listener), Some(addr)) = (tls_listener, running.tls_addr) {
-        let acceptor = crate::tls::acceptor(router.clone()).map_err(io::Error::other)?;
-        metrics.tls_listener_started();
-        tokio::spawn(connections.clone().accept_loop(listener, Transport::Tls(acceptor), proxy_service("https")));
-        info!(tls_listen = %addr, "TLS listener serving (HTTP/1.1 and HTTP/2)");
-    }
-    tokio::spawn(connections.clone().accept_loop(proxy_listener, Transport::Plain, proxy_service("http")));
-    let admin_state = AdminState { router, reloader, metrics, tunnels };
-    let admin_service = move |_addr: SocketAddr| {
-        let state = admin_state.clone();
-        move |req: Request<Incoming>| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(admin::handle(req, &state).await) }
-        }
-    };
-    tokio::spawn(connections.accept_loop(admin_listener, Transport::Http1, admin_service));
-
-    info!(
-        listen = %running.proxy_addr,
-        admin = %running.admin_addr,
-        backends = config.backends.len(),
-        workers = config.server.workers,
-        "sticky-proxy serving"
-    );
-    Ok(running)
-}
-
-async fn bind(addr: SocketAddr, field: &str) -> io::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr, field: &str) -> io::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({field}): {e}")))?;
     #[cfg(target_os = "linux")]
-    socket_options(&socket2::SockRef::from(&listener));
+    set_nodelay_and_keepalive(&socket2::SockRef::from(&listener));
     Ok(listener)
 }
 
@@ -179,149 +53,28 @@ async fn bind(addr: SocketAddr, field: &str) -> io::Result<TcpListener> {
 /// them once, which saves four system calls per connection.
 fn client_socket_options(stream: &TcpStream) {
     #[cfg(not(target_os = "linux"))]
-    socket_options(&socket2::SockRef::from(stream));
+    set_nodelay_and_keepalive(&socket2::SockRef::from(stream));
     #[cfg(target_os = "linux")]
     let _ = stream;
 }
 
-fn socket_options(socket: &socket2::SockRef<'_>) {
-    if let Err(e) = socket.set_tcp_nodelay(true) {
-        debug!("cannot set TCP_NODELAY: {e}");
-    }
-    if let Err(e) = socket.set_tcp_keepalive(&keep_alive_probes()) {
-        debug!("cannot enable TCP keepalive: {e}");
-    }
-}
-
-impl RunningProxy {
-    pub fn proxy_addr(&self) -> SocketAddr {
-        self.proxy_addr
-    }
-
-    /// The TLS listener's address, if `[server.tls]` is configured.
-    pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.tls_addr
-    }
-
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
-    }
-
-    pub fn router(&self) -> &Router {
-        &self.router
-    }
-
-    pub fn reloader(&self) -> &Arc<Reloader> {
-        &self.reloader
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    pub fn health(&self) -> &Arc<Health> {
-        &self.health
-    }
-
-    /// The open tunnels, by device.
-    pub fn tunnels(&self) -> &Arc<TunnelRegistry> {
-        &self.tunnels
-    }
-
-    /// Stops accepting, waits up to the grace period for in-flight HTTP,
-    /// then closes remaining connections and tunnels.
-    pub async fn shutdown(self) {
-        let grace = self.router.load().config().server.shutdown_grace;
-        info!(?grace, "shutting down: no new connections, finishing in-flight requests");
-        let _ = self.drain.send(true);
-        if tokio::time::timeout(grace, self.drain.closed()).await.is_err() {
-            warn!("grace period over with requests still in flight; closing them");
-        }
-        let _ = self.close.send(true);
-        if tokio::time::timeout(CLOSE_TIMEOUT, self.close.closed()).await.is_err() {
-            warn!("some connections did not close in time");
-        }
-        info!("stopped");
-    }
-}
-
-/// Serves the config loaded from `path` until SIGINT or SIGTERM, then shuts
-/// down gracefully; SIGHUP reloads the file.
-pub async fn run(config: Config, path: PathBuf) -> io::Result<()> {
-    // Take SIGHUP over before serving: its default action would end the
-    // process if an operator reloaded the moment it said it was serving.
-    #[cfg(unix)]
-    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-    let running = start_from_file(config, path).await?;
-    #[cfg(unix)]
-    match hangups {
-        Ok(hangups) => {
-            tokio::spawn(reload_on_sighup(hangups, Arc::clone(&running.reloader), running.drain.subscribe()));
-        }
-        Err(e) => error!("cannot listen for SIGHUP, reload by signal is off: {e}"),
-    }
-    wait_for_stop_signal().await;
-    running.shutdown().await;
-    Ok(())
-}
-
-#[cfg(unix)]
-async fn reload_on_sighup(
-    mut hangups: tokio::signal::unix::Signal,
-    reloader: Arc<Reloader>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            Some(()) = hangups.recv() => {
-                // The outcome is logged and counted by the reloader itself.
-                let _ = reloader.reload_in_background(Trigger::Signal).await;
-            }
-            _ = raised(&mut stop) => return,
-        }
-    }
-}
-
-async fn wait_for_stop_signal() {
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            error!("cannot listen for SIGINT: {e}");
-            std::future::pending::<()>().await
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                error!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = interrupt => info!("SIGINT received"),
-        _ = terminate => info!("SIGTERM received"),
-    }
-}
-
 /// What every connection task needs: live settings and the shutdown signals.
 #[derive(Clone)]
-struct Connections {
-    router: Router,
-    metrics: Arc<Metrics>,
-    drain: watch::Receiver<bool>,
-    close: watch::Receiver<bool>,
+pub struct Connections {
+    /// Live settings (`server.h2c`, timeouts) are read from its config.
+    pub router: Router,
+    /// Accept errors and TLS handshake failures are counted here.
+    pub metrics: Arc<Metrics>,
+    /// Raised: stop accepting, finish in-flight requests.
+    pub drain: watch::Receiver<bool>,
+    /// Raised: drop what is still open.
+    pub close: watch::Receiver<bool>,
 }
 
 impl Connections {
     /// Accepts until drained; `make_service` builds a connection's service
     /// from the peer address.
-    async fn accept_loop<M, S, F, B>(mut self, listener: TcpListener, transport: Transport, make_service: M)
+    pub async fn accept_loop<M, S, F, B>(mut self, listener: TcpListener, transport: Transport, make_service: M)
     where
         M: Fn(SocketAddr) -> S,
         S: Fn(Request<Incoming>) -> F + Send + 'static,
@@ -489,7 +242,7 @@ impl Connections {
 
 /// How a listener's connections are served.
 #[derive(Clone)]
-enum Transport {
+pub enum Transport {
     /// HTTP/1.1 only (the admin API).
     Http1,
     /// Proxied traffic in cleartext: HTTP/1.1, and HTTP/2 with prior
@@ -503,26 +256,6 @@ enum Transport {
 /// Handshake limit if the TLS section vanished from the live config (a
 /// reload can't remove it: it needs a restart); normally the config's.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// TCP keepalive, so a peer that vanished without a FIN (a phone that
-/// changed networks, a host that lost power) is noticed within minutes and
-/// its connection or WebSocket tunnel freed, instead of held forever.
-pub(crate) fn keep_alive(stream: &TcpStream) {
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keep_alive_probes()) {
-        debug!("cannot enable TCP keepalive: {e}");
-    }
-}
-
-/// First probe after 60 s idle, then every 10 s.
-fn keep_alive_probes() -> socket2::TcpKeepalive {
-    socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10))
-}
-
-/// Resolves once the flag is `true` (or its sender is gone).
-pub(crate) async fn raised(flag: &mut watch::Receiver<bool>) {
-    // `let _` drops the borrow guard at once, keeping the future `Send`.
-    let _ = flag.wait_for(|raised| *raised).await;
-}
 
 /// Why `accept` failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -617,58 +350,6 @@ impl AcceptErrors {
              (suppressed: failures since the last warning, at most one a second)"
         );
     }
-}
-
-/// RLIMIT_NOFILE as (soft, hard); `None` where it can't be read.
-pub fn fd_limit() -> Option<(u64, u64)> {
-    #[cfg(unix)]
-    {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: getrlimit writes into the struct we own.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-            #[allow(clippy::useless_conversion)] // rlim_t is u64 on Linux, not everywhere
-            return Some((u64::from(limit.rlim_cur), u64::from(limit.rlim_max)));
-        }
-        None
-    }
-    #[cfg(not(unix))]
-    None
-}
-
-/// Raises the soft open-file limit to the hard one, as nginx's
-/// `worker_rlimit_nofile` and Go's runtime do: a proxy holds two
-/// descriptors per WebSocket, and the usual soft default (1024) is far too
-/// low. Logs the limit in force; returns it.
-pub fn raise_fd_limit() -> Option<u64> {
-    #[cfg(unix)]
-    {
-        let (soft, hard) = fd_limit()?;
-        if soft < hard {
-            #[allow(clippy::useless_conversion)]
-            let limit = libc::rlimit {
-                rlim_cur: hard.try_into().unwrap_or(libc::RLIM_INFINITY),
-                rlim_max: hard.try_into().unwrap_or(libc::RLIM_INFINITY),
-            };
-            // SAFETY: setrlimit reads the struct we own.
-            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-                let e = io::Error::last_os_error();
-                warn!(soft, hard, "cannot raise the open-file limit to its hard limit: {e}");
-                return Some(soft);
-            }
-        }
-        let (now, hard) = fd_limit()?;
-        #[allow(clippy::unnecessary_cast)] // RLIM_INFINITY is u64 on Linux, not everywhere
-        if now == libc::RLIM_INFINITY as u64 {
-            info!("open-file limit (RLIMIT_NOFILE): unlimited");
-        } else if now > soft {
-            info!(limit = now, hard, raised_from = soft, "open-file limit (RLIMIT_NOFILE), raised to the hard limit");
-        } else {
-            info!(limit = now, hard, "open-file limit (RLIMIT_NOFILE)");
-        }
-        Some(now)
-    }
-    #[cfg(not(unix))]
-    None
 }
 
 /// The client connection preface of HTTP/2 (RFC 9113 §3.4).

@@ -59,7 +59,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
-use crate::proxy::has_token;
+use crate::http::headers::has_token;
 
 /// Largest body accepted by `POST /devices/{id}/messages`.
 pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;

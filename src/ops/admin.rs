@@ -17,19 +17,17 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
-use crate::key::percent_decode;
+use super::reload::{Reloader, Trigger};
+use crate::http::{json_response, text_response, ProxyBody};
 use crate::metrics::Metrics;
-use crate::proxy::{text_response, ProxyBody};
-use crate::registry::{is_misplaced, TunnelRegistry};
-use crate::reload::{Reloader, Trigger};
-use crate::routing::{Router, RoutingTable};
+use crate::routing::key::percent_decode;
+use crate::routing::{Explanation, Reason, Router, RoutingTable};
+use crate::tunnel::registry::{is_misplaced, TunnelRegistry};
 
 /// What the admin API reads and drives.
 #[derive(Debug, Clone)]
@@ -149,7 +147,7 @@ fn drain(path: &str, state: &AdminState) -> Response<ProxyBody> {
     let id = String::from_utf8_lossy(&percent_decode(id.as_bytes(), false)).into_owned();
     match state.router.update(|t| t.with_drain(&id, drain).map(|next| (next, ())).ok_or(())) {
         Ok(_) => {
-            state.metrics.set_backend_states(&state.router.load());
+            state.metrics.set_backend_states(state.router.load().state_counts());
             tracing::info!(backend = %id, drain, "backend drain set on the admin API");
             json_response(StatusCode::OK, &json!({ "id": id, "state": if drain { "draining" } else { "active" } }))
         }
@@ -165,21 +163,37 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
         return text_response(StatusCode::BAD_REQUEST, "give the device ID as /route?key=ID (percent-encoded)\n");
     };
     let table = state.router.load();
-    match table.explain(&key) {
-        Some(why) => json_response(
-            StatusCode::OK,
-            &json!({
-                "key": String::from_utf8_lossy(&key),
-                "backend": why.serving.as_ref().map(|b| json!({ "id": b.id, "address": b.address })),
-                "ring_owner": { "id": why.owner.id, "address": why.owner.address, "up": table.is_up(&why.owner.id) },
-                "reason": why.reason,
-                "ring_hash": why.hash,
-                "failover_order": why.failover_order,
-                "generation": table.generation(),
-            }),
-        ),
+    let held = state.tunnels.holder(&key, &table);
+    match table.explain(&key, held) {
+        Some(why) => {
+            let first = why.candidates.first();
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "key": String::from_utf8_lossy(&key),
+                    "backend": first.map(|c| json!({ "id": c.backend.id, "address": c.backend.address })),
+                    "ring_owner": { "id": why.owner.id, "address": why.owner.address, "up": table.is_up(&why.owner.id) },
+                    "reason": reason_of(&why),
+                    "via": first.map_or("none", |c| c.reason.via()),
+                    "candidates": candidates_json(&why),
+                    "ring_hash": why.hash,
+                    "failover_order": why.failover_order,
+                    "generation": table.generation(),
+                }),
+            )
+        }
         None => text_response(StatusCode::SERVICE_UNAVAILABLE, "no backend on the ring\n"),
     }
+}
+
+/// Why the first candidate serves the device.
+fn reason_of(why: &Explanation<'_>) -> &'static str {
+    why.candidates.first().map_or("no backend is up and not draining", |c| c.reason.describe())
+}
+
+/// The walk as the admin API shows it: each candidate's id and reason.
+fn candidates_json(why: &Explanation<'_>) -> Vec<serde_json::Value> {
+    why.candidates.iter().map(|c| json!({ "id": c.backend.id, "reason": c.reason.describe() })).collect()
 }
 
 /// `GET /devices/{id}`: the device's tunnels through this proxy, and where
@@ -206,13 +220,16 @@ fn device(path: &str, state: &AdminState) -> Response<ProxyBody> {
             })
         })
         .collect();
-    let Some(why) = table.explain(&id) else {
+    let held = state.tunnels.holder(&id, &table);
+    let Some(why) = table.explain(&id, held) else {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no backend on the ring\n");
     };
-    let (http, reason) = match state.tunnels.holder(&id, &table) {
-        Some(held) => (Some(held), "tunnel: the device has a WebSocket open on this backend".to_string()),
-        None if tunnels.is_empty() => (why.serving.clone(), why.reason.to_string()),
-        None => (why.serving.clone(), format!("{}; its tunnels are on backends that are down", why.reason)),
+    let first = why.candidates.first();
+    let reason = match first {
+        Some(c) if c.reason != Reason::Tunnel && !tunnels.is_empty() => {
+            format!("{}; its tunnels are on backends that are down", c.reason.describe())
+        }
+        _ => reason_of(&why).to_string(),
     };
     json_response(
         StatusCode::OK,
@@ -220,24 +237,15 @@ fn device(path: &str, state: &AdminState) -> Response<ProxyBody> {
             "device": String::from_utf8_lossy(&id),
             "tunnels": tunnels,
             "http": {
-                "backend": http.as_ref().map(|b| json!({ "id": b.id, "address": b.address })),
-                "via": via(http.is_some(), &reason),
+                "backend": first.map(|c| json!({ "id": c.backend.id, "address": c.backend.address })),
+                "via": first.map_or("none", |c| c.reason.via()),
                 "reason": reason,
+                "candidates": candidates_json(&why),
             },
             "ring_owner": { "id": why.owner.id, "address": why.owner.address, "up": table.is_up(&why.owner.id) },
             "generation": table.generation(),
         }),
     )
-}
-
-/// The one-word form of an HTTP routing reason.
-fn via(routed: bool, reason: &str) -> &'static str {
-    match reason {
-        _ if !routed => "none",
-        r if r.starts_with("tunnel") => "tunnel",
-        r if r.starts_with("ring owner") => "ring owner",
-        _ => "failover",
-    }
 }
 
 async fn reload(state: &AdminState) -> Response<ProxyBody> {
@@ -280,14 +288,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 fn method_not_allowed(allowed: &'static str) -> Response<ProxyBody> {
     let mut response = text_response(StatusCode::METHOD_NOT_ALLOWED, format!("use {allowed}\n"));
     response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
-    response
-}
-
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
-    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 

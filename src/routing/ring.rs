@@ -464,8 +464,13 @@ impl Ring {
     /// first); every member with points is yielded exactly once. Starting
     /// costs one lookup; the first 8 members are remembered inline, after
     /// that a bitset of `members / 64` words is allocated.
-    pub fn walk(&self, key: &[u8]) -> impl Iterator<Item = usize> + '_ {
-        let start = self.point_index(Self::hash_key(key)).unwrap_or(0);
+    pub fn walk(&self, key: &[u8]) -> Walk<'_> {
+        self.walk_from_hash(Self::hash_key(key))
+    }
+
+    /// [`Ring::walk`] for an already-computed key hash.
+    pub fn walk_from_hash(&self, hash: u32) -> Walk<'_> {
+        let start = self.point_index(hash).unwrap_or(0);
         Walk { ring: self, pos: start, steps: 0, left: self.live, first: [0; 8], nfirst: 0, seen: Vec::new() }
     }
 
@@ -473,9 +478,20 @@ impl Ring {
     /// and going once around: the points nginx steps through (`hash++`)
     /// when a key's server is unusable. Empty if the ring is.
     pub fn point_owners(&self, key: &[u8]) -> impl Iterator<Item = usize> + '_ {
-        let n = self.slots.len();
-        let start = self.point_index(Self::hash_key(key)).unwrap_or(0);
-        (0..n).map(move |k| usize::from(self.owner_at((start + k) % n)))
+        let start = self.point_of(Self::hash_key(key)).unwrap_or(0);
+        (0..self.slots.len()).map(move |k| self.owner_of_point(start + k))
+    }
+
+    /// The point owning `hash`, as an index for [`Ring::owner_of_point`];
+    /// `None` if the ring is empty.
+    pub fn point_of(&self, hash: u32) -> Option<usize> {
+        self.point_index(hash)
+    }
+
+    /// The member owning point `i`, counted around the ring (`i` may pass
+    /// the last point). The ring must not be empty.
+    pub fn owner_of_point(&self, i: usize) -> usize {
+        usize::from(self.owner_at(i % self.slots.len()))
     }
 
     /// Fraction of the 2^32 hash space each member owns, indexed like the
@@ -510,8 +526,9 @@ impl Ring {
     }
 }
 
-/// Iterator behind [`Ring::walk`].
-struct Walk<'a> {
+/// Distinct members in ring order: the iterator behind [`Ring::walk`].
+#[derive(Debug)]
+pub struct Walk<'a> {
     ring: &'a Ring,
     /// Next point to look at.
     pos: usize,
@@ -590,7 +607,7 @@ mod tests {
         assert_eq!(p, [0xca5a472c, 0x6e8e529f, 0x4f4bb59a]);
     }
 
-    use crate::sample::SplitMix64 as Rng;
+    use crate::util::rng::SplitMix64 as Rng;
 
     #[test]
     fn crc_feed4_matches_crc32fast() {

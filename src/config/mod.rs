@@ -17,8 +17,8 @@ use rustls::pki_types::ServerName;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::key::KeySource;
-use crate::ring;
+use crate::routing::key::KeySource;
+use crate::routing::ring;
 use crate::tls::{self, CertStore, ClientConfigs, PairError, UpstreamTls};
 
 /// Upper bound on ring points (sum of weight × replicas over all backends):

@@ -11,7 +11,7 @@
 //! the same WebSocket frames, so the tunnel copies bytes as for HTTP/1.1.
 //!
 //! Only the request's and response's heads change here; opening the
-//! backend connection and copying are [`crate::tunnel`]'s.
+//! backend connection and copying are [`super::handshake`]'s.
 
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;

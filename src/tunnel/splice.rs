@@ -8,7 +8,7 @@
 //! all (an 8 KiB pair per tunnel, as a plain copy loop keeps, would cost
 //! more than everything else a tunnel needs).
 //!
-//! Both directions are followed frame by frame ([`crate::wsframe`]), so the
+//! Both directions are followed frame by frame ([`super::wsframe`]), so the
 //! proxy can end a tunnel cleanly ([`Splice::begin_close`]):
 //!
 //! 1. At the next frame boundary of the device's stream, a close frame
@@ -32,8 +32,8 @@ use std::task::{ready, Context, Poll};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::registry::Registration;
-use crate::wsframe::{self, FrameTracker, CLOSE_GOING_AWAY, OPCODE_CLOSE};
+use super::registry::Registration;
+use super::wsframe::{self, FrameTracker, CLOSE_GOING_AWAY, OPCODE_CLOSE};
 
 /// Size of each worker thread's scratch buffer.
 const SCRATCH: usize = 16 * 1024;

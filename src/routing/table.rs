@@ -8,15 +8,10 @@
 //! so that neither loses the other's change; requests and tunnels already
 //! running keep what they started with.
 //!
-//! A device's backend is its ring owner while that owner is up. When the
-//! owner is down, the device goes to the next distinct backend that is up in
-//! ring order (the same rule in every replica, so replicas that agree on
-//! health agree on placement), and comes back when the owner is up again.
-//!
-//! With `routing.hash = "nginx"` the ring is nginx's (see [`crate::ring`])
-//! and failover steps point by point as nginx does: the first usable
-//! backend among the owner's point and the 20 after it; past those, nginx
-//! falls back to round robin, and so does this table.
+//! Where a device's request goes is the [`super::candidates`] walk over
+//! this table: its ring owner while that owner is up, else the next
+//! distinct backend up in ring order (the same rule in every replica, so
+//! replicas that agree on health agree on placement).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,15 +23,12 @@ use hyper::header::HeaderMap;
 use hyper::Uri;
 use tokio::sync::watch;
 
+use super::candidates::{hash_of, Candidate, Candidates, Reason};
+use super::key::{DeviceKey, KeyExtractor};
+use super::ring::{self, Member, Ring, Ties};
 use crate::config::{Config, HashMode, MissingKey};
-use crate::key::{DeviceKey, KeyExtractor};
 use crate::metrics::{BackendStats, Metrics};
-use crate::ring::{self, Member, Ring, Ties};
 use crate::tls::UpstreamTls;
-
-/// Points nginx looks at for a usable server before it falls back to round
-/// robin (`hp->tries > 20` in `ngx_http_upstream_get_chash_peer`).
-const NGINX_POINT_TRIES: usize = 21;
 
 /// The shared handle through which the hot path reads the current table.
 pub type Router = Arc<LiveTable>;
@@ -100,9 +92,8 @@ pub struct Backend {
 /// Where a request goes.
 #[derive(Debug)]
 pub enum Decision<'r> {
-    /// The device's backend: its ring owner, or the failover owner when the
-    /// ring owner is down (`failed_over_from`).
-    Owner { key: DeviceKey<'r>, backend: Arc<Backend>, failed_over_from: Option<Arc<Backend>> },
+    /// The device's first candidate (see [`super::candidates`]).
+    Device { key: DeviceKey<'r>, first: Candidate },
     /// No device ID, `missing_key = "spread"`: round-robin over backends up.
     Spread { backend: Arc<Backend> },
     /// No device ID, `missing_key = "reject"`.
@@ -268,106 +259,102 @@ impl RoutingTable {
         Arc::new(LiveTable { current: ArcSwap::from_pointee(self), writers: Mutex::new(()), swaps })
     }
 
-    /// Decides the backend for a request.
-    pub fn decide<'r>(&self, uri: &'r Uri, headers: &'r HeaderMap) -> Decision<'r> {
+    /// Decides the backend for a request: the first of its candidates.
+    /// `held` names the backend of a device's open tunnel on this replica.
+    pub fn decide<'r>(
+        &self,
+        uri: &'r Uri,
+        headers: &'r HeaderMap,
+        held: impl FnOnce(&[u8]) -> Option<Arc<Backend>>,
+    ) -> Decision<'r> {
         match self.keys.extract(uri, headers) {
-            Some(key) => match self.serving(&key.id) {
-                Some((backend, failed_over_from)) => Decision::Owner { key, backend, failed_over_from },
-                None => Decision::AllDown,
-            },
+            Some(key) => {
+                let held = held(&key.id);
+                match self.candidates(&key.id, held).next() {
+                    Some(first) => Decision::Device { key, first },
+                    None => Decision::AllDown,
+                }
+            }
             None => match self.missing_key {
                 MissingKey::Reject => Decision::NoKey,
-                MissingKey::Spread => match self.spread() {
-                    Some(backend) => Decision::Spread { backend },
+                MissingKey::Spread => match self.spread_candidates().next() {
+                    Some(first) => Decision::Spread { backend: first.backend },
                     None => Decision::AllDown,
                 },
             },
         }
     }
 
-    /// The backend serving a device now, and the ring owner it stands in
-    /// for if that one is down. `None` when every backend is down.
-    pub fn serving(&self, device_id: &[u8]) -> Option<(Arc<Backend>, Option<Arc<Backend>>)> {
-        // The common case, the owner up, costs one lookup and no walk.
-        let owner = self.ring.owner(device_id)?;
-        if self.usable(owner) {
-            return self.backends.get(owner).map(|b| (Arc::clone(b), None));
-        }
-        let standby = if self.nginx {
-            // The owner's point is the first of nginx's tries.
-            let stepped = self.ring.point_owners(device_id).take(NGINX_POINT_TRIES).find(|&i| self.usable(i));
-            match stepped {
-                Some(i) => i,
-                None => self.spread_index()?,
-            }
-        } else {
-            self.ring.walk(device_id).find(|&i| i != owner && self.usable(i))?
-        };
-        Some((Arc::clone(self.backends.get(standby)?), self.backends.get(owner).cloned()))
+    /// The device's candidates walk (see [`super::candidates`]); `held`:
+    /// the backend of its open tunnel on this replica, if any.
+    pub fn candidates(&self, device_id: &[u8], held: Option<Arc<Backend>>) -> Candidates<'_> {
+        Candidates::device(self, hash_of(device_id), held)
+    }
+
+    /// Round robin over the usable backends, for requests without a device ID.
+    pub fn spread_candidates(&self) -> Candidates<'_> {
+        Candidates::spread(self)
     }
 
     /// Where a new connection of the device would settle, without side
-    /// effects: like [`RoutingTable::serving`], but `None` when every
-    /// backend is down or when nginx mode falls back to round robin (then
-    /// no single backend is the device's place, so no tunnel is misplaced).
-    pub fn home(&self, device_id: &[u8]) -> Option<&Arc<Backend>> {
-        let mut walk = self.ring.walk(device_id);
-        let owner = walk.next()?;
-        let home = if self.usable(owner) {
-            owner
-        } else if self.nginx {
-            self.ring.point_owners(device_id).take(NGINX_POINT_TRIES).find(|&i| self.usable(i))?
-        } else {
-            walk.find(|&i| self.usable(i))?
+    /// effects: its first candidate when no tunnel is open. `None` when
+    /// every backend is down or when nginx mode falls back to round robin
+    /// (then no single backend is the device's place, so no tunnel is
+    /// misplaced).
+    pub fn home(&self, device_id: &[u8]) -> Option<Arc<Backend>> {
+        let first = self.candidates(device_id, None).next()?;
+        (first.reason != Reason::RoundRobin).then_some(first.backend)
+    }
+
+    /// The backend after `failed` in the walk: where a request that failed
+    /// on `failed` may be sent again (a device without a key: the next
+    /// backend in round robin).
+    pub fn retry_target(
+        &self,
+        device_id: Option<&[u8]>,
+        held: Option<Arc<Backend>>,
+        failed: &Backend,
+    ) -> Option<Arc<Backend>> {
+        let walk = match device_id {
+            Some(id) => self.candidates(id, held),
+            None => self.spread_candidates(),
         };
-        self.backends.get(home)
+        walk.map(|c| c.backend).find(|b| b.id != failed.id)
     }
 
-    /// The next backend that is up after `failed` for a device (or, without
-    /// a device ID, any other backend that is up): where a request whose
-    /// connection to `failed` was refused is retried.
-    pub fn retry_target(&self, device_id: Option<&[u8]>, failed: &Backend) -> Option<Arc<Backend>> {
-        let usable = |b: &&Arc<Backend>| b.id != failed.id;
-        match device_id {
-            Some(id) => self
-                .ring
-                .walk(id)
-                .filter(|&i| self.usable(i))
-                .filter_map(|i| self.backends.get(i))
-                .find(usable)
-                .cloned(),
-            None => {
-                self.backends.iter().enumerate().filter(|(i, _)| self.usable(*i)).map(|(_, b)| b).find(usable).cloned()
-            }
-        }
+    /// The start of the next round robin.
+    pub(super) fn next_spread_start(&self) -> usize {
+        self.next_spread.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn spread(&self) -> Option<Arc<Backend>> {
-        self.spread_index().map(|i| Arc::clone(&self.backends[i]))
+    /// The ring.
+    pub(super) fn ring(&self) -> &Ring {
+        &self.ring
     }
 
-    /// The next usable backend in turn.
-    fn spread_index(&self) -> Option<usize> {
-        let n = self.backends.len();
-        let start = self.next_spread.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|k| (start + k) % n).find(|&i| self.usable(i))
+    /// `routing.hash = "nginx"`: failover steps through points as nginx does.
+    pub(super) fn is_nginx(&self) -> bool {
+        self.nginx
     }
 
-    /// Where a device ID goes and why, for the admin API.
-    pub fn explain(&self, device_id: &[u8]) -> Option<Explanation<'_>> {
+    /// May backend `i` take new requests: up and not draining.
+    pub(super) fn usable_at(&self, i: usize) -> bool {
+        self.usable(i)
+    }
+
+    /// Is backend `i` draining?
+    pub(super) fn is_draining_at(&self, i: usize) -> bool {
+        self.draining.get(i).is_some_and(Option::is_some)
+    }
+
+    /// Where a device ID goes and why, for the admin API: the same walk
+    /// a request takes. `held`: the backend of its open tunnel, if any.
+    pub fn explain(&self, device_id: &[u8], held: Option<Arc<Backend>>) -> Option<Explanation<'_>> {
         let owner = self.owner(device_id)?;
-        let serving = self.serving(device_id).map(|(b, _)| b);
-        let reason = match &serving {
-            Some(s) if s.id == owner.id => "ring owner",
-            Some(_) if self.draining_since(&owner.id).is_some() => {
-                "failover: the ring owner is draining; next backend up in ring order"
-            }
-            Some(_) => "failover: the ring owner is down; next backend up in ring order",
-            None => "no backend is up and not draining",
-        };
+        let candidates = self.candidates(device_id, held).collect();
         let failover_order =
             self.ring.walk(device_id).skip(1).filter_map(|i| self.backends.get(i)).map(|b| b.id.as_str()).collect();
-        Some(Explanation { owner, serving, reason, hash: Ring::hash_key(device_id), failover_order })
+        Some(Explanation { owner, candidates, hash: Ring::hash_key(device_id), failover_order })
     }
 
     /// The ring owner of a device ID, whatever its health.
@@ -422,9 +409,9 @@ impl RoutingTable {
 pub struct Explanation<'t> {
     /// The ring owner.
     pub owner: &'t Arc<Backend>,
-    /// Who serves it now (`None`: every backend is down).
-    pub serving: Option<Arc<Backend>>,
-    pub reason: &'static str,
+    /// Its candidates walk, in order: the first serves it now (none: every
+    /// backend is down or draining).
+    pub candidates: Vec<Candidate>,
     /// CRC-32 of the device ID: its position on the ring.
     pub hash: u32,
     /// The backends that would own it next, in ring order.

@@ -22,20 +22,20 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tracing::debug;
 
-use crate::proxy::{UpstreamBody, UpstreamFailure};
-use crate::tls::UpstreamTls;
+use super::connector::{Connector, Endpoint};
+use super::error::UpstreamFailure;
+use crate::http::UpstreamBody;
 
 /// Idle connections by backend address.
 pub(crate) struct Pool {
     idle: Mutex<HashMap<Box<str>, Vec<Idle>, BuildHasherDefault<Fnv>>>,
     max_idle: usize,
     idle_timeout: Duration,
-    connect_timeout: Duration,
+    connector: Connector,
 }
 
 struct Idle {
@@ -46,8 +46,8 @@ struct Idle {
 impl Pool {
     /// A pool; its idle connections are swept every `idle_timeout` (within
     /// 0.1 to 30 s) by a task that ends with the pool. Call inside a runtime.
-    pub(crate) fn new(max_idle: usize, idle_timeout: Duration, connect_timeout: Duration) -> Arc<Pool> {
-        let pool = Arc::new(Pool { idle: Mutex::new(HashMap::default()), max_idle, idle_timeout, connect_timeout });
+    pub(crate) fn new(max_idle: usize, idle_timeout: Duration, connector: Connector) -> Arc<Pool> {
+        let pool = Arc::new(Pool { idle: Mutex::new(HashMap::default()), max_idle, idle_timeout, connector });
         let every = idle_timeout.clamp(Duration::from_millis(100), Duration::from_secs(30));
         tokio::spawn(sweep(Arc::downgrade(&pool), every));
         pool
@@ -57,19 +57,18 @@ impl Pool {
     /// connection if there is one, else on a new one. Errors say what broke.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        address: &str,
-        tls: Option<&UpstreamTls>,
+        to: Endpoint<'_>,
         mut request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamFailure> {
         // A plain backend's key is its address as it is (no allocation).
-        let key = crate::tls::authority(address, tls);
+        let key = crate::tls::authority(to.address, to.tls);
         let key: &str = &key;
         loop {
             let (mut sender, reused) = match self.checkout(key) {
                 Some(sender) => (sender, true),
                 // Boxed: connecting (TLS included) is a large future that
                 // every request would otherwise carry and copy around.
-                None => (Box::pin(self.connect(address, tls)).await?, false),
+                None => (Box::pin(self.connect(to)).await?, false),
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -136,20 +135,11 @@ impl Pool {
         }
     }
 
-    /// A new connection: TCP (and TLS for a TLS backend) within
-    /// `connect_timeout`, nodelay and keepalive set, then the HTTP/1.1
-    /// handshake; its connection task runs until the last sender is gone.
-    async fn connect(
-        &self,
-        address: &str,
-        tls: Option<&UpstreamTls>,
-    ) -> Result<SendRequest<UpstreamBody>, UpstreamFailure> {
-        let stream = crate::tls::connect(address, tls, self.connect_timeout)
-            .await
-            .map_err(|e| UpstreamFailure::classify(&e, true))?;
-        let (sender, connection) =
-            http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamFailure::classify(&e, false))?;
-        let address = address.to_string();
+    /// A new connection from the connector; its connection task runs
+    /// until the last sender is gone.
+    async fn connect(&self, to: Endpoint<'_>) -> Result<SendRequest<UpstreamBody>, UpstreamFailure> {
+        let (sender, connection) = self.connector.http1(to).await?;
+        let address = to.address.to_string();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(address, "backend connection ended: {e}");
@@ -217,6 +207,10 @@ mod tests {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Either, Full};
 
+    fn plain(address: &str) -> Endpoint<'_> {
+        Endpoint { address, tls: None }
+    }
+
     fn get(path: &str) -> Request<UpstreamBody> {
         let mut request = Request::new(Either::Right(Full::new(Bytes::new())));
         *request.uri_mut() = path.parse().expect("uri");
@@ -227,12 +221,12 @@ mod tests {
     #[tokio::test]
     async fn connections_are_reused_capped_and_expire() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let app = crate::demo::DemoInstance::spawn("app", listener).expect("demo");
+        let app = crate::tools::demo::DemoInstance::spawn("app", listener).expect("demo");
         let address = app.addr().to_string();
 
-        let pool = Pool::new(1, Duration::from_secs(60), Duration::from_secs(3));
+        let pool = Pool::new(1, Duration::from_secs(60), Connector::new(Duration::from_secs(3)));
         for _ in 0..3 {
-            let response = pool.send(&address, None, get("/whoami")).await.expect("response");
+            let response = pool.send(plain(&address), get("/whoami")).await.expect("response");
             assert_eq!(response.status(), 200);
             let body = response.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(body, "app");
@@ -248,7 +242,7 @@ mod tests {
 
         // Two at once: two connections, but only one (max_idle) is kept.
         let (a, b) =
-            tokio::join!(pool.send(&address, None, get("/delay/50")), pool.send(&address, None, get("/delay/50")));
+            tokio::join!(pool.send(plain(&address), get("/delay/50")), pool.send(plain(&address), get("/delay/50")));
         for response in [a, b] {
             response.expect("response").into_body().collect().await.expect("body");
         }
@@ -262,8 +256,8 @@ mod tests {
         assert_eq!(pool.idle_count(&address), 1);
 
         // With no idle time allowed, nothing is handed out again.
-        let short = Pool::new(4, Duration::ZERO, Duration::from_secs(3));
-        let response = short.send(&address, None, get("/whoami")).await.expect("response");
+        let short = Pool::new(4, Duration::ZERO, Connector::new(Duration::from_secs(3)));
+        let response = short.send(plain(&address), get("/whoami")).await.expect("response");
         response.into_body().collect().await.expect("body");
         assert!(short.checkout(&address).is_none(), "expired connections are not handed out");
     }
@@ -273,8 +267,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
         drop(listener);
-        let pool = Pool::new(4, Duration::from_secs(60), Duration::from_secs(3));
-        let failure = pool.send(&address, None, get("/")).await.expect_err("nothing listens");
+        let pool = Pool::new(4, Duration::from_secs(60), Connector::new(Duration::from_secs(3)));
+        let failure = pool.send(plain(&address), get("/")).await.expect_err("nothing listens");
         assert!(failure.is_connect(), "{failure:?}");
     }
 }

@@ -34,7 +34,7 @@ use tracing::{error, info, warn};
 use crate::config::{referenced_files, Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::routing::{Router, RoutingTable};
-use crate::server::raised;
+use crate::util::shutdown::raised;
 
 /// After the watcher sees a change, the content must stay the same this
 /// long before it is loaded, so a save in several writes reloads once.
@@ -136,7 +136,7 @@ impl Reloader {
         match &result {
             Ok(applied) => {
                 self.metrics.reload(true);
-                self.metrics.set_backend_states(&self.router.load());
+                self.metrics.set_backend_states(self.router.load().state_counts());
                 info!(
                     trigger = trigger.as_str(),
                     generation = applied.generation,

@@ -1,0 +1,273 @@
+//! The wiring: the only module that knows every part. [`start`] builds the
+//! routing table, health, the tunnel registry, the rebalancer, the
+//! reloader and the proxy, binds the listeners and spawns their accept
+//! loops; [`RunningProxy::shutdown`] stops in three steps: stop accepting,
+//! let in-flight HTTP finish within `server.shutdown_grace`, then close
+//! whatever is left, WebSocket tunnels included. [`run`] adds the signals.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::Request;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::http::headers::Client;
+use crate::metrics::Metrics;
+use crate::ops::admin::{self, AdminState};
+use crate::ops::reload::{Reloader, Trigger};
+use crate::proxy::Proxy;
+use crate::routing::{Router, RoutingTable};
+use crate::server::{bind, Connections, Transport};
+use crate::tls::PickCertificate;
+use crate::tunnel::rebalance::Rebalancer;
+use crate::tunnel::TunnelRegistry;
+use crate::upstream::Health;
+use crate::util::shutdown::raised;
+
+/// How long tunnels and leftover connections get to close after the grace.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A proxy that is serving; dropping it leaves it running until the runtime stops.
+pub struct RunningProxy {
+    proxy_addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    admin_addr: SocketAddr,
+    router: Router,
+    reloader: Arc<Reloader>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    tunnels: Arc<TunnelRegistry>,
+    /// `true`: stop accepting and finish in-flight HTTP.
+    drain: watch::Sender<bool>,
+    /// `true`: close everything still open, tunnels included.
+    close: watch::Sender<bool>,
+}
+
+/// Binds the listeners named in `config` and starts serving. Without a
+/// `path` the config can't be reloaded (the demo's embedded config).
+pub async fn start(config: &Config) -> io::Result<RunningProxy> {
+    start_inner(config.clone(), None).await
+}
+
+/// Like [`start`], for a config loaded from `path`: reloads re-read it, and
+/// it is watched for changes.
+pub async fn start_from_file(config: Config, path: PathBuf) -> io::Result<RunningProxy> {
+    start_inner(config, Some(path)).await
+}
+
+async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<RunningProxy> {
+    let proxy_listener = bind(config.server.listen, "server.listen").await?;
+    let admin_listener = bind(config.admin.listen, "admin.listen").await?;
+    let tls_listener = match &config.server.tls {
+        Some(tls) => Some(bind(tls.listen, "server.tls.listen").await?),
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let config = Arc::new(config);
+    let router = RoutingTable::new(Arc::clone(&config), 1, &metrics).into_router();
+    metrics.loaded_now();
+    metrics.set_backend_states(router.load().state_counts());
+    let reloader = Arc::new(Reloader::new(path, router.clone(), Arc::clone(&metrics)));
+    let (drain, _) = watch::channel(false);
+    let (close, _) = watch::channel(false);
+    let health = Health::new(router.clone(), Arc::clone(&metrics));
+    let tunnels = Arc::new(TunnelRegistry::new());
+    let proxy = Arc::new(Proxy::new(
+        router.clone(),
+        &config.upstream,
+        Arc::clone(&metrics),
+        Arc::clone(&health),
+        close.subscribe(),
+        Arc::clone(&tunnels),
+    ));
+
+    let running = RunningProxy {
+        proxy_addr: proxy_listener.local_addr()?,
+        tls_addr: tls_listener.as_ref().map(TcpListener::local_addr).transpose()?,
+        admin_addr: admin_listener.local_addr()?,
+        router: router.clone(),
+        reloader: Arc::clone(&reloader),
+        metrics: Arc::clone(&metrics),
+        health: Arc::clone(&health),
+        tunnels: Arc::clone(&tunnels),
+        drain,
+        close,
+    };
+    let connections = Connections {
+        router: router.clone(),
+        metrics: Arc::clone(&metrics),
+        drain: running.drain.subscribe(),
+        close: running.close.subscribe(),
+    };
+    tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
+    tokio::spawn(health.run(running.drain.subscribe()));
+    let rebalancer = Rebalancer::new(router.clone(), Arc::clone(&tunnels), Arc::clone(&metrics));
+    tokio::spawn(rebalancer.run(running.drain.subscribe()));
+
+    // `proto` says how the client came: X-Forwarded-Proto.
+    let proxy_service = |proto: &'static str| {
+        let proxy = proxy.clone();
+        move |addr: SocketAddr| {
+            let proxy = proxy.clone();
+            let client = Arc::new(Client::new(addr, proto));
+            move |req: Request<Incoming>| {
+                let (proxy, client) = (proxy.clone(), Arc::clone(&client));
+                async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
+            }
+        }
+    };
+    if let (Some(listener), Some(addr)) = (tls_listener, running.tls_addr) {
+        // Each handshake's certificate comes from the config in use, so a
+        // reload swaps certificates with everything else.
+        let live = router.clone();
+        let pick: PickCertificate =
+            Box::new(move |name| live.load().config().server.tls.as_ref()?.certificates.pick(name));
+        let acceptor = crate::tls::acceptor(pick).map_err(io::Error::other)?;
+        metrics.tls_listener_started(&crate::tls::HANDSHAKE_FAILURE_REASONS);
+        tokio::spawn(connections.clone().accept_loop(listener, Transport::Tls(acceptor), proxy_service("https")));
+        info!(tls_listen = %addr, "TLS listener serving (HTTP/1.1 and HTTP/2)");
+    }
+    tokio::spawn(connections.clone().accept_loop(proxy_listener, Transport::Plain, proxy_service("http")));
+    let admin_state = AdminState { router, reloader, metrics, tunnels };
+    let admin_service = move |_addr: SocketAddr| {
+        let state = admin_state.clone();
+        move |req: Request<Incoming>| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(admin::handle(req, &state).await) }
+        }
+    };
+    tokio::spawn(connections.accept_loop(admin_listener, Transport::Http1, admin_service));
+
+    info!(
+        listen = %running.proxy_addr,
+        admin = %running.admin_addr,
+        backends = config.backends.len(),
+        workers = config.server.workers,
+        "sticky-proxy serving"
+    );
+    Ok(running)
+}
+
+impl RunningProxy {
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_addr
+    }
+
+    /// The TLS listener's address, if `[server.tls]` is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// The open tunnels, by device.
+    pub fn tunnels(&self) -> &Arc<TunnelRegistry> {
+        &self.tunnels
+    }
+
+    /// Stops accepting, waits up to the grace period for in-flight HTTP,
+    /// then closes remaining connections and tunnels.
+    pub async fn shutdown(self) {
+        let grace = self.router.load().config().server.shutdown_grace;
+        info!(?grace, "shutting down: no new connections, finishing in-flight requests");
+        let _ = self.drain.send(true);
+        if tokio::time::timeout(grace, self.drain.closed()).await.is_err() {
+            warn!("grace period over with requests still in flight; closing them");
+        }
+        let _ = self.close.send(true);
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.close.closed()).await.is_err() {
+            warn!("some connections did not close in time");
+        }
+        info!("stopped");
+    }
+}
+
+/// Serves the config loaded from `path` until SIGINT or SIGTERM, then shuts
+/// down gracefully; SIGHUP reloads the file.
+pub async fn run(config: Config, path: PathBuf) -> io::Result<()> {
+    // Take SIGHUP over before serving: its default action would end the
+    // process if an operator reloaded the moment it said it was serving.
+    #[cfg(unix)]
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let running = start_from_file(config, path).await?;
+    #[cfg(unix)]
+    match hangups {
+        Ok(hangups) => {
+            tokio::spawn(reload_on_sighup(hangups, Arc::clone(&running.reloader), running.drain.subscribe()));
+        }
+        Err(e) => error!("cannot listen for SIGHUP, reload by signal is off: {e}"),
+    }
+    wait_for_stop_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn reload_on_sighup(
+    mut hangups: tokio::signal::unix::Signal,
+    reloader: Arc<Reloader>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            Some(()) = hangups.recv() => {
+                // The outcome is logged and counted by the reloader itself.
+                let _ = reloader.reload_in_background(Trigger::Signal).await;
+            }
+            _ = raised(&mut stop) => return,
+        }
+    }
+}
+
+async fn wait_for_stop_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            error!("cannot listen for SIGINT: {e}");
+            std::future::pending::<()>().await
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => info!("SIGINT received"),
+        _ = terminate => info!("SIGTERM received"),
+    }
+}

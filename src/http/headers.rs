@@ -1,0 +1,274 @@
+//! Request and response headers as a reverse proxy must rewrite them
+//! (RFC 9110): hop-by-hop headers dropped in both directions, the
+//! `X-Forwarded-*` family added, HTTP/2's `:authority` and cookie crumbs
+//! fitted to an HTTP/1.1 backend.
+
+use std::net::SocketAddr;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::PathAndQuery;
+use hyper::Uri;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// The request's path and query alone (a reference-counted clone, no
+/// parsing); asterisk-form (`OPTIONS *`) has no path to forward: "/".
+pub fn origin_form(original: &Uri) -> Uri {
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.path_and_query = Some(match original.path_and_query() {
+        Some(p) if p.as_str().starts_with('/') => p.clone(),
+        _ => PathAndQuery::from_static("/"),
+    });
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// True for `Connection: upgrade` + `Upgrade: websocket`.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    has_token(headers, &header::CONNECTION, "upgrade") && has_token(headers, &header::UPGRADE, "websocket")
+}
+
+/// Does a comma-separated token of any `name` header equal `token`
+/// (ignoring ASCII case)?
+pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
+/// and `Upgrade`; `Connection` first, since it names more of them.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Which of [`HOP_BY_HOP`] `name` is. Most names are ruled out by their
+/// length alone, without comparing bytes.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let name = name.as_str();
+    if !matches!(name.len(), 2 | 7 | 10 | 16..=19) {
+        return None;
+    }
+    HOP_BY_HOP.iter().position(|h| *h == name)
+}
+
+/// Removes hop-by-hop headers, those named in `Connection`, and `Upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names finds which are present: most requests carry
+    // none, most responses only `Connection: keep-alive`, and then no
+    // absent header is looked up.
+    let mut present = 0u16; // bit i: HOP_BY_HOP[i]
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // HOP_BY_HOP[0] is Connection: drop the headers it names. Its values
+        // are copied out first (reference-counted, no allocation for one line).
+        let mut lines = headers.get_all(header::CONNECTION).iter();
+        let first = lines.next().cloned();
+        let more: Vec<HeaderValue> = lines.cloned().collect();
+        for line in first.iter().chain(&more) {
+            for token in line.to_str().unwrap_or("").split(',').map(str::trim) {
+                // `Connection: host` must not cost the backend the client's Host.
+                if !token.is_empty() && !token.eq_ignore_ascii_case("host") {
+                    // Looked up by &str: no HeaderName is built; an invalid
+                    // name matches nothing.
+                    headers.remove(token);
+                }
+            }
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
+    }
+}
+
+/// Makes an HTTP/2 request's headers fit an HTTP/1.1 backend: `Host` from
+/// the `:authority` (HTTP/2 clients rarely send `Host`), and cookie crumbs,
+/// which HTTP/2 lets a client send as separate headers, joined into one
+/// `Cookie` line as RFC 9113 §8.2.3 asks. Pseudo-headers never appear in a
+/// `HeaderMap`; hyper keeps them in the method, URI and extensions.
+pub fn from_http2(uri: &Uri, headers: &mut HeaderMap) {
+    if !headers.contains_key(header::HOST) {
+        if let Some(host) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            headers.insert(header::HOST, host);
+        }
+    }
+    if headers.get_all(header::COOKIE).iter().nth(1).is_some() {
+        let crumbs: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+        if let Ok(joined) = HeaderValue::from_bytes(&crumbs.join(&b"; "[..])) {
+            headers.insert(header::COOKIE, joined);
+        }
+    }
+}
+
+/// Who sent a request, fixed for its connection: how it came (`"http"` or
+/// `"https"`, for `X-Forwarded-Proto`) and its IP, formatted once for
+/// `X-Forwarded-For` so that requests on a kept-alive connection don't
+/// format it again (a thousand instructions each).
+pub struct Client {
+    pub proto: &'static str,
+    forwarded_for: HeaderValue,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr, proto: &'static str) -> Client {
+        // An IP's text is always a valid header value.
+        let forwarded_for =
+            HeaderValue::try_from(addr.ip().to_string()).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Client { proto, forwarded_for }
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` and sets `-Proto` and `-Host`.
+pub fn add_forwarded_headers(headers: &mut HeaderMap, client: &Client) {
+    // Room for the three headers at once: at most one growth of the map.
+    headers.reserve(3);
+    let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
+        // Every prior line counts: proxies before us may have added one each.
+        let mut joined: Vec<u8> = Vec::new();
+        for prior in headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim) {
+            if !prior.is_empty() {
+                joined.extend_from_slice(prior.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+        }
+        joined.extend_from_slice(client.forwarded_for.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.forwarded_for.clone())
+    } else {
+        // The common case: no allocation, no formatting.
+        client.forwarded_for.clone()
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(client.proto));
+    match headers.get(header::HOST).cloned() {
+        Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_connection_tokens_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        h.insert("x-device-id", HeaderValue::from_static("d1"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["host", "x-device-id"]);
+    }
+
+    #[test]
+    fn forwarded_headers_append_and_set() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR.clone(), HeaderValue::from_static("10.1.1.1"));
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+        h.insert(header::HOST, HeaderValue::from_static("api.example.com"));
+        add_forwarded_headers(&mut h, &Client::new("127.0.0.9:5555".parse().expect("addr"), "http"));
+        assert_eq!(h[&X_FORWARDED_FOR], "10.1.1.1, 127.0.0.9");
+        assert_eq!(h[&X_FORWARDED_PROTO], "http");
+        assert_eq!(h[&X_FORWARDED_HOST], "api.example.com");
+    }
+
+    #[test]
+    fn every_forwarded_for_line_is_kept_and_host_survives_connection() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR.clone(), HeaderValue::from_static("1.1.1.1"));
+        h.append(X_FORWARDED_FOR.clone(), HeaderValue::from_static("2.2.2.2"));
+        h.insert(header::HOST, HeaderValue::from_static("api.example.com"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("host"));
+        strip_hop_by_hop(&mut h);
+        add_forwarded_headers(&mut h, &Client::new("127.0.0.9:5555".parse().expect("addr"), "http"));
+        assert_eq!(h[&X_FORWARDED_FOR], "1.1.1.1, 2.2.2.2, 127.0.0.9");
+        assert_eq!(h[header::HOST], "api.example.com");
+    }
+
+    #[test]
+    fn connection_tokens_of_every_line_and_any_case_are_removed() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("X-One, keep-alive"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-two,,bad name"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        for name in ["x-one", "x-two", "x-three"] {
+            h.insert(name, HeaderValue::from_static("1"));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["x-three"]);
+
+        let mut plain = HeaderMap::new();
+        plain.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1);
+    }
+
+    #[test]
+    fn forwarded_for_is_the_client_ip_alone_when_first() {
+        let mut h = HeaderMap::new();
+        add_forwarded_headers(&mut h, &Client::new("[2001:db8::1]:443".parse().expect("addr"), "https"));
+        assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::1");
+        assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
+
+    #[test]
+    fn websocket_upgrade_detection_reads_tokens() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("WebSocket"));
+        assert!(is_websocket_upgrade(&h));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        assert!(!is_websocket_upgrade(&h));
+    }
+
+    #[test]
+    fn origin_form_keeps_path_and_query() {
+        let uri: Uri = "/devices/a%20b/messages?x=1".parse().expect("uri");
+        assert_eq!(origin_form(&uri).to_string(), "/devices/a%20b/messages?x=1");
+        assert_eq!(origin_form(&"*".parse().expect("uri")).to_string(), "/");
+        assert_eq!(origin_form(&"http://h:1/p?q".parse().expect("uri")).to_string(), "/p?q");
+    }
+
+    #[test]
+    fn http2_requests_get_host_and_one_cookie_line() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("device_id=d7"));
+        from_http2(&"https://api.example.com:8443/x".parse().expect("uri"), &mut h);
+        assert_eq!(h[header::HOST], "api.example.com:8443");
+        assert_eq!(h.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1; device_id=d7"]);
+
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("kept.example"));
+        from_http2(&"https://other.example/x".parse().expect("uri"), &mut h);
+        assert_eq!(h[header::HOST], "kept.example", "a Host the client sent stays");
+    }
+}

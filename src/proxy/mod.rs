@@ -1,0 +1,266 @@
+//! Proxying one HTTP request to the device's backend.
+//!
+//! [`Proxy::handle`] is the per-request hot path: load the routing snapshot,
+//! find the device ID and its first candidate (the backend of its open
+//! tunnel, else its ring owner or that owner's stand-in), then either
+//! forward the request over a pooled keep-alive connection (bodies stream
+//! both ways, nothing is buffered) or, for a WebSocket upgrade, hand it to
+//! [`crate::tunnel`].
+//!
+//! Headers follow RFC 9110 ([`crate::http::headers`]). Upstream failures
+//! answer the client with a short plain-text reason: 502 when the backend
+//! refused, was unreachable or broke the connection, 504 when it was too
+//! slow. A failure that [`UpstreamFailure::retryable`] allows, on a request
+//! whose body can be sent again, is retried once on the next candidate.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Body as _;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+
+use crate::config::UpstreamConfig;
+use crate::http::headers::{add_forwarded_headers, from_http2, is_websocket_upgrade, strip_hop_by_hop, Client};
+use crate::http::{text_response, ClientBody, ProxyBody, UpstreamBody};
+use crate::metrics::Metrics;
+use crate::routing::{Backend, Decision, Reason, Router};
+use crate::tunnel::{h2ws, handshake, TunnelRegistry, Tunnels};
+use crate::upstream::pool::Pool;
+use crate::upstream::request::upstream_request;
+use crate::upstream::{Connector, Endpoint, Health, UpstreamFailure};
+
+/// Largest request body buffered to make a request retryable; larger or
+/// chunked bodies stream and are never retried.
+const REPLAYABLE_BODY: u64 = 64 * 1024;
+
+/// State shared by every connection of one running proxy.
+pub struct Proxy {
+    router: Router,
+    pool: Arc<Pool>,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    /// Open tunnels by device (HTTP for a device follows its tunnel), and
+    /// what opening one needs.
+    tunnels: Arc<Tunnels>,
+}
+
+impl Proxy {
+    /// The proxy's shared state; spawns the pool's sweeper, so call it
+    /// inside a runtime. `close_tunnels` is raised when open tunnels must
+    /// close (the end of shutdown).
+    pub fn new(
+        router: Router,
+        upstream: &UpstreamConfig,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        close_tunnels: watch::Receiver<bool>,
+        registry: Arc<TunnelRegistry>,
+    ) -> Proxy {
+        let connector = Connector::new(upstream.connect_timeout);
+        let pool = Pool::new(upstream.pool_max_idle, upstream.pool_idle_timeout, connector);
+        let tunnels = Arc::new(Tunnels {
+            router: router.clone(),
+            connector,
+            health: Arc::clone(&health),
+            registry,
+            close: close_tunnels,
+        });
+        Proxy { router, pool, health, metrics, tunnels }
+    }
+
+    /// Serves one request from `client`. Never fails: every
+    /// problem becomes a response with a status and a reason.
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, client: Arc<Client>) -> Response<ProxyBody> {
+        let started = Instant::now();
+        if req.version() == Version::HTTP_2 {
+            let (mut parts, body) = req.into_parts();
+            from_http2(&parts.uri, &mut parts.headers);
+            req = Request::from_parts(parts, body);
+        }
+        // A reverse proxy tunnels only WebSockets (HTTP/2's extended CONNECT).
+        if req.method() == Method::CONNECT && !h2ws::is_extended_connect(&req) {
+            let mut response = text_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is only accepted for WebSockets over HTTP/2 (:protocol websocket)\n",
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"));
+            return response;
+        }
+        let upgrade = is_websocket_upgrade(req.headers()) || h2ws::is_extended_connect(&req);
+        let (key, backend, response_timeout, access_log) = {
+            let table = self.router.load();
+            let response_timeout = table.config().upstream.response_timeout;
+            let access_log = table.config().server.access_log;
+            // HTTP for a device with an open tunnel goes where the tunnel
+            // is; a new tunnel goes where the ring says.
+            let registry = &self.tunnels.registry;
+            let held = |id: &[u8]| if upgrade { None } else { registry.holder(id, &table) };
+            match table.decide(req.uri(), req.headers(), held) {
+                Decision::Device { key, first } => {
+                    match first.reason {
+                        Reason::Tunnel => self.metrics.routed_by_tunnel(),
+                        _ if !upgrade => self.metrics.routed_by_ring(),
+                        _ => {}
+                    }
+                    if first.reason.is_failover() {
+                        if let Some(owner) = table.owner(&key.id) {
+                            owner.stats.failover();
+                        }
+                    }
+                    (Some(key.id.into_owned()), first.backend, response_timeout, access_log)
+                }
+                Decision::Spread { backend } => {
+                    self.metrics.missing_key();
+                    (None, backend, response_timeout, access_log)
+                }
+                Decision::NoKey => {
+                    self.metrics.missing_key();
+                    let reason = format!("no device ID in request: looked for {}\n", table.keys().describe());
+                    info!(method = %req.method(), path = %req.uri().path(), status = 400, "rejected: no device ID");
+                    return text_response(StatusCode::BAD_REQUEST, reason);
+                }
+                Decision::AllDown => {
+                    let reason = format!(
+                        "no backend can take this request: all {} backends are down or draining\n",
+                        table.backends().len()
+                    );
+                    warn!(method = %req.method(), path = %req.uri().path(), status = 503, "every backend is down");
+                    return text_response(StatusCode::SERVICE_UNAVAILABLE, reason);
+                }
+            }
+        };
+        let device =
+            |key: &Option<Vec<u8>>| key.as_deref().map_or(Cow::Borrowed("-"), String::from_utf8_lossy).into_owned();
+
+        if upgrade {
+            let device = device(&key);
+            let tunnel = handshake::Request { client, backend, key, device, started, response_timeout };
+            return Box::pin(handshake::open(Arc::clone(&self.tunnels), req, tunnel)).await;
+        }
+
+        // Copied only when the access log will be written.
+        let logged = (access_log && tracing::enabled!(tracing::Level::INFO))
+            .then(|| (req.method().clone(), req.uri().path().to_string()));
+        let (backend, response) = self.forward(req, &client, key.as_deref(), backend, response_timeout).await;
+        let elapsed = started.elapsed();
+        backend.stats.response(response.status().as_u16(), elapsed);
+        if let Some((method, path)) = logged {
+            let device = device(&key);
+            info!(device, backend = %backend.id, %method, path, status = response.status().as_u16(), ?elapsed, "proxied");
+        }
+        response
+    }
+
+    /// Sends the request to `backend`; if it fails in a way
+    /// [`UpstreamFailure::retryable`] allows and the body can be sent again
+    /// (none, or buffered because small), retries once on the device's next
+    /// candidate. Returns who answered.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        client: &Client,
+        key: Option<&[u8]>,
+        mut backend: Arc<Backend>,
+        response_timeout: Duration,
+    ) -> (Arc<Backend>, Response<ProxyBody>) {
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        add_forwarded_headers(&mut parts.headers, client);
+        let replay = match body.size_hint().exact() {
+            Some(0) => Some(Bytes::new()),
+            Some(n) if n <= REPLAYABLE_BODY => match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
+                Ok(collected) => Some(collected.to_bytes()),
+                Err(_) => {
+                    let response = text_response(StatusCode::BAD_REQUEST, "could not read the request body\n");
+                    return (backend, response);
+                }
+            },
+            _ => {
+                let sent = Arc::new(Notify::new());
+                let body = ClientBody::new(body, Arc::clone(&sent));
+                let request = upstream_request(&parts, &backend.address, Either::Left(body));
+                return match self.send(&backend, request, response_timeout, Some(sent)).await {
+                    Ok(response) => (backend, response),
+                    Err(failure) => {
+                        self.health.upstream_failed(&backend, failure);
+                        let response = failure.response(&backend);
+                        (backend, response)
+                    }
+                };
+            }
+        };
+        let replay = replay.unwrap_or_default();
+        let mut retried = false;
+        loop {
+            let request = upstream_request(&parts, &backend.address, Either::Right(Full::new(replay.clone())));
+            match self.send(&backend, request, response_timeout, None).await {
+                Ok(response) => return (backend, response),
+                Err(failure) => {
+                    self.health.upstream_failed(&backend, failure);
+                    let next = if failure.retryable(&parts.method) && !retried {
+                        let table = self.router.load();
+                        let held = key.and_then(|id| self.tunnels.registry.holder(id, &table));
+                        table.retry_target(key, held, &backend)
+                    } else {
+                        None
+                    };
+                    match next {
+                        Some(next) => {
+                            backend.stats.retried();
+                            warn!(from = %backend.id, to = %next.id, ?failure, "retrying once on the next candidate");
+                            backend = next;
+                            retried = true;
+                        }
+                        None => {
+                            let response = failure.response(&backend);
+                            return (backend, response);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one request. `response_timeout` runs from when the body has
+    /// been sent (`uploaded`, for streamed bodies), so a slow upload is not
+    /// mistaken for a slow backend.
+    async fn send(
+        &self,
+        backend: &Backend,
+        request: Result<Request<UpstreamBody>, UpstreamFailure>,
+        response_timeout: Duration,
+        uploaded: Option<Arc<Notify>>,
+    ) -> Result<Response<ProxyBody>, UpstreamFailure> {
+        let request = request?;
+        let exchange = self.pool.send(Endpoint { address: &backend.address, tls: backend.tls.as_ref() }, request);
+        tokio::pin!(exchange);
+        if let Some(uploaded) = uploaded {
+            let early = tokio::select! {
+                answer = &mut exchange => Some(answer),
+                _ = uploaded.notified() => None,
+            };
+            if let Some(answer) = early {
+                return answer_of(answer);
+            }
+        }
+        match tokio::time::timeout(response_timeout, exchange).await {
+            Ok(answer) => answer_of(answer),
+            Err(_) => Err(UpstreamFailure::Timeout),
+        }
+    }
+}
+
+fn answer_of(answer: Result<Response<Incoming>, UpstreamFailure>) -> Result<Response<ProxyBody>, UpstreamFailure> {
+    let mut response = answer?;
+    strip_hop_by_hop(response.headers_mut());
+    Ok(response.map(Either::Left))
+}

@@ -1,0 +1,259 @@
+//! The one candidates walk: the backends a device's request may go to, in
+//! order of preference, each with the reason it is there.
+//!
+//! 1. The backend holding the device's open WebSocket on this replica, if
+//!    the caller knows one (HTTP follows the tunnel).
+//! 2. The ring owner if it may take requests; else its stand-in, the next
+//!    backend usable in ring order (nginx mode: the first usable owner of
+//!    the owner's point and the 20 after it, then round robin, as nginx).
+//! 3. The remaining usable backends in ring order, each once.
+//!
+//! The proxy takes the first, a retry the next one after a failure, and
+//! the admin API shows the walk, so what `/route` says is what a request
+//! does. Without a device ID (`missing_key = "spread"`) the walk is round
+//! robin over the usable backends.
+//!
+//! The common case, no tunnel and the owner usable, costs one ring lookup.
+
+use std::sync::Arc;
+
+use super::ring::{Ring, Walk};
+use super::table::{Backend, RoutingTable};
+
+/// Points nginx looks at for a usable server before it falls back to round
+/// robin (`hp->tries > 20` in `ngx_http_upstream_get_chash_peer`).
+const NGINX_POINT_TRIES: usize = 21;
+
+/// Why a backend is a candidate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The device has a WebSocket open on this backend through this replica.
+    Tunnel,
+    /// The device's ring owner.
+    RingOwner,
+    /// Stands in for the ring owner, which is down.
+    OwnerDown,
+    /// Stands in for the ring owner, which is draining.
+    OwnerDraining,
+    /// nginx mode: no usable owner among 21 points, so round robin (no
+    /// backend is this device's place).
+    RoundRobin,
+    /// The next usable backend in ring order: where a retry goes.
+    Next,
+    /// No device ID, `missing_key = "spread"`: round robin.
+    Spread,
+}
+
+impl Reason {
+    /// A sentence for the admin API and logs.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reason::Tunnel => "tunnel: the device has a WebSocket open on this backend",
+            Reason::RingOwner => "ring owner",
+            Reason::OwnerDown => "failover: the ring owner is down; next backend up in ring order",
+            Reason::OwnerDraining => "failover: the ring owner is draining; next backend up in ring order",
+            Reason::RoundRobin => "failover: no usable backend among nginx's 21 points; round robin",
+            Reason::Next => "next backend up in ring order",
+            Reason::Spread => "no device ID: round robin",
+        }
+    }
+
+    /// One word for how a request was routed: `tunnel`, `ring owner` or `failover`.
+    pub fn via(self) -> &'static str {
+        match self {
+            Reason::Tunnel => "tunnel",
+            Reason::RingOwner => "ring owner",
+            Reason::Spread => "spread",
+            Reason::OwnerDown | Reason::OwnerDraining | Reason::RoundRobin | Reason::Next => "failover",
+        }
+    }
+
+    /// The request went to another backend than the ring owner's because
+    /// the owner can't take it.
+    pub fn is_failover(self) -> bool {
+        matches!(self, Reason::OwnerDown | Reason::OwnerDraining | Reason::RoundRobin)
+    }
+}
+
+/// One backend of the walk.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// Where the request may go.
+    pub backend: Arc<Backend>,
+    /// Why it is in this place of the walk.
+    pub reason: Reason,
+}
+
+/// The walk's iterator; see the module doc.
+#[derive(Debug)]
+pub struct Candidates<'t> {
+    table: &'t RoutingTable,
+    stage: Stage,
+    /// The tunnel's backend, yielded first.
+    held: Option<Arc<Backend>>,
+    /// Backends yielded outside the ring walk (the tunnel's, nginx's pick),
+    /// which the ring walk must not yield again.
+    taken: [Option<usize>; 2],
+    /// The first backend from the ring has been yielded.
+    ring_started: bool,
+    walk: Option<Walk<'t>>,
+    hash: u32,
+    /// Round robin: where it starts, and how many backends it has looked at.
+    spread: (usize, usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Held,
+    NginxPoints,
+    RoundRobin,
+    Ring,
+    Spread,
+    Done,
+}
+
+impl<'t> Candidates<'t> {
+    /// The walk for a device whose key hashes to `hash`; `held`: the
+    /// backend of its open tunnel on this replica.
+    pub(super) fn device(table: &'t RoutingTable, hash: u32, held: Option<Arc<Backend>>) -> Candidates<'t> {
+        Candidates {
+            table,
+            stage: Stage::Held,
+            held,
+            taken: [None; 2],
+            ring_started: false,
+            walk: None,
+            hash,
+            spread: (0, 0),
+        }
+    }
+
+    /// Round robin over usable backends, for a request without a device ID.
+    pub(super) fn spread(table: &'t RoutingTable) -> Candidates<'t> {
+        let start = table.next_spread_start();
+        Candidates {
+            table,
+            stage: Stage::Spread,
+            held: None,
+            taken: [None; 2],
+            ring_started: false,
+            walk: None,
+            hash: 0,
+            spread: (start, 0),
+        }
+    }
+
+    fn take(&mut self, i: usize) {
+        if let Some(slot) = self.taken.iter_mut().find(|t| t.is_none()) {
+            *slot = Some(i);
+        }
+    }
+
+    fn candidate(&self, i: usize, reason: Reason) -> Option<Candidate> {
+        self.table.backends().get(i).map(|b| Candidate { backend: Arc::clone(b), reason })
+    }
+
+    /// The reason of the first backend chosen from the ring: the owner, or
+    /// a stand-in for it.
+    fn first_from_ring(&mut self, i: usize) -> Reason {
+        self.ring_started = true;
+        let ring = self.table.ring();
+        let owner = ring.owner_of_hash(self.hash);
+        match owner {
+            Some(o) if o == i => Reason::RingOwner,
+            Some(o) if self.table.is_draining_at(o) => Reason::OwnerDraining,
+            _ => Reason::OwnerDown,
+        }
+    }
+
+    /// The next round-robin pick: the next usable backend after the last.
+    fn next_round_robin(&mut self) -> Option<usize> {
+        let n = self.table.backends().len();
+        while self.spread.1 < n {
+            let i = (self.spread.0 + self.spread.1) % n;
+            self.spread.1 += 1;
+            if self.table.usable_at(i) {
+                return Some(i);
+            }
+        }
+        None
+    }
+}
+
+impl Iterator for Candidates<'_> {
+    type Item = Candidate;
+
+    fn next(&mut self) -> Option<Candidate> {
+        loop {
+            match self.stage {
+                Stage::Held => {
+                    self.stage = if self.table.is_nginx() { Stage::NginxPoints } else { Stage::Ring };
+                    if let Some(held) = self.held.take() {
+                        if let Some(i) = self.table.position(&held.id) {
+                            self.take(i);
+                        }
+                        return Some(Candidate { backend: held, reason: Reason::Tunnel });
+                    }
+                }
+                Stage::NginxPoints => {
+                    self.stage = Stage::RoundRobin;
+                    let ring = self.table.ring();
+                    let Some(start) = ring.point_of(self.hash) else { continue };
+                    let usable = (0..NGINX_POINT_TRIES)
+                        .map(|k| ring.owner_of_point(start + k))
+                        .find(|&i| self.table.usable_at(i));
+                    if let Some(i) = usable {
+                        self.stage = Stage::Ring;
+                        if self.taken.contains(&Some(i)) {
+                            // The tunnel's backend is also the ring's choice.
+                            self.ring_started = true;
+                            continue;
+                        }
+                        self.take(i);
+                        let reason = self.first_from_ring(i);
+                        return self.candidate(i, reason);
+                    }
+                }
+                Stage::RoundRobin => {
+                    self.stage = Stage::Ring;
+                    self.spread = (self.table.next_spread_start(), 0);
+                    if let Some(i) = self.next_round_robin() {
+                        self.ring_started = true;
+                        if !self.taken.contains(&Some(i)) {
+                            self.take(i);
+                            return self.candidate(i, Reason::RoundRobin);
+                        }
+                    }
+                }
+                Stage::Ring => {
+                    let table = self.table;
+                    let walk = self.walk.get_or_insert_with(|| table.ring().walk_from_hash(self.hash));
+                    let found = walk.find(|&i| table.usable_at(i));
+                    let Some(i) = found else {
+                        self.stage = Stage::Done;
+                        return None;
+                    };
+                    if self.taken.contains(&Some(i)) {
+                        self.ring_started = true;
+                        continue;
+                    }
+                    let reason = if self.ring_started { Reason::Next } else { self.first_from_ring(i) };
+                    return self.candidate(i, reason);
+                }
+                Stage::Spread => {
+                    let Some(i) = self.next_round_robin() else {
+                        self.stage = Stage::Done;
+                        return None;
+                    };
+                    return self.candidate(i, Reason::Spread);
+                }
+                Stage::Done => return None,
+            }
+        }
+    }
+}
+
+/// The ring hash of a device ID, where its walk starts.
+pub fn hash_of(device_id: &[u8]) -> u32 {
+    Ring::hash_key(device_id)
+}

@@ -1,0 +1,134 @@
+//! Why a backend gave no response, and what follows from it: the client's
+//! answer, whether the request may go to the next candidate, and whether
+//! it counts against the backend's health.
+
+use std::error::Error as StdError;
+use std::io;
+
+use hyper::{Method, Response, StatusCode};
+use tracing::warn;
+
+use crate::http::{text_response, ClientBodyError, ProxyBody};
+use crate::routing::Backend;
+use crate::tls::is_tls_error;
+
+/// Why a backend gave no response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    Refused,
+    Unreachable,
+    ConnectTimeout,
+    Timeout,
+    /// Connected, but the backend closed or broke the connection.
+    Broken,
+    /// The backend address can't form a request URI.
+    BadAddress,
+    /// The client's request body failed mid-upload: not the backend's fault.
+    ClientAborted,
+    /// The TLS handshake with the backend failed (its certificate is not
+    /// trusted or not for its name, or it doesn't speak TLS).
+    Tls,
+}
+
+impl UpstreamFailure {
+    /// The connection was never made, so nothing reached the backend.
+    pub fn is_connect(self) -> bool {
+        matches!(
+            self,
+            UpstreamFailure::Refused
+                | UpstreamFailure::Unreachable
+                | UpstreamFailure::ConnectTimeout
+                | UpstreamFailure::Tls
+        )
+    }
+
+    /// Whether a request that failed this way may be sent again, to the
+    /// next candidate: always when nothing reached the backend (the
+    /// connection was never made); for an idempotent method also when the
+    /// connection broke before any answer, as nginx's `proxy_next_upstream`
+    /// does. The one retry rule, for plain requests and upgrades alike.
+    pub fn retryable(self, method: &Method) -> bool {
+        self.is_connect() || (self == UpstreamFailure::Broken && method.is_idempotent())
+    }
+
+    /// Whether this failure says something about the backend's health
+    /// (the client aborting its upload says nothing).
+    pub fn counts_against_backend(self) -> bool {
+        self.is_connect() || matches!(self, UpstreamFailure::Timeout | UpstreamFailure::Broken)
+    }
+
+    /// The `kind` label of `sticky_proxy_upstream_errors_total`; `None`
+    /// for the client's own failures, never counted against a backend.
+    pub fn metric_kind(self) -> Option<&'static str> {
+        match self {
+            UpstreamFailure::Refused
+            | UpstreamFailure::Unreachable
+            | UpstreamFailure::BadAddress
+            | UpstreamFailure::Tls => Some("connect"),
+            UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => Some("timeout"),
+            UpstreamFailure::Broken => Some("reset"),
+            UpstreamFailure::ClientAborted => None,
+        }
+    }
+
+    /// What `err` (from connecting, or from the exchange) says went wrong.
+    pub fn classify(err: &(dyn StdError + 'static), during_connect: bool) -> UpstreamFailure {
+        let mut source: Option<&(dyn StdError + 'static)> = Some(err);
+        while let Some(e) = source {
+            if e.is::<ClientBodyError>() {
+                return UpstreamFailure::ClientAborted;
+            }
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                if is_tls_error(io) {
+                    return UpstreamFailure::Tls;
+                }
+                match io.kind() {
+                    io::ErrorKind::TimedOut if during_connect => return UpstreamFailure::ConnectTimeout,
+                    io::ErrorKind::TimedOut => return UpstreamFailure::Timeout,
+                    io::ErrorKind::ConnectionRefused => return UpstreamFailure::Refused,
+                    _ => {}
+                }
+            }
+            source = e.source();
+        }
+        if during_connect {
+            UpstreamFailure::Unreachable
+        } else {
+            UpstreamFailure::Broken
+        }
+    }
+
+    /// The client's answer: 502 or 504 (400 for a client that aborted its
+    /// upload) with the reason in plain text; logged as a warning.
+    pub fn response(self, backend: &Backend) -> Response<ProxyBody> {
+        let (id, addr) = (&backend.id, &backend.address);
+        let (status, reason) = match self {
+            UpstreamFailure::Refused => {
+                (StatusCode::BAD_GATEWAY, format!("backend {id} ({addr}) refused the connection"))
+            }
+            UpstreamFailure::Unreachable => (StatusCode::BAD_GATEWAY, format!("backend {id} ({addr}) is unreachable")),
+            UpstreamFailure::ConnectTimeout => {
+                (StatusCode::GATEWAY_TIMEOUT, format!("backend {id} ({addr}) did not accept the connection in time"))
+            }
+            UpstreamFailure::Timeout => {
+                (StatusCode::GATEWAY_TIMEOUT, format!("backend {id} ({addr}) did not answer in time"))
+            }
+            UpstreamFailure::Broken => (
+                StatusCode::BAD_GATEWAY,
+                format!("backend {id} ({addr}) closed the connection without a valid response"),
+            ),
+            UpstreamFailure::BadAddress => {
+                (StatusCode::BAD_GATEWAY, format!("backend {id} has an unusable address {addr:?}"))
+            }
+            UpstreamFailure::ClientAborted => (
+                StatusCode::BAD_REQUEST,
+                "the request body did not arrive whole; nothing was blamed on the backend".into(),
+            ),
+            UpstreamFailure::Tls => {
+                (StatusCode::BAD_GATEWAY, format!("backend {id} ({addr}): the TLS handshake failed"))
+            }
+        };
+        warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
+        text_response(status, reason + "\n")
+    }
+}
