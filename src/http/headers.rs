@@ -126,11 +126,13 @@ pub fn from_http2(uri: &Uri, headers: &mut HeaderMap) {
 /// `X-Forwarded-For` so that requests on a kept-alive connection don't
 /// format it again (a thousand instructions each).
 pub struct Client {
+    /// `"http"` or `"https"`.
     pub proto: &'static str,
     forwarded_for: HeaderValue,
 }
 
 impl Client {
+    /// A client at `addr` that came over `proto`.
     pub fn new(addr: SocketAddr, proto: &'static str) -> Client {
         // An IP's text is always a valid header value.
         let forwarded_for =

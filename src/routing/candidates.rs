@@ -17,8 +17,13 @@
 
 use std::sync::Arc;
 
+use hyper::header::HeaderMap;
+use hyper::Uri;
+
+use super::key::DeviceKey;
 use super::ring::{Ring, Walk};
 use super::table::{Backend, RoutingTable};
+use crate::config::MissingKey;
 
 /// Points nginx looks at for a usable server before it falls back to round
 /// robin (`hp->tries > 20` in `ngx_http_upstream_get_chash_peer`).
@@ -253,7 +258,113 @@ impl Iterator for Candidates<'_> {
     }
 }
 
-/// The ring hash of a device ID, where its walk starts.
-pub fn hash_of(device_id: &[u8]) -> u32 {
-    Ring::hash_key(device_id)
+/// The walk and the decisions made from it.
+impl RoutingTable {
+    /// Decides the backend for a request: the first of its candidates.
+    /// `held` names the backend of a device's open tunnel on this replica.
+    pub fn decide<'r>(
+        &self,
+        uri: &'r Uri,
+        headers: &'r HeaderMap,
+        held: impl FnOnce(&[u8]) -> Option<Arc<Backend>>,
+    ) -> Decision<'r> {
+        match self.keys().extract(uri, headers) {
+            Some(key) => {
+                let held = held(&key.id);
+                match self.candidates(&key.id, held).next() {
+                    Some(first) => Decision::Device { key, first },
+                    None => Decision::AllDown,
+                }
+            }
+            None => match self.missing_key() {
+                MissingKey::Reject => Decision::NoKey,
+                MissingKey::Spread => match self.spread_candidates().next() {
+                    Some(first) => Decision::Spread { backend: first.backend },
+                    None => Decision::AllDown,
+                },
+            },
+        }
+    }
+
+    /// The device's candidates walk (see [`super::candidates`]); `held`:
+    /// the backend of its open tunnel on this replica, if any.
+    pub fn candidates(&self, device_id: &[u8], held: Option<Arc<Backend>>) -> Candidates<'_> {
+        Candidates::device(self, Ring::hash_key(device_id), held)
+    }
+
+    /// Round robin over the usable backends, for requests without a device ID.
+    pub fn spread_candidates(&self) -> Candidates<'_> {
+        Candidates::spread(self)
+    }
+
+    /// Where a new connection of the device would settle, without side
+    /// effects: its first candidate when no tunnel is open. `None` when
+    /// every backend is down or when nginx mode falls back to round robin
+    /// (then no single backend is the device's place, so no tunnel is
+    /// misplaced).
+    pub fn home(&self, device_id: &[u8]) -> Option<Arc<Backend>> {
+        let first = self.candidates(device_id, None).next()?;
+        (first.reason != Reason::RoundRobin).then_some(first.backend)
+    }
+
+    /// The backend after `failed` in the walk: where a request that failed
+    /// on `failed` may be sent again (a device without a key: the next
+    /// backend in round robin).
+    pub fn retry_target(
+        &self,
+        device_id: Option<&[u8]>,
+        held: Option<Arc<Backend>>,
+        failed: &Backend,
+    ) -> Option<Arc<Backend>> {
+        let walk = match device_id {
+            Some(id) => self.candidates(id, held),
+            None => self.spread_candidates(),
+        };
+        walk.map(|c| c.backend).find(|b| b.id != failed.id)
+    }
+
+    /// Where a device ID goes and why, for the admin API: the same walk
+    /// a request takes. `held`: the backend of its open tunnel, if any.
+    pub fn explain(&self, device_id: &[u8], held: Option<Arc<Backend>>) -> Option<Explanation<'_>> {
+        let owner = self.owner(device_id)?;
+        let candidates = self.candidates(device_id, held).collect();
+        let failover_order =
+            self.ring().walk(device_id).skip(1).filter_map(|i| self.backends().get(i)).map(|b| b.id.as_str()).collect();
+        Some(Explanation { owner, candidates, hash: Ring::hash_key(device_id), failover_order })
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug)]
+pub enum Decision<'r> {
+    /// The device's first candidate (see [`super::candidates`]).
+    Device {
+        /// The device ID found in the request.
+        key: DeviceKey<'r>,
+        /// Where it goes, and why.
+        first: Candidate,
+    },
+    /// No device ID, `missing_key = "spread"`: round-robin over backends up.
+    Spread {
+        /// The next backend in turn.
+        backend: Arc<Backend>,
+    },
+    /// No device ID, `missing_key = "reject"`.
+    NoKey,
+    /// Every backend is down.
+    AllDown,
+}
+
+/// Why a device goes where it goes.
+#[derive(Debug)]
+pub struct Explanation<'t> {
+    /// The ring owner.
+    pub owner: &'t Arc<Backend>,
+    /// Its candidates walk, in order: the first serves it now (none: every
+    /// backend is down or draining).
+    pub candidates: Vec<Candidate>,
+    /// CRC-32 of the device ID: its position on the ring.
+    pub hash: u32,
+    /// The backends that would own it next, in ring order.
+    pub failover_order: Vec<&'t str>,
 }

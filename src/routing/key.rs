@@ -36,9 +36,13 @@ use hyper::Uri;
 /// One place a device ID may be found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
+    /// `header:NAME`: the first non-empty value of that header.
     Header(HeaderName),
+    /// `path:/devices/{id}/*`: the `{id}` segment.
     Path(PathPattern),
+    /// `query:NAME`: that query parameter.
     Query(String),
+    /// `cookie:NAME`: that cookie's value.
     Cookie(String),
 }
 
@@ -55,6 +59,7 @@ pub struct PathPattern {
 /// A device ID found in a request, and which source gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceKey<'r> {
+    /// The device ID's bytes, decoded.
     pub id: Cow<'r, [u8]>,
     /// Index into the configured sources.
     pub source: usize,
@@ -76,6 +81,7 @@ pub struct KeyExtractor {
 }
 
 impl KeyExtractor {
+    /// Tries `sources` in order, decoding values (the default hashing).
     pub fn new(sources: Vec<KeySource>) -> Self {
         KeyExtractor { sources, nginx: false }
     }
@@ -86,6 +92,7 @@ impl KeyExtractor {
         KeyExtractor { sources, nginx: true }
     }
 
+    /// The configured sources, in the order they are tried.
     pub fn sources(&self) -> &[KeySource] {
         &self.sources
     }

@@ -9,5 +9,5 @@ pub mod key;
 pub mod ring;
 pub mod table;
 
-pub use candidates::{Candidate, Candidates, Reason};
-pub use table::{Backend, Decision, Explanation, LiveTable, Router, RoutingTable};
+pub use candidates::{Candidate, Candidates, Decision, Explanation, Reason};
+pub use table::{Backend, LiveTable, Router, RoutingTable};

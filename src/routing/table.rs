@@ -19,12 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::{ArcSwap, Guard};
-use hyper::header::HeaderMap;
-use hyper::Uri;
 use tokio::sync::watch;
 
-use super::candidates::{hash_of, Candidate, Candidates, Reason};
-use super::key::{DeviceKey, KeyExtractor};
+use super::key::KeyExtractor;
 use super::ring::{self, Member, Ring, Ties};
 use crate::config::{Config, HashMode, MissingKey};
 use crate::metrics::{BackendStats, Metrics};
@@ -81,25 +78,13 @@ pub struct Backend {
     pub id: String,
     /// `host:port` to connect to.
     pub address: String,
+    /// Share of the ring, relative to the other backends.
     pub weight: u32,
     /// `Some`: spoken to over TLS.
     pub tls: Option<UpstreamTls>,
     /// This backend's metric handles (shared with the same backend in
     /// other snapshots, so counts carry across reloads).
     pub stats: BackendStats,
-}
-
-/// Where a request goes.
-#[derive(Debug)]
-pub enum Decision<'r> {
-    /// The device's first candidate (see [`super::candidates`]).
-    Device { key: DeviceKey<'r>, first: Candidate },
-    /// No device ID, `missing_key = "spread"`: round-robin over backends up.
-    Spread { backend: Arc<Backend> },
-    /// No device ID, `missing_key = "reject"`.
-    NoKey,
-    /// Every backend is down.
-    AllDown,
 }
 
 /// Backends, ring, key rules, health and live settings of one moment.
@@ -245,10 +230,12 @@ impl RoutingTable {
         }
     }
 
+    /// The config this table was built from (live settings are read here).
     pub fn config(&self) -> &Arc<Config> {
         &self.config
     }
 
+    /// Successful config loads so far: 1 for the first, +1 per reload.
     pub fn generation(&self) -> u64 {
         self.generation
     }
@@ -257,69 +244,6 @@ impl RoutingTable {
     pub fn into_router(self) -> Router {
         let (swaps, _) = watch::channel(0);
         Arc::new(LiveTable { current: ArcSwap::from_pointee(self), writers: Mutex::new(()), swaps })
-    }
-
-    /// Decides the backend for a request: the first of its candidates.
-    /// `held` names the backend of a device's open tunnel on this replica.
-    pub fn decide<'r>(
-        &self,
-        uri: &'r Uri,
-        headers: &'r HeaderMap,
-        held: impl FnOnce(&[u8]) -> Option<Arc<Backend>>,
-    ) -> Decision<'r> {
-        match self.keys.extract(uri, headers) {
-            Some(key) => {
-                let held = held(&key.id);
-                match self.candidates(&key.id, held).next() {
-                    Some(first) => Decision::Device { key, first },
-                    None => Decision::AllDown,
-                }
-            }
-            None => match self.missing_key {
-                MissingKey::Reject => Decision::NoKey,
-                MissingKey::Spread => match self.spread_candidates().next() {
-                    Some(first) => Decision::Spread { backend: first.backend },
-                    None => Decision::AllDown,
-                },
-            },
-        }
-    }
-
-    /// The device's candidates walk (see [`super::candidates`]); `held`:
-    /// the backend of its open tunnel on this replica, if any.
-    pub fn candidates(&self, device_id: &[u8], held: Option<Arc<Backend>>) -> Candidates<'_> {
-        Candidates::device(self, hash_of(device_id), held)
-    }
-
-    /// Round robin over the usable backends, for requests without a device ID.
-    pub fn spread_candidates(&self) -> Candidates<'_> {
-        Candidates::spread(self)
-    }
-
-    /// Where a new connection of the device would settle, without side
-    /// effects: its first candidate when no tunnel is open. `None` when
-    /// every backend is down or when nginx mode falls back to round robin
-    /// (then no single backend is the device's place, so no tunnel is
-    /// misplaced).
-    pub fn home(&self, device_id: &[u8]) -> Option<Arc<Backend>> {
-        let first = self.candidates(device_id, None).next()?;
-        (first.reason != Reason::RoundRobin).then_some(first.backend)
-    }
-
-    /// The backend after `failed` in the walk: where a request that failed
-    /// on `failed` may be sent again (a device without a key: the next
-    /// backend in round robin).
-    pub fn retry_target(
-        &self,
-        device_id: Option<&[u8]>,
-        held: Option<Arc<Backend>>,
-        failed: &Backend,
-    ) -> Option<Arc<Backend>> {
-        let walk = match device_id {
-            Some(id) => self.candidates(id, held),
-            None => self.spread_candidates(),
-        };
-        walk.map(|c| c.backend).find(|b| b.id != failed.id)
     }
 
     /// The start of the next round robin.
@@ -347,16 +271,6 @@ impl RoutingTable {
         self.draining.get(i).is_some_and(Option::is_some)
     }
 
-    /// Where a device ID goes and why, for the admin API: the same walk
-    /// a request takes. `held`: the backend of its open tunnel, if any.
-    pub fn explain(&self, device_id: &[u8], held: Option<Arc<Backend>>) -> Option<Explanation<'_>> {
-        let owner = self.owner(device_id)?;
-        let candidates = self.candidates(device_id, held).collect();
-        let failover_order =
-            self.ring.walk(device_id).skip(1).filter_map(|i| self.backends.get(i)).map(|b| b.id.as_str()).collect();
-        Some(Explanation { owner, candidates, hash: Ring::hash_key(device_id), failover_order })
-    }
-
     /// The ring owner of a device ID, whatever its health.
     pub fn owner(&self, device_id: &[u8]) -> Option<&Arc<Backend>> {
         self.ring.owner(device_id).and_then(|i| self.backends.get(i))
@@ -372,6 +286,7 @@ impl RoutingTable {
         self.position(id).map(|i| self.up[i])
     }
 
+    /// Every backend, in config order (the order of indices).
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
     }
@@ -394,6 +309,12 @@ impl RoutingTable {
         (0..self.backends.len()).filter(|&i| self.usable(i)).count()
     }
 
+    /// What to do with a request without a device ID.
+    pub fn missing_key(&self) -> MissingKey {
+        self.missing_key
+    }
+
+    /// How device IDs are found in requests.
     pub fn keys(&self) -> &KeyExtractor {
         &self.keys
     }
@@ -402,18 +323,4 @@ impl RoutingTable {
     pub fn ring_shares(&self) -> Vec<f64> {
         self.ring.shares()
     }
-}
-
-/// Why a device goes where it goes.
-#[derive(Debug)]
-pub struct Explanation<'t> {
-    /// The ring owner.
-    pub owner: &'t Arc<Backend>,
-    /// Its candidates walk, in order: the first serves it now (none: every
-    /// backend is down or draining).
-    pub candidates: Vec<Candidate>,
-    /// CRC-32 of the device ID: its position on the ring.
-    pub hash: u32,
-    /// The backends that would own it next, in ring order.
-    pub failover_order: Vec<&'t str>,
 }

@@ -39,6 +39,8 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 /// At most one warning per listener this often about failing accepts.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 
+/// A listener on `addr` (`field` names the setting, for the error), with
+/// TCP_NODELAY and keepalive set once for every accepted socket.
 pub async fn bind(addr: SocketAddr, field: &str) -> io::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await

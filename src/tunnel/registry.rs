@@ -43,8 +43,11 @@ struct Entry {
 /// How the rest of the proxy reaches one tunnel.
 #[derive(Debug)]
 pub struct TunnelControl {
+    /// Unique among this proxy's tunnels.
     pub id: u64,
+    /// When the tunnel was registered (monotonic).
     pub opened: Instant,
+    /// When the tunnel was registered (wall clock, for the admin API).
     pub opened_at: SystemTime,
     /// Asks the tunnel to end cleanly so its device reconnects elsewhere.
     migrate: Notify,
@@ -65,10 +68,15 @@ impl TunnelControl {
 /// A tunnel as seen from outside: for the admin API and the rebalancer.
 #[derive(Debug, Clone)]
 pub struct TunnelInfo {
+    /// The device ID.
     pub device: Box<[u8]>,
+    /// The backend holding its socket.
     pub backend: Arc<Backend>,
+    /// Reaches the tunnel while it is open.
     pub control: Weak<TunnelControl>,
+    /// When it opened (monotonic).
     pub opened: Instant,
+    /// When it opened (wall clock).
     pub opened_at: SystemTime,
 }
 
@@ -81,6 +89,7 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// How the rest of the proxy reaches this tunnel.
     pub fn control(&self) -> &Arc<TunnelControl> {
         &self.control
     }
@@ -106,6 +115,7 @@ impl Default for TunnelRegistry {
 }
 
 impl TunnelRegistry {
+    /// An empty registry.
     pub fn new() -> TunnelRegistry {
         TunnelRegistry {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),

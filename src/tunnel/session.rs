@@ -6,7 +6,6 @@
 //! The session is generic over its two streams, so its state machine runs
 //! on in-memory streams in the unit tests.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,12 +142,10 @@ async fn migration_requested(control: Option<&TunnelControl>) {
     }
 }
 
-fn sleep_until_some(deadline: Option<Instant>) -> impl Future<Output = ()> {
-    async move {
-        match deadline {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

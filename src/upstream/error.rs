@@ -15,9 +15,13 @@ use crate::tls::is_tls_error;
 /// Why a backend gave no response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamFailure {
+    /// The backend refused the connection.
     Refused,
+    /// The backend could not be reached (no route, DNS, reset while connecting).
     Unreachable,
+    /// The backend did not accept the connection within `connect_timeout`.
     ConnectTimeout,
+    /// The backend did not answer within `response_timeout`.
     Timeout,
     /// Connected, but the backend closed or broke the connection.
     Broken,

@@ -56,12 +56,16 @@ struct Track {
 /// Where an observation came from (for logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// An active check (`GET health.path`).
     Check,
+    /// A TCP probe of a down backend in passive-only mode.
     Probe,
+    /// A real request that failed.
     Traffic,
 }
 
 impl Health {
+    /// Health bookkeeping over the live table; run [`Health::run`] for checks.
     pub fn new(router: Router, metrics: Arc<Metrics>) -> Arc<Health> {
         let (transitions, _) = watch::channel(0);
         Arc::new(Health { router, metrics, tracks: Mutex::new(HashMap::new()), transitions })
