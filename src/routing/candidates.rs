@@ -368,3 +368,138 @@ pub struct Explanation<'t> {
     /// The backends that would own it next, in ring order.
     pub failover_order: Vec<&'t str>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn table(hash: &str, backends: usize) -> RoutingTable {
+        let mut text = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\n\n[routing]\nkey = [\"header:x-device-id\"]\nhash = \"{hash}\"\n"
+        );
+        for i in 1..=backends {
+            text.push_str(&format!("\n[[backends]]\nid = \"app-{i}\"\naddress = \"127.0.0.1:{}\"\n", 9000 + i));
+        }
+        RoutingTable::offline(&Config::parse(&text).expect("config"))
+    }
+
+    fn walk(table: &RoutingTable, device: &str, held: Option<&str>) -> Vec<(String, Reason)> {
+        let held = held.and_then(|id| table.backends().iter().find(|b| b.id == id).cloned());
+        table.candidates(device.as_bytes(), held).map(|c| (c.backend.id.clone(), c.reason)).collect()
+    }
+
+    fn ids(walk: &[(String, Reason)]) -> Vec<&str> {
+        walk.iter().map(|(id, _)| id.as_str()).collect()
+    }
+
+    #[test]
+    fn all_up_the_owner_comes_first_then_the_ring_order_once_each() {
+        let t = table("ring", 5);
+        for n in 0..200 {
+            let device = format!("device-{n}");
+            let got = walk(&t, &device, None);
+            let ring: Vec<&str> = t.ring().walk(device.as_bytes()).map(|i| t.backends()[i].id.as_str()).collect();
+            assert_eq!(ids(&got), ring, "{device}");
+            assert_eq!(got[0].1, Reason::RingOwner);
+            assert!(got[1..].iter().all(|(_, r)| *r == Reason::Next), "{got:?}");
+        }
+    }
+
+    #[test]
+    fn the_tunnel_comes_first_and_is_not_repeated() {
+        let t = table("ring", 4);
+        let device = "phone-42";
+        let plain = walk(&t, device, None);
+        let elsewhere = plain[2].0.clone();
+        let got = walk(&t, device, Some(&elsewhere));
+        assert_eq!(got[0], (elsewhere.clone(), Reason::Tunnel));
+        assert_eq!(got[1], plain[0], "then the ring owner, as without a tunnel");
+        assert_eq!(got.len(), 4, "each backend once: {got:?}");
+        assert_eq!(got.iter().filter(|(id, _)| *id == elsewhere).count(), 1);
+
+        // A tunnel on the owner itself: the owner once, as the tunnel.
+        let got = walk(&t, device, Some(&plain[0].0));
+        assert_eq!(got[0], (plain[0].0.clone(), Reason::Tunnel));
+        assert_eq!(ids(&got[1..]), ids(&plain[1..]));
+        assert!(got[1..].iter().all(|(_, r)| *r == Reason::Next));
+    }
+
+    #[test]
+    fn a_down_or_draining_owner_is_skipped_and_named() {
+        let t = table("ring", 4);
+        let device = "phone-42";
+        let plain = walk(&t, device, None);
+        let owner = plain[0].0.clone();
+
+        let down = t.with_health(&owner, false);
+        let got = walk(&down, device, None);
+        assert_eq!(got[0], (plain[1].0.clone(), Reason::OwnerDown));
+        assert_eq!(ids(&got), ids(&plain[1..]));
+
+        let draining = t.with_drain(&owner, true).expect("known backend");
+        let got = walk(&draining, device, None);
+        assert_eq!(got[0], (plain[1].0.clone(), Reason::OwnerDraining));
+        assert!(got[0].1.is_failover());
+
+        // The draining owner still holds the device's socket: HTTP follows it.
+        let got = walk(&draining, device, Some(&owner));
+        assert_eq!(got[0], (owner.clone(), Reason::Tunnel));
+        assert_eq!(got[1], (plain[1].0.clone(), Reason::OwnerDraining));
+    }
+
+    #[test]
+    fn every_backend_unusable_means_no_candidate() {
+        let mut t = table("ring", 3);
+        for id in ["app-1", "app-2", "app-3"] {
+            t = t.with_health(id, false);
+        }
+        assert!(walk(&t, "d", None).is_empty());
+        assert!(t.spread_candidates().next().is_none());
+        assert!(t.home(b"d").is_none());
+    }
+
+    #[test]
+    fn retries_and_home_come_from_the_same_walk() {
+        let t = table("ring", 4);
+        let plain = walk(&t, "d-7", None);
+        let owner = t.backends().iter().find(|b| b.id == plain[0].0).cloned().expect("owner");
+        let retry = t.retry_target(Some(b"d-7"), None, &owner).expect("a second backend");
+        assert_eq!(retry.id, plain[1].0);
+        assert_eq!(t.home(b"d-7").map(|b| b.id.clone()), Some(plain[0].0.clone()));
+    }
+
+    #[test]
+    fn nginx_mode_steps_through_points_then_the_ring() {
+        let t = table("nginx", 4);
+        for n in 0..100 {
+            let device = format!("device-{n}");
+            let points: Vec<usize> = t.ring().point_owners(device.as_bytes()).take(NGINX_POINT_TRIES).collect();
+            let owner = points[0];
+            let down = t.with_health(&t.backends()[owner].id, false);
+            let got = walk(&down, &device, None);
+            let expected = points.iter().copied().find(|&i| i != owner);
+            match expected {
+                Some(i) => {
+                    assert_eq!(got[0], (t.backends()[i].id.clone(), Reason::OwnerDown), "{device}");
+                    let mut seen: Vec<&str> = ids(&got);
+                    seen.sort();
+                    seen.dedup();
+                    assert_eq!(seen.len(), 3, "each usable backend once: {got:?}");
+                }
+                None => assert_eq!(got[0].1, Reason::RoundRobin),
+            }
+        }
+    }
+
+    #[test]
+    fn without_a_key_round_robin_covers_every_usable_backend() {
+        let t = table("ring", 3).with_health("app-2", false);
+        let first: Vec<String> =
+            (0..4).map(|_| t.spread_candidates().next().expect("one").backend.id.clone()).collect();
+        assert!(first.iter().all(|id| id != "app-2"), "{first:?}");
+        assert!(first.contains(&"app-1".to_string()) && first.contains(&"app-3".to_string()), "{first:?}");
+        let all: Vec<String> = t.spread_candidates().map(|c| c.backend.id.clone()).collect();
+        assert_eq!(all.len(), 2);
+    }
+}
