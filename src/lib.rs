@@ -4,7 +4,7 @@
 //! The modules are layers; each imports only from the layers above it in
 //! this list (`tests/layers.rs` checks it):
 //!
-//! 1. [`util`]: the shutdown signal, socket options, a small PRNG.
+//! 1. `util`: the shutdown signal, socket options, a small PRNG.
 //! 2. [`metrics`] and [`tls`]: leaves that count and encrypt.
 //! 3. [`routing::ring`] and [`routing::key`]: where a device ID hashes,
 //!    and how it is found in a request (the config names their rules).
@@ -16,13 +16,13 @@
 //!    whether they may be retried, and health.
 //! 8. [`tunnel`]: WebSocket tunnels: handshake, session, splice, the
 //!    registry of open tunnels and the rebalancer that moves them.
-//! 9. [`server`]: listeners and connections; [`proxy`]: one request's path.
+//! 9. `server`: listeners and connections; `proxy`: one request's path.
 //! 10. [`ops`]: hot reload and the admin API.
 //! 11. [`app`]: the wiring, the only module that knows every part.
 //! 12. [`cli`] and [`tools`] (import-nginx, the demo app, sample data).
 //!
-//! A request flows down the same list from the bottom: [`server`] accepts
-//! it, [`proxy`] asks [`routing`] for its device's candidates, and sends
+//! A request flows down the same list from the bottom: `server` accepts
+//! it, `proxy` asks [`routing`] for its device's candidates, and sends
 //! it through [`upstream`] or opens a [`tunnel`].
 
 #![warn(missing_docs, unreachable_pub)]
@@ -33,11 +33,11 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod ops;
-pub mod proxy;
+mod proxy;
 pub mod routing;
-pub mod server;
+mod server;
 pub mod tls;
 pub mod tools;
 pub mod tunnel;
 pub mod upstream;
-pub mod util;
+mod util;

@@ -41,7 +41,7 @@ use crate::upstream::{Connector, Endpoint, Health, UpstreamFailure};
 const REPLAYABLE_BODY: u64 = 64 * 1024;
 
 /// State shared by every connection of one running proxy.
-pub struct Proxy {
+pub(crate) struct Proxy {
     router: Router,
     pool: Arc<Pool>,
     health: Arc<Health>,
@@ -55,7 +55,7 @@ impl Proxy {
     /// The proxy's shared state; spawns the pool's sweeper, so call it
     /// inside a runtime. `close_tunnels` is raised when open tunnels must
     /// close (the end of shutdown).
-    pub fn new(
+    pub(crate) fn new(
         router: Router,
         upstream: &UpstreamConfig,
         metrics: Arc<Metrics>,
@@ -77,7 +77,7 @@ impl Proxy {
 
     /// Serves one request from `client`. Never fails: every
     /// problem becomes a response with a status and a reason.
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>, client: Arc<Client>) -> Response<ProxyBody> {
+    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>, client: Arc<Client>) -> Response<ProxyBody> {
         let started = Instant::now();
         if req.version() == Version::HTTP_2 {
             let (mut parts, body) = req.into_parts();

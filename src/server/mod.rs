@@ -41,7 +41,7 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(1);
 
 /// A listener on `addr` (`field` names the setting, for the error), with
 /// TCP_NODELAY and keepalive set once for every accepted socket.
-pub async fn bind(addr: SocketAddr, field: &str) -> io::Result<TcpListener> {
+pub(crate) async fn bind(addr: SocketAddr, field: &str) -> io::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} ({field}): {e}")))?;
@@ -62,7 +62,7 @@ fn client_socket_options(stream: &TcpStream) {
 
 /// What every connection task needs: live settings and the shutdown signals.
 #[derive(Clone)]
-pub struct Connections {
+pub(crate) struct Connections {
     /// Live settings (`server.h2c`, timeouts) are read from its config.
     pub router: Router,
     /// Accept errors and TLS handshake failures are counted here.
@@ -76,7 +76,7 @@ pub struct Connections {
 impl Connections {
     /// Accepts until drained; `make_service` builds a connection's service
     /// from the peer address.
-    pub async fn accept_loop<M, S, F, B>(mut self, listener: TcpListener, transport: Transport, make_service: M)
+    pub(crate) async fn accept_loop<M, S, F, B>(mut self, listener: TcpListener, transport: Transport, make_service: M)
     where
         M: Fn(SocketAddr) -> S,
         S: Fn(Request<Incoming>) -> F + Send + 'static,
@@ -244,7 +244,7 @@ impl Connections {
 
 /// How a listener's connections are served.
 #[derive(Clone)]
-pub enum Transport {
+pub(crate) enum Transport {
     /// HTTP/1.1 only (the admin API).
     Http1,
     /// Proxied traffic in cleartext: HTTP/1.1, and HTTP/2 with prior

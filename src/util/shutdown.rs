@@ -3,7 +3,7 @@
 use tokio::sync::watch;
 
 /// Resolves once the flag is `true` (or its sender is gone).
-pub async fn raised(flag: &mut watch::Receiver<bool>) {
+pub(crate) async fn raised(flag: &mut watch::Receiver<bool>) {
     // `let _` drops the borrow guard at once, keeping the future `Send`.
     let _ = flag.wait_for(|raised| *raised).await;
 }

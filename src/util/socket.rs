@@ -9,7 +9,7 @@ use tracing::{debug, info, warn};
 
 /// TCP_NODELAY and TCP keepalive on a socket (a listener's accepted
 /// sockets inherit both on Linux).
-pub fn set_nodelay_and_keepalive(socket: &socket2::SockRef<'_>) {
+pub(crate) fn set_nodelay_and_keepalive(socket: &socket2::SockRef<'_>) {
     if let Err(e) = socket.set_tcp_nodelay(true) {
         debug!("cannot set TCP_NODELAY: {e}");
     }
@@ -21,19 +21,19 @@ pub fn set_nodelay_and_keepalive(socket: &socket2::SockRef<'_>) {
 /// TCP keepalive, so a peer that vanished without a FIN (a phone that
 /// changed networks, a host that lost power) is noticed within minutes and
 /// its connection or WebSocket tunnel freed, instead of held forever.
-pub fn keep_alive(stream: &TcpStream) {
+pub(crate) fn keep_alive(stream: &TcpStream) {
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keep_alive_probes()) {
         debug!("cannot enable TCP keepalive: {e}");
     }
 }
 
 /// First probe after 60 s idle, then every 10 s.
-pub fn keep_alive_probes() -> socket2::TcpKeepalive {
+pub(crate) fn keep_alive_probes() -> socket2::TcpKeepalive {
     socket2::TcpKeepalive::new().with_time(Duration::from_secs(60)).with_interval(Duration::from_secs(10))
 }
 
 /// RLIMIT_NOFILE as (soft, hard); `None` where it can't be read.
-pub fn fd_limit() -> Option<(u64, u64)> {
+pub(crate) fn fd_limit() -> Option<(u64, u64)> {
     #[cfg(unix)]
     {
         let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -52,7 +52,7 @@ pub fn fd_limit() -> Option<(u64, u64)> {
 /// `worker_rlimit_nofile` and Go's runtime do: a proxy holds two
 /// descriptors per WebSocket, and the usual soft default (1024) is far too
 /// low. Logs the limit in force; returns it.
-pub fn raise_fd_limit() -> Option<u64> {
+pub(crate) fn raise_fd_limit() -> Option<u64> {
     #[cfg(unix)]
     {
         let (soft, hard) = fd_limit()?;
