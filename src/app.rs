@@ -157,6 +157,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
 }
 
 impl RunningProxy {
+    /// The proxy listener's address (`server.listen`, its port resolved).
     pub fn proxy_addr(&self) -> SocketAddr {
         self.proxy_addr
     }
@@ -166,22 +167,27 @@ impl RunningProxy {
         self.tls_addr
     }
 
+    /// The admin API's address (`admin.listen`, its port resolved).
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
     }
 
+    /// The live routing table, swapped by reloads.
     pub fn router(&self) -> &Router {
         &self.router
     }
 
+    /// What reloads the config (SIGHUP, `POST /reload`, the file watcher).
     pub fn reloader(&self) -> &Arc<Reloader> {
         &self.reloader
     }
 
+    /// The process's metrics registry.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
+    /// Backend health: active checks and failures on real traffic.
     pub fn health(&self) -> &Arc<Health> {
         &self.health
     }

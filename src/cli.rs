@@ -220,7 +220,7 @@ fn block_on(workers: usize, work: impl std::future::Future<Output = std::io::Res
 }
 
 /// The config the demo runs with: the example's routing over local instances.
-pub fn demo_config(listen: SocketAddr, admin: SocketAddr, backends: &[(String, SocketAddr)]) -> String {
+fn demo_config(listen: SocketAddr, admin: SocketAddr, backends: &[(String, SocketAddr)]) -> String {
     let mut text = format!(
         r#"[server]
 listen = "{listen}"

@@ -137,6 +137,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A registry with every series registered (a backend's own series
+    /// are added when a routing snapshot first names it).
     pub fn new() -> Metrics {
         let mut m = Metrics {
             registry: Registry::default(),
@@ -263,7 +265,7 @@ impl Metrics {
     /// separate families, so counter families are named with their
     /// `_total` suffix, and the OpenMetrics-only `# UNIT` and `# EOF` lines
     /// are dropped.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut openmetrics = String::with_capacity(16 * 1024);
         if prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry).is_err() {
             return "# metrics encoding failed\n".to_string();
@@ -272,7 +274,7 @@ impl Metrics {
     }
 
     /// Handles for one backend's series (created if new).
-    pub fn backend(&self, id: &str) -> BackendStats {
+    pub(crate) fn backend(&self, id: &str) -> BackendStats {
         // New backends start up; a known one keeps its gauge as it is.
         if self.backend_up.get(&BackendLabel { backend: id.to_string() }).is_none() {
             self.backend_up.get_or_create(&BackendLabel { backend: id.to_string() }).set(1);
@@ -306,7 +308,7 @@ impl Metrics {
     /// Drops every series of a backend that left the config. Its open-tunnel
     /// gauge stays while its tunnels do (they stay open across the reload)
     /// and goes when the last one closes.
-    pub fn remove_backend(&self, id: &str) {
+    pub(crate) fn remove_backend(&self, id: &str) {
         if let Some(flag) = self.retired.lock().unwrap_or_else(|p| p.into_inner()).remove(id) {
             flag.store(true, Ordering::Relaxed);
         }
@@ -341,32 +343,32 @@ impl Metrics {
     }
 
     /// A backend turned up or down.
-    pub fn health_transition(&self, id: &str, up: bool) {
+    pub(crate) fn health_transition(&self, id: &str, up: bool) {
         let to = if up { "up" } else { "down" };
         self.health_transitions.get_or_create(&BackendTo { backend: id.to_string(), to }).inc();
         self.backend_up.get_or_create(&BackendLabel { backend: id.to_string() }).set(i64::from(up));
     }
 
     /// An active check or probe finished.
-    pub fn health_check(&self, id: &str, ok: bool, took: Duration) {
+    pub(crate) fn health_check(&self, id: &str, ok: bool, took: Duration) {
         let result = if ok { "success" } else { "failure" };
         self.health_checks.get_or_create(&BackendResult { backend: id.to_string(), result }).inc();
         self.health_check_duration.get_or_create(&BackendLabel { backend: id.to_string() }).observe(took.as_secs_f64());
     }
 
     /// An HTTP request went to the backend holding its device's tunnel.
-    pub fn routed_by_tunnel(&self) {
+    pub(crate) fn routed_by_tunnel(&self) {
         self.routed_by_tunnel.inc();
     }
 
     /// An HTTP request went where the ring (with failover) said.
-    pub fn routed_by_ring(&self) {
+    pub(crate) fn routed_by_ring(&self) {
         self.routed_by_ring.inc();
     }
 
     /// Replaces the misplaced-tunnel gauges: `counts` by backend id (every
     /// current backend should be listed, with 0 where none are misplaced).
-    pub fn set_misplaced<'a>(&self, counts: impl IntoIterator<Item = (&'a str, usize)>) {
+    pub(crate) fn set_misplaced<'a>(&self, counts: impl IntoIterator<Item = (&'a str, usize)>) {
         self.misplaced.clear();
         for (id, n) in counts {
             self.misplaced.get_or_create(&BackendLabel { backend: id.to_string() }).set(n as i64);
@@ -374,38 +376,40 @@ impl Metrics {
     }
 
     /// A misplaced tunnel on `backend` was asked to move.
-    pub fn migration(&self, backend: &str) {
+    pub(crate) fn migration(&self, backend: &str) {
         self.migrations.get_or_create(&BackendLabel { backend: backend.to_string() }).inc();
     }
 
     /// Creates every handshake failure series at 0 (when a TLS listener
     /// starts), so that dashboards see them before the first failure.
-    pub fn tls_listener_started(&self, reasons: &[&'static str]) {
+    pub(crate) fn tls_listener_started(&self, reasons: &[&'static str]) {
         for &reason in reasons {
             let _ = self.tls_handshake_failures.get_or_create(&ReasonLabel { reason });
         }
     }
 
     /// A client's TLS handshake failed.
-    pub fn tls_handshake_failed(&self, reason: &'static str) {
+    pub(crate) fn tls_handshake_failed(&self, reason: &'static str) {
         self.tls_handshake_failures.get_or_create(&ReasonLabel { reason }).inc();
     }
 
-    pub fn missing_key(&self) {
+    /// A request carried no device ID.
+    pub(crate) fn missing_key(&self) {
         self.missing_key.inc();
     }
 
-    pub fn admin_unauthorized(&self) {
+    /// An admin API call was refused for a missing or wrong token.
+    pub(crate) fn admin_unauthorized(&self) {
         self.admin_unauthorized.inc();
     }
 
     /// A listener's `accept` failed (`kind`: fd_limit, no_memory, connection, other).
-    pub fn accept_error(&self, kind: &'static str) {
+    pub(crate) fn accept_error(&self, kind: &'static str) {
         self.accept_errors.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// Counts a reload attempt; a success also stamps the time.
-    pub fn reload(&self, success: bool) {
+    pub(crate) fn reload(&self, success: bool) {
         let result = if success { "success" } else { "failure" };
         self.reloads.get_or_create(&ResultLabel { result }).inc();
         if success {
@@ -414,13 +418,13 @@ impl Metrics {
     }
 
     /// Stamps the time of a successful config load (also the first one).
-    pub fn loaded_now(&self) {
+    pub(crate) fn loaded_now(&self) {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         self.last_reload_success.set(now.as_secs_f64());
     }
 
     /// Sets `sticky_proxy_backends{state}`: how many backends are in each state.
-    pub fn set_backend_states(&self, counts: [(&'static str, usize); 3]) {
+    pub(crate) fn set_backend_states(&self, counts: [(&'static str, usize); 3]) {
         for (state, count) in counts {
             self.backends.get_or_create(&StateLabel { state }).set(i64::try_from(count).unwrap_or(i64::MAX));
         }
@@ -451,7 +455,7 @@ pub struct BackendStats {
 
 impl BackendStats {
     /// Counts a response and how long its headers took.
-    pub fn response(&self, code: u16, elapsed: Duration) {
+    pub(crate) fn response(&self, code: u16, elapsed: Duration) {
         match self.common_codes.iter().find(|(c, _)| *c == code) {
             Some((_, counter)) => {
                 counter.inc();
@@ -467,25 +471,25 @@ impl BackendStats {
     }
 
     /// A request for a device this backend owns went to its failover owner.
-    pub fn failover(&self) {
+    pub(crate) fn failover(&self) {
         self.failovers.inc();
     }
 
     /// A request whose connect to this backend failed was retried elsewhere.
-    pub fn retried(&self) {
+    pub(crate) fn retried(&self) {
         self.retries.inc();
     }
 
     /// Counts a request this backend gave no response to, by `kind`
     /// (one of `ERROR_KINDS`: connect, timeout, reset).
-    pub fn upstream_error(&self, kind: &str) {
+    pub(crate) fn upstream_error(&self, kind: &str) {
         if let Some(i) = ERROR_KINDS.iter().position(|k| *k == kind) {
             self.errors[i].inc();
         }
     }
 
     /// A tunnel opened; the returned guard marks it closed when dropped.
-    pub fn tunnel_opened(&self) -> TunnelGauge {
+    pub(crate) fn tunnel_opened(&self) -> TunnelGauge {
         self.ws_total.inc();
         self.ws_open.inc();
         TunnelGauge {
@@ -498,19 +502,19 @@ impl BackendStats {
     }
 
     /// Requests answered so far (every response is observed once).
-    pub fn served(&self) -> u64 {
+    pub(crate) fn served(&self) -> u64 {
         self.served.get()
     }
 
     /// Tunnels open now.
-    pub fn open_tunnels(&self) -> i64 {
+    pub(crate) fn open_tunnels(&self) -> i64 {
         self.ws_open.get()
     }
 }
 
 /// Decrements the open-tunnel gauge when the tunnel ends, however it ends.
 #[derive(Debug)]
-pub struct TunnelGauge {
+pub(crate) struct TunnelGauge {
     open: Gauge,
     retired: Arc<AtomicBool>,
     registry: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,

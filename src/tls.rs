@@ -1,12 +1,14 @@
 //! TLS, both ways: terminating clients' TLS, and speaking TLS to backends.
 //!
-//! Client side: [`load_server_certificates`] reads the PEM pairs of
+//! Client side: `load_server_certificates` reads the PEM pairs of
 //! `[server.tls]` while the config is validated (so a bad or mismatched pair
 //! fails the load or the reload like any other config error, with file, line
-//! and field) into a [`CertStore`]. The TLS listener's [`acceptor`] is built
-//! once; its certificate resolver reads the store of the routing snapshot in
-//! use at each handshake, so a reload swaps certificates with everything
-//! else, and established connections keep the session they negotiated.
+//! and field) into a [`CertStore`]. The TLS listener's `acceptor` is built
+//! once; its certificate resolver asks a `PickCertificate` closure for each
+//! handshake's certificate (the wiring in `app` picks it from the store of
+//! the routing snapshot in use), so a reload swaps certificates with
+//! everything else, and established connections keep the session they
+//! negotiated.
 //! SNI picks a certificate by the names in its subjectAltName (exact, then
 //! one-label wildcard); no match, or no SNI, gets the first certificate.
 //! TLS 1.2 and 1.3 only, rustls's default ciphers and key exchanges
@@ -14,10 +16,10 @@
 //!
 //! Backend side: a `tls = true` backend gets an [`UpstreamTls`] (a shared
 //! `rustls::ClientConfig` per CA file, or the system's roots, plus its SNI
-//! name). [`connect`] makes every backend connection: pooled ones, a
+//! name). `connect` makes every backend connection: pooled ones, a
 //! WebSocket tunnel's own, a health check's. The pool keys a TLS backend's
-//! connections by [`authority`], which carries the settings'
-//! [`UpstreamTls::id`] (`{id}@host:port`), so a reload that changes a
+//! connections by `authority`, which carries the settings' id
+//! (`{id}@host:port`), so a reload that changes a
 //! backend's CA or name gets fresh connections rather than reusing ones
 //! verified the old way. Backends are spoken to in HTTP/1.1 only.
 
@@ -46,9 +48,10 @@ use tracing::warn;
 
 use crate::util::socket::keep_alive;
 
-/// ALPN protocol ids offered to clients, most preferred first.
-pub const ALPN_H2: &[u8] = b"h2";
-pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// ALPN protocol id of HTTP/2, offered to clients first.
+pub(crate) const ALPN_H2: &[u8] = b"h2";
+/// ALPN protocol id of HTTP/1.1, offered to clients second and to backends.
+const ALPN_HTTP11: &[u8] = b"http/1.1";
 
 const VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13, &rustls::version::TLS12];
 
@@ -63,8 +66,10 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// A problem with one certificate/key pair: which of the two files it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PairError {
+pub(crate) enum PairError {
+    /// The certificate file (unreadable, bad PEM, unusable certificate).
     Cert(String),
+    /// The key file (unreadable, no usable key, not the certificate's key).
     Key(String),
 }
 
@@ -91,7 +96,7 @@ impl fmt::Debug for CertStore {
 
 impl CertStore {
     /// The certificate for a ClientHello's SNI name.
-    pub fn pick(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+    pub(crate) fn pick(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let index = server_name
             .map(|name| name.trim_end_matches('.').to_ascii_lowercase())
             .and_then(|name| {
@@ -103,14 +108,14 @@ impl CertStore {
     }
 
     /// The DNS names of each certificate, in config order.
-    pub fn names(&self) -> impl Iterator<Item = &[String]> {
+    pub(crate) fn names(&self) -> impl Iterator<Item = &[String]> {
         self.served.iter().map(|s| s.names.as_slice())
     }
 }
 
 /// Reads and checks `(cert, key)` PEM pairs, the default first. Fails with
 /// the index of the pair and what is wrong with it.
-pub fn load_server_certificates(pairs: &[(PathBuf, PathBuf)]) -> Result<CertStore, (usize, PairError)> {
+pub(crate) fn load_server_certificates(pairs: &[(PathBuf, PathBuf)]) -> Result<CertStore, (usize, PairError)> {
     let mut store = CertStore { served: Vec::new(), exact: HashMap::new(), wildcard: HashMap::new() };
     for (i, (cert, key)) in pairs.iter().enumerate() {
         let served = load_pair(cert, key).map_err(|e| (i, e))?;
@@ -170,7 +175,7 @@ fn load_pair(cert_path: &Path, key_path: &Path) -> Result<Served, PairError> {
 
 /// Picks a handshake's certificate by SNI name (`None`: the client sent
 /// none) from wherever the caller keeps the live ones.
-pub type PickCertificate = Box<dyn Fn(Option<&str>) -> Option<Arc<CertifiedKey>> + Send + Sync>;
+pub(crate) type PickCertificate = Box<dyn Fn(Option<&str>) -> Option<Arc<CertifiedKey>> + Send + Sync>;
 
 /// Asks `pick` for each handshake's certificate, so a reload changes the
 /// certificates of new handshakes and nothing else.
@@ -191,7 +196,7 @@ impl ResolvesServerCert for Resolver {
 }
 
 /// The TLS listener's acceptor; `pick` supplies the live certificates.
-pub fn acceptor(pick: PickCertificate) -> Result<TlsAcceptor, rustls::Error> {
+pub(crate) fn acceptor(pick: PickCertificate) -> Result<TlsAcceptor, rustls::Error> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)?
         .with_no_client_auth()
@@ -201,7 +206,7 @@ pub fn acceptor(pick: PickCertificate) -> Result<TlsAcceptor, rustls::Error> {
 }
 
 /// Why a client's handshake failed, as a metric label.
-pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
+pub(crate) fn handshake_failure_reason(e: &io::Error) -> &'static str {
     use rustls::Error as E;
     match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
         Some(E::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => "not_tls",
@@ -223,7 +228,7 @@ pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
 }
 
 /// Every reason [`handshake_failure_reason`] gives, and `timeout`.
-pub const HANDSHAKE_FAILURE_REASONS: [&str; 7] =
+pub(crate) const HANDSHAKE_FAILURE_REASONS: [&str; 7] =
     ["timeout", "closed", "not_tls", "protocol", "incompatible", "alert", "other"];
 
 // ---- TLS to backends --------------------------------------------------------
@@ -231,19 +236,25 @@ pub const HANDSHAKE_FAILURE_REASONS: [&str; 7] =
 /// How to speak TLS to one backend.
 #[derive(Clone)]
 pub struct UpstreamTls {
-    pub client: Arc<ClientConfig>,
+    /// The rustls client config, shared by backends trusting the same CA.
+    pub(crate) client: Arc<ClientConfig>,
     /// Sent as SNI and verified against the backend's certificate.
     pub server_name: ServerName<'static>,
     /// The CA file trusted (`None`: the system's roots).
-    pub ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// Hash of the server name and the trusted CA file's content: equal
     /// ids verify equally, so their connections may be pooled together.
-    pub id: u64,
+    pub(crate) id: u64,
 }
 
 impl UpstreamTls {
     /// Settings for `server_name`, trusting what `client` trusts (`ca`).
-    pub fn new(client: Arc<ClientConfig>, server_name: ServerName<'static>, ca: Option<PathBuf>, ca_hash: u64) -> Self {
+    pub(crate) fn new(
+        client: Arc<ClientConfig>,
+        server_name: ServerName<'static>,
+        ca: Option<PathBuf>,
+        ca_hash: u64,
+    ) -> Self {
         let mut h = DefaultHasher::new();
         (ca_hash, server_name.to_str()).hash(&mut h);
         UpstreamTls { client, server_name, ca, id: h.finish() }
@@ -264,7 +275,7 @@ impl PartialEq for UpstreamTls {
 
 /// The authority of requests to a backend: its address, with the TLS
 /// settings' id as user info for a TLS backend (see the module doc).
-pub fn authority<'a>(address: &'a str, tls: Option<&UpstreamTls>) -> Cow<'a, str> {
+pub(crate) fn authority<'a>(address: &'a str, tls: Option<&UpstreamTls>) -> Cow<'a, str> {
     match tls {
         None => Cow::Borrowed(address),
         Some(tls) => Cow::Owned(format!("{:016x}@{address}", tls.id)),
@@ -276,14 +287,14 @@ impl Eq for UpstreamTls {}
 /// Builds client configs while one config file is validated: backends
 /// trusting the same CA share one (and with it the session cache).
 #[derive(Default)]
-pub struct ClientConfigs {
+pub(crate) struct ClientConfigs {
     by_ca: HashMap<Option<PathBuf>, (Arc<ClientConfig>, u64)>,
 }
 
 impl ClientConfigs {
     /// The client config trusting `ca` (a PEM file of one or more CA
     /// certificates), or the system's roots; and a hash of what it trusts.
-    pub fn get(&mut self, ca: Option<&Path>) -> Result<(Arc<ClientConfig>, u64), String> {
+    pub(crate) fn get(&mut self, ca: Option<&Path>) -> Result<(Arc<ClientConfig>, u64), String> {
         let key = ca.map(Path::to_path_buf);
         if let Some((config, hash)) = self.by_ca.get(&key) {
             return Ok((Arc::clone(config), *hash));
@@ -343,7 +354,9 @@ fn system_roots() -> Result<Arc<RootCertStore>, String> {
 /// A connection to a backend: plain TCP or TLS over TCP.
 #[allow(clippy::large_enum_variant)] // one per connection; boxing would add a pointer chase per read
 pub enum UpstreamStream {
+    /// A backend without `tls = true`.
     Plain(TcpStream),
+    /// A `tls = true` backend, handshake done.
     Tls(tokio_rustls::client::TlsStream<TcpStream>),
 }
 
@@ -415,7 +428,7 @@ async fn handshake(tcp: TcpStream, tls: &UpstreamTls, address: &str, timeout: Du
 /// A new connection to a backend (for the pool, a WebSocket tunnel or a
 /// health check): TCP within `timeout`, then TLS within another `timeout`
 /// if the backend wants it.
-pub async fn connect(address: &str, tls: Option<&UpstreamTls>, timeout: Duration) -> io::Result<UpstreamStream> {
+pub(crate) async fn connect(address: &str, tls: Option<&UpstreamTls>, timeout: Duration) -> io::Result<UpstreamStream> {
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
         Ok(connected) => connected?,
         Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
@@ -429,6 +442,6 @@ pub async fn connect(address: &str, tls: Option<&UpstreamTls>, timeout: Duration
 }
 
 /// Whether `e`, somewhere in its chain, is a TLS failure.
-pub fn is_tls_error(e: &io::Error) -> bool {
+pub(crate) fn is_tls_error(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
 }

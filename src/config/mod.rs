@@ -29,72 +29,91 @@ const MAX_RING_POINTS: u64 = 10_000_000;
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Most worker threads `server.workers` accepts.
-pub const MAX_WORKERS: usize = 1024;
+const MAX_WORKERS: usize = 1024;
 
 /// The default of `server.workers`: the CPUs this process may run on (its
 /// affinity mask and cgroup quota count), at least 1.
-pub fn default_workers() -> usize {
+pub(crate) fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS)
 }
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `[server]`: the proxy's listeners and connection handling.
     pub server: ServerConfig,
+    /// `[admin]`: the admin API (defaults apply without the section).
     pub admin: AdminConfig,
+    /// `[routing]`: where the device ID is found and how it is hashed.
     pub routing: RoutingConfig,
+    /// `[upstream]`: connecting to backends.
     pub upstream: UpstreamConfig,
+    /// `[reload]`: watching the config file.
     pub reload: ReloadConfig,
+    /// `[[backends]]`, in file order (at least one).
     pub backends: Vec<BackendConfig>,
 }
 
+/// `[server]`: where proxied traffic is accepted and how connections are run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Where proxied traffic is accepted.
+    /// `listen`: where proxied traffic is accepted.
     pub listen: SocketAddr,
-    /// How long in-flight HTTP requests may take to finish on shutdown
-    /// before connections (and then WebSocket tunnels) are closed.
+    /// `shutdown_grace` (default 10s): how long in-flight HTTP requests may
+    /// take to finish on shutdown before connections (and then WebSocket
+    /// tunnels) are closed.
     pub shutdown_grace: Duration,
-    /// How long a client may take to send a request's headers; hyper
-    /// starts this clock when it waits for the next request, so it is also
-    /// the idle limit of a keep-alive connection.
+    /// `header_read_timeout` (default 30s): how long a client may take to
+    /// send a request's headers; hyper starts this clock when it waits for
+    /// the next request, so it is also the idle limit of a keep-alive
+    /// connection.
     pub header_read_timeout: Duration,
-    /// Worker threads of the async runtime (proxy and admin API share it).
-    /// Default: the CPUs this process may run on.
+    /// `workers`: worker threads of the async runtime (proxy and admin API
+    /// share it). Default: the CPUs this process may run on.
     pub workers: usize,
-    /// One `info` line per proxied request (device, backend, status, time).
+    /// `access_log` (default true): one `info` line per proxied request
+    /// (device, backend, status, time).
     pub access_log: bool,
-    /// Serve cleartext HTTP/2 with prior knowledge (h2c) on `listen` too.
+    /// `h2c` (default false): serve cleartext HTTP/2 with prior knowledge
+    /// (h2c) on `listen` too.
     pub h2c: bool,
-    /// The TLS listener, if any.
+    /// `[server.tls]`: the TLS listener, if any.
     pub tls: Option<TlsConfig>,
 }
 
 /// `[server.tls]`: a listener of its own terminating TLS.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
+    /// `listen`: where TLS clients are accepted (differs from the other
+    /// listeners).
     pub listen: SocketAddr,
-    /// A client must finish its TLS handshake within this.
+    /// `handshake_timeout` (default 10s): a client must finish its TLS
+    /// handshake within this.
     pub handshake_timeout: Duration,
-    /// The certificates, already read and checked; the first is the default.
+    /// `cert`/`key`, then each `[[server.tls.certificates]]`, already read
+    /// and checked; the first is the default.
     pub certificates: Arc<CertStore>,
 }
 
+/// `[admin]`: the admin API's listener and access.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
-    /// The admin listener; never shared with proxied traffic.
+    /// `listen` (default `127.0.0.1:9901`): the admin listener; never
+    /// shared with proxied traffic.
     pub listen: SocketAddr,
-    /// Bearer token required by every admin endpoint except `/healthz`,
-    /// `/readyz` and `/metrics`; `None` leaves them open.
+    /// `token` or the content of `token_file`: bearer token required by
+    /// every admin endpoint except `/healthz`, `/readyz` and `/metrics`;
+    /// `None` leaves them open.
     pub token: Option<String>,
 }
 
 /// How config changes are picked up besides SIGHUP and `POST /reload`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReloadConfig {
-    /// Watch the config file and reload when its content changes.
+    /// `watch` (default true): watch the config file and reload when its
+    /// content changes.
     pub watch: bool,
-    /// How often the file is checked.
+    /// `interval` (default 1s): how often the file is checked.
     pub interval: Duration,
 }
 
@@ -131,48 +150,64 @@ pub enum Rebalance {
     Migrate,
 }
 
+/// `[routing]`: how a request's device ID is found and mapped to a backend.
 #[derive(Debug, Clone)]
 pub struct RoutingConfig {
-    /// Where the device ID is looked for, in order; the first hit wins.
+    /// `key`: where the device ID is looked for, in order; the first hit wins.
     pub keys: Vec<KeySource>,
+    /// `missing_key` (default `"reject"`): what a request without an ID gets.
     pub missing_key: MissingKey,
+    /// `hash` (default `"ring"`): how backends are placed on the ring.
     pub hash: HashMode,
-    /// Ring points per unit of backend weight (160 with `hash = "nginx"`).
+    /// `replicas` (default [`ring::DEFAULT_REPLICAS`]; 160, fixed, with
+    /// `hash = "nginx"`): ring points per unit of backend weight.
     pub replicas: u32,
-    /// How long a draining backend's open WebSocket tunnels may stay.
+    /// `drain_timeout` (default 300s): how long a draining backend's open
+    /// WebSocket tunnels may stay.
     pub drain_timeout: Duration,
-    /// Misplaced tunnels after a ring change: keep or migrate.
+    /// `rebalance` (default `"migrate"`): misplaced tunnels after a ring
+    /// change: keep or migrate.
     pub rebalance: Rebalance,
-    /// Misplaced tunnels closed per second under `migrate`.
+    /// `rebalance_rate` (default 100): misplaced tunnels closed per second
+    /// under `migrate`.
     pub rebalance_rate: f64,
 }
 
+/// `[upstream]`: connections to backends.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
-    /// Time allowed to open a TCP connection to a backend (504 past it).
+    /// `connect_timeout` (default 3s): time allowed to open a TCP
+    /// connection to a backend (504 past it).
     pub connect_timeout: Duration,
-    /// Time allowed for a backend to send response headers (504 past it).
-    /// Streaming bodies and open WebSockets are not bounded by it.
+    /// `response_timeout` (default 60s): time allowed for a backend to send
+    /// response headers (504 past it). Streaming bodies and open WebSockets
+    /// are not bounded by it.
     pub response_timeout: Duration,
-    /// Idle keep-alive connections kept per backend.
+    /// `pool_max_idle` (default 512): idle keep-alive connections kept per
+    /// backend.
     pub pool_max_idle: usize,
-    /// How long an idle pooled connection is kept.
+    /// `pool_idle_timeout` (default 90s): how long an idle pooled
+    /// connection is kept.
     pub pool_idle_timeout: Duration,
-    /// CA file trusted by `tls = true` backends without their own `tls_ca`.
+    /// `tls_ca`: CA file trusted by `tls = true` backends without their own
+    /// `tls_ca`.
     pub tls_ca: Option<PathBuf>,
 }
 
+/// One `[[backends]]` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendConfig {
-    /// Stable identity hashed onto the ring; the address may change freely.
+    /// `id`: stable identity hashed onto the ring; the address may change
+    /// freely.
     pub id: String,
-    /// `host:port` to connect to, where host is an IP address, `[IPv6]` or
-    /// a DNS name.
+    /// `address`: `host:port` to connect to, where host is an IP address,
+    /// `[IPv6]` or a DNS name.
     pub address: String,
     /// The address exactly as written (trimmed): with `hash = "nginx"`, what
     /// the ring hashes, as nginx hashes its `server` text; it may lack the
     /// port, which is then 80 in `address`.
     pub server: String,
+    /// `weight` (default 1): ring points are `weight × replicas`.
     pub weight: u32,
     /// `[health]` with this backend's overrides applied.
     pub health: HealthConfig,
@@ -186,18 +221,23 @@ pub struct BackendConfig {
 /// How a backend's health is judged (`[health]`, per-backend overrides).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
-    /// Path of the active check (`GET`); `None`: active checks are off and
-    /// only failures on real traffic count.
+    /// `path`: path of the active check (`GET`); `None`: active checks are
+    /// off and only failures on real traffic count.
     pub path: Option<String>,
+    /// `interval` (default 2s): time between active checks.
     pub interval: Duration,
+    /// `timeout` (default 1s): an active check taking longer fails.
     pub timeout: Duration,
-    /// Consecutive failures (active checks, or connects/timeouts on real
-    /// traffic) that mark a backend down.
+    /// `fall` (default 3 with a `[health]` section, else 1): consecutive
+    /// failures (active checks, or connects/timeouts on real traffic) that
+    /// mark a backend down.
     pub fall: u32,
-    /// Consecutive successful active checks that mark it up again.
+    /// `rise` (default 2 with a `[health]` section, else 1): consecutive
+    /// successful active checks that mark it up again.
     pub rise: u32,
-    /// Without active checks: how long a failed backend stays down before a
-    /// probe (a TCP connect) may bring it back.
+    /// `fail_timeout` (default 10s): without active checks, how long a
+    /// failed backend stays down before a probe (a TCP connect) may bring
+    /// it back.
     pub fail_timeout: Duration,
 }
 
@@ -218,10 +258,13 @@ impl HealthConfig {
 /// A configuration problem, located as precisely as the input allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
+    /// The config file, when the config came from one.
     pub file: Option<PathBuf>,
+    /// 1-based line of the offending text, when known.
     pub line: Option<usize>,
     /// Dotted path of the offending field, e.g. `backends[2].weight`.
     pub field: Option<String>,
+    /// What is wrong, and usually how to fix it.
     pub message: String,
 }
 
@@ -244,7 +287,7 @@ impl std::error::Error for ConfigError {}
 
 impl ConfigError {
     /// A problem with the file as a whole (unreadable, not UTF-8, …).
-    pub fn whole_file(file: Option<&Path>, message: impl Into<String>) -> ConfigError {
+    pub(crate) fn whole_file(file: Option<&Path>, message: impl Into<String>) -> ConfigError {
         ConfigError { file: file.map(Path::to_path_buf), line: None, field: None, message: message.into() }
     }
 }
@@ -259,7 +302,7 @@ impl Config {
 
     /// Validates the content of the file at `path` (already read); errors
     /// name the file, and relative paths in it start at its directory.
-    pub fn from_file_bytes(path: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
+    pub(crate) fn from_file_bytes(path: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
         let text =
             std::str::from_utf8(bytes).map_err(|_| ConfigError::whole_file(Some(path), "the file is not UTF-8"))?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -916,7 +959,7 @@ fn validate_address(address: &str, portless_ok: bool) -> Result<bool, String> {
 
 /// Parses durations written as `"500ms"`, `"2s"`, `"1m"`, `"1h"` (a whole
 /// number and a unit; `"1.5s"` is also accepted).
-pub fn parse_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
     let (number, unit) = text.split_at(split);
@@ -935,7 +978,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
 /// file), relative paths taken from `base`. The reload watcher hashes them
 /// with the config, so replacing a certificate is a change to reload.
 /// Reads only the TOML structure; text that doesn't parse refers to nothing.
-pub fn referenced_files(text: &str, base: &Path) -> Vec<PathBuf> {
+pub(crate) fn referenced_files(text: &str, base: &Path) -> Vec<PathBuf> {
     // Every such key has one of these in its name: most configs skip the parse.
     if !text.contains("tls") && !text.contains("token_file") {
         return Vec::new();

@@ -31,15 +31,19 @@ use crate::tunnel::registry::{is_misplaced, TunnelRegistry};
 
 /// What the admin API reads and drives.
 #[derive(Debug, Clone)]
-pub struct AdminState {
-    pub router: Router,
-    pub reloader: Arc<Reloader>,
-    pub metrics: Arc<Metrics>,
-    pub tunnels: Arc<TunnelRegistry>,
+pub(crate) struct AdminState {
+    /// The live routing table (backends, health, drain, config).
+    pub(crate) router: Router,
+    /// Runs `POST /reload`.
+    pub(crate) reloader: Arc<Reloader>,
+    /// Served at `/metrics`; counts refused calls.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Open tunnels, for `/devices/{id}` and misplaced counts.
+    pub(crate) tunnels: Arc<TunnelRegistry>,
 }
 
 /// Answers one admin request.
-pub async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
+pub(crate) async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
     let path = req.uri().path();
     let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
     if !open {

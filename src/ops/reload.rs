@@ -1,8 +1,8 @@
 //! Hot reload: re-read the config file and swap in a new routing snapshot.
 //!
 //! Three triggers end up in [`Reloader::reload`]: SIGHUP, `POST /reload` on
-//! the admin port, and a change of the file's content (polled, see
-//! [`Reloader::watch_file`]). A reload parses and validates the whole file
+//! the admin port, and a change of the file's content (polled by the
+//! reloader's file watcher). A reload parses and validates the whole file
 //! and builds a complete new [`RoutingTable`] before one atomic swap, so a
 //! request sees either the old table or the new one, never a mix. Requests
 //! in flight finish with the backend they already chose; WebSocket tunnels
@@ -45,8 +45,11 @@ const MAX_SETTLE_ROUNDS: usize = 25;
 /// What asked for a reload (for logs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Trigger {
+    /// SIGHUP.
     Signal,
+    /// The watcher saw the config file (or a file it names) change.
     FileChange,
+    /// `POST /reload` on the admin API.
     Admin,
 }
 
@@ -63,12 +66,17 @@ impl Trigger {
 /// A reload that took effect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
+    /// Generation of the routing table now in use.
     pub generation: u64,
+    /// Backends in the new config.
     pub backends: usize,
+    /// Ids of backends the new config adds.
     pub added: Vec<String>,
+    /// Ids of backends the new config no longer has.
     pub removed: Vec<String>,
     /// Changed settings that only a restart applies (their old values stay).
     pub needs_restart: Vec<&'static str>,
+    /// How long the reload took (read, validate, build, swap).
     pub took: Duration,
 }
 
@@ -114,7 +122,7 @@ impl Reloader {
     /// Runs [`reload`](Self::reload) on a thread of its own in the idle
     /// scheduling class, so that on a busy machine the rebuild (tens of
     /// milliseconds for a thousand backends) yields to request threads.
-    pub async fn reload_in_background(self: &Arc<Self>, trigger: Trigger) -> Result<Applied, ConfigError> {
+    pub(crate) async fn reload_in_background(self: &Arc<Self>, trigger: Trigger) -> Result<Applied, ConfigError> {
         let (done, result) = tokio::sync::oneshot::channel();
         let this = Arc::clone(self);
         let spawned = std::thread::Builder::new().name("sticky-reload".into()).spawn(move || {
@@ -203,7 +211,7 @@ impl Reloader {
     /// Polls the config file and reloads when its content changes, until
     /// `stop` is raised. Uses `reload.watch` and `reload.interval` of the
     /// running config, so both can be changed by a reload.
-    pub async fn watch_file(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+    pub(crate) async fn watch_file(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let Some(path) = self.path.clone() else { return };
         // The files referred to by the config content last seen (by its hash).
         let mut referred: Option<(u64, Vec<PathBuf>)> = None;

@@ -62,11 +62,11 @@ use tracing::debug;
 use crate::http::headers::has_token;
 
 /// Largest body accepted by `POST /devices/{id}/messages`.
-pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 /// Largest `n` accepted by `GET /bytes/{n}`.
-pub const MAX_BYTES_N: u64 = 10 * 1024 * 1024 * 1024;
+const MAX_BYTES_N: u64 = 10 * 1024 * 1024 * 1024;
 /// `GET /delay/{ms}` never sleeps longer than this.
-pub const MAX_DELAY_MS: u64 = 60_000;
+const MAX_DELAY_MS: u64 = 60_000;
 /// Chunk size of `GET /bytes/{n}`.
 const CHUNK_LEN: usize = 64 * 1024;
 /// Per-socket queue of outgoing messages (POSTs wait when it is full).

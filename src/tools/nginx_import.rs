@@ -9,7 +9,7 @@
 //! of several), its `server` lines and the `listen` of the `server` block
 //! that proxies to it. Everything that is not carried over is reported with
 //! its file and line, and whatever would make the result route differently
-//! from nginx is flagged as such ([`Import::routes_differently`]).
+//! from nginx is flagged as such (`Import::routes_differently`).
 
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -23,9 +23,11 @@ const MAX_INCLUDE_DEPTH: usize = 16;
 
 /// A place in the nginx config.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Location {
-    pub file: Rc<PathBuf>,
-    pub line: usize,
+pub(crate) struct Location {
+    /// The file, as found (the main file or an include).
+    pub(crate) file: Rc<PathBuf>,
+    /// 1-based line number.
+    pub(crate) line: usize,
 }
 
 impl fmt::Display for Location {
@@ -36,12 +38,14 @@ impl fmt::Display for Location {
 
 /// Something the import did not carry over as is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Note {
-    pub at: Location,
-    pub message: String,
+pub(crate) struct Note {
+    /// Where in the nginx config it comes from.
+    pub(crate) at: Location,
+    /// What was not carried over, and why.
+    pub(crate) message: String,
     /// True when it makes the generated config route some requests
     /// differently from nginx.
-    pub differs: bool,
+    pub(crate) differs: bool,
 }
 
 impl fmt::Display for Note {
@@ -53,22 +57,23 @@ impl fmt::Display for Note {
 
 /// The result of an import.
 #[derive(Debug)]
-pub struct Import {
+pub(crate) struct Import {
     /// The sticky-proxy config, notes included as comments.
-    pub toml: String,
-    pub notes: Vec<Note>,
+    pub(crate) toml: String,
+    /// Everything not carried over as is.
+    pub(crate) notes: Vec<Note>,
 }
 
 impl Import {
     /// Whether some requests would go elsewhere than behind nginx.
-    pub fn routes_differently(&self) -> bool {
+    pub(crate) fn routes_differently(&self) -> bool {
         self.notes.iter().any(|n| n.differs)
     }
 }
 
 /// Why nothing could be imported: `file:line: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImportError(pub String);
+pub(crate) struct ImportError(pub(crate) String);
 
 impl fmt::Display for ImportError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -374,7 +379,7 @@ fn wildcard(mask: &[u8], name: &[u8]) -> bool {
 
 /// Reads `file` (following its includes) and translates the upstream
 /// `upstream`, or the only upstream that uses `hash`.
-pub fn import(file: &Path, upstream: Option<&str>) -> Result<Import, ImportError> {
+pub(crate) fn import(file: &Path, upstream: Option<&str>) -> Result<Import, ImportError> {
     let prefix = file.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let top = Reader { prefix }.file(file, 0, None)?;
     // nginx.conf has an http block; a conf.d snippet is http context itself.
