@@ -171,6 +171,40 @@ pub struct RoutingConfig {
     /// `rebalance_rate` (default 100): misplaced tunnels closed per second
     /// under `migrate`.
     pub rebalance_rate: f64,
+    /// `not_here`: redelivery of requests an app instance answers "I don't
+    /// hold this device".
+    pub not_here: NotHereConfig,
+}
+
+/// `[routing.not_here]`: when an app instance answers a device's request
+/// with one of `status` (it does not hold the device's socket), the proxy
+/// tries the device's next candidates, and waits for the socket to show up
+/// for at most `retry_for`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotHereConfig {
+    /// `status` (default `[421]`): the answers that mean "not here"; empty
+    /// turns redelivery off.
+    pub status: Vec<u16>,
+    /// `retry_for` (default 3s): how long after the request arrived the
+    /// proxy keeps trying; `0s` walks the candidates once without waiting.
+    pub retry_for: Duration,
+    /// `candidates` (default 3): distinct backends tried per walk.
+    pub candidates: usize,
+    /// `max_held` (default 10000): requests waiting at once; past it, 503.
+    pub max_held: usize,
+}
+
+impl Default for NotHereConfig {
+    fn default() -> Self {
+        NotHereConfig { status: vec![421], retry_for: Duration::from_secs(3), candidates: 3, max_held: 10_000 }
+    }
+}
+
+impl NotHereConfig {
+    /// Whether `status` means "this instance does not hold the device".
+    pub fn is_not_here(&self, status: u16) -> bool {
+        self.status.contains(&status)
+    }
 }
 
 /// `[upstream]`: connections to backends.
@@ -239,6 +273,25 @@ pub struct HealthConfig {
     /// failed backend stays down before a probe (a TCP connect) may bring
     /// it back.
     pub fail_timeout: Duration,
+    /// `observe` (default `"connect"`): which failures on real traffic
+    /// count against a backend.
+    pub observe: Observe,
+}
+
+/// Which failures on real traffic count against a backend's health
+/// (`health.observe`). A client can't make a backend fail to accept a
+/// connection, but it can send a request the app drops, or one that is
+/// slow to answer: counting those would let any client take backends
+/// down for everyone (HAProxy's `observe layer7` is opt-in for the same
+/// reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Observe {
+    /// Only what says the backend is unreachable: connection refused,
+    /// connect timeout, TLS handshake failure.
+    Connect,
+    /// Also a response timeout and a connection closed without an answer.
+    Responses,
 }
 
 impl HealthConfig {
@@ -251,6 +304,7 @@ impl HealthConfig {
             fall: 1,
             rise: 1,
             fail_timeout: Duration::from_secs(10),
+            observe: Observe::Connect,
         }
     }
 }
@@ -403,6 +457,16 @@ struct RawRouting {
     drain_timeout: Option<Spanned<String>>,
     rebalance: Option<Rebalance>,
     rebalance_rate: Option<Spanned<f64>>,
+    not_here: Option<RawNotHere>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNotHere {
+    status: Option<Spanned<Vec<Spanned<i64>>>>,
+    retry_for: Option<Spanned<String>>,
+    candidates: Option<Spanned<i64>>,
+    max_held: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -437,6 +501,7 @@ struct RawHealth {
     fall: Option<Spanned<i64>>,
     rise: Option<Spanned<i64>>,
     fail_timeout: Option<Spanned<String>>,
+    observe: Option<Observe>,
 }
 
 // ---- validation -------------------------------------------------------------
@@ -620,6 +685,60 @@ impl Validator<'_> {
             drain_timeout,
             rebalance: raw.rebalance.unwrap_or(Rebalance::Migrate),
             rebalance_rate,
+            not_here: self.not_here(raw.not_here.unwrap_or_default())?,
+        })
+    }
+
+    fn not_here(&self, raw: RawNotHere) -> Result<NotHereConfig, ConfigError> {
+        let defaults = NotHereConfig::default();
+        let mut status = Vec::new();
+        match &raw.status {
+            None => status = defaults.status,
+            Some(list) => {
+                for code in list.get_ref() {
+                    match u16::try_from(*code.get_ref()) {
+                        // 2xx would be a delivered message; 1xx is not an answer.
+                        Ok(c) if (300..=599).contains(&c) => status.push(c),
+                        _ => {
+                            return self.err(
+                                code.span(),
+                                "routing.not_here.status",
+                                format!("{} is not a status between 300 and 599", code.get_ref()),
+                            )
+                        }
+                    }
+                }
+            }
+        }
+        let retry_for = match &raw.retry_for {
+            None => defaults.retry_for,
+            Some(v) => match parse_duration(v.get_ref()) {
+                Some(d) if d <= Duration::from_secs(300) => d,
+                _ => {
+                    return self.err(
+                        v.span(),
+                        "routing.not_here.retry_for",
+                        format!("{:?} is not a duration of at most 5m; write e.g. \"3s\" or \"0s\"", v.get_ref()),
+                    )
+                }
+            },
+        };
+        let bounded = |v: &Option<Spanned<i64>>, field: &str, max: usize, default: usize| match v {
+            None => Ok(default),
+            Some(n) => match usize::try_from(*n.get_ref()) {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => self.err(
+                    n.span(),
+                    &format!("routing.not_here.{field}"),
+                    format!("must be between 1 and {max}, got {}", n.get_ref()),
+                ),
+            },
+        };
+        Ok(NotHereConfig {
+            status,
+            retry_for,
+            candidates: bounded(&raw.candidates, "candidates", 64, defaults.candidates)?,
+            max_held: bounded(&raw.max_held, "max_held", 10_000_000, defaults.max_held)?,
         })
     }
 
@@ -878,6 +997,7 @@ impl Validator<'_> {
             fall: count(&raw.fall, "fall", base.fall)?,
             rise: count(&raw.rise, "rise", base.rise)?,
             fail_timeout: self.duration(raw.fail_timeout.as_ref(), &name("fail_timeout"), base.fail_timeout)?,
+            observe: raw.observe.unwrap_or(base.observe),
             path,
         })
     }

@@ -104,6 +104,10 @@ pub struct RoutingTable {
     keys: Arc<KeyExtractor>,
     /// Health, by backend index: `true` while the backend may take traffic.
     up: Vec<bool>,
+    /// Down by failures on real traffic alone, by backend index: such a
+    /// backend keeps its WebSocket tunnels (they are alive; only an active
+    /// check's verdict, or the tunnel failing, moves them).
+    down_by_traffic: Vec<bool>,
     /// Draining since, by backend index (`None`: not draining).
     draining: Vec<Option<Instant>>,
     /// Drains set or cleared on the admin API, by id; they outlive reloads
@@ -152,6 +156,7 @@ impl RoutingTable {
             nginx,
             index: Arc::new(index),
             up: vec![true; backends.len()],
+            down_by_traffic: vec![false; backends.len()],
             draining: config.backends.iter().map(|b| b.draining.then(Instant::now)).collect(),
             drain_overrides: Arc::new(HashMap::new()),
             backends: Arc::new(backends),
@@ -168,20 +173,33 @@ impl RoutingTable {
         RoutingTable::new(Arc::new(config.clone()), 0, &Metrics::new())
     }
 
-    /// This table with one backend's health changed (ring and backends shared).
+    /// This table with one backend's health changed by an active verdict
+    /// (a check or probe); ring and backends shared.
     pub fn with_health(&self, id: &str, up: bool) -> RoutingTable {
-        let mut health = self.up.clone();
+        self.with_verdict(id, up, false)
+    }
+
+    /// This table with one backend down by failures on real traffic alone:
+    /// new requests avoid it, its open tunnels stay and HTTP still follows them.
+    pub fn with_traffic_down(&self, id: &str) -> RoutingTable {
+        self.with_verdict(id, false, true)
+    }
+
+    fn with_verdict(&self, id: &str, up: bool, by_traffic: bool) -> RoutingTable {
+        let (mut health, mut passive) = (self.up.clone(), self.down_by_traffic.clone());
         if let Some(i) = self.position(id) {
             health[i] = up;
+            passive[i] = by_traffic;
         }
-        self.with_all_health(health)
+        self.with_all_health(health, passive)
     }
 
     /// This table with health, admin drains and drain start times carried
     /// over from `previous` by backend id (backends new to this table are up).
     pub fn with_health_of(self, previous: &RoutingTable) -> RoutingTable {
         let health = self.backends.iter().map(|b| previous.is_up(&b.id).unwrap_or(true)).collect();
-        let mut table = self.with_all_health(health);
+        let passive = self.backends.iter().map(|b| previous.is_down_by_traffic(&b.id)).collect();
+        let mut table = self.with_all_health(health, passive);
         table.drain_overrides = Arc::clone(&previous.drain_overrides);
         for (i, b) in table.backends.iter().enumerate() {
             let configured = table.config.backends.get(i).is_some_and(|c| c.draining);
@@ -195,7 +213,7 @@ impl RoutingTable {
     /// `None` if there is no such backend.
     pub fn with_drain(&self, id: &str, drain: bool) -> Option<RoutingTable> {
         let i = self.position(id)?;
-        let mut table = self.with_all_health(self.up.clone());
+        let mut table = self.with_all_health(self.up.clone(), self.down_by_traffic.clone());
         let mut overrides = (*self.drain_overrides).clone();
         overrides.insert(id.to_string(), drain);
         table.drain_overrides = Arc::new(overrides);
@@ -213,7 +231,7 @@ impl RoutingTable {
         self.up.get(i) == Some(&true) && self.draining.get(i).is_some_and(Option::is_none)
     }
 
-    fn with_all_health(&self, up: Vec<bool>) -> RoutingTable {
+    fn with_all_health(&self, up: Vec<bool>, down_by_traffic: Vec<bool>) -> RoutingTable {
         RoutingTable {
             draining: self.draining.clone(),
             drain_overrides: Arc::clone(&self.drain_overrides),
@@ -225,6 +243,7 @@ impl RoutingTable {
             nginx: self.nginx,
             keys: Arc::clone(&self.keys),
             up,
+            down_by_traffic,
             missing_key: self.missing_key,
             next_spread: AtomicUsize::new(self.next_spread.load(Ordering::Relaxed)),
         }
@@ -284,6 +303,17 @@ impl RoutingTable {
     /// Whether the backend with this id is up (`None`: no such backend).
     pub fn is_up(&self, id: &str) -> Option<bool> {
         self.position(id).map(|i| self.up[i])
+    }
+
+    /// Whether the backend is down by failures on real traffic alone.
+    pub fn is_down_by_traffic(&self, id: &str) -> bool {
+        self.position(id).is_some_and(|i| self.down_by_traffic[i] && !self.up[i])
+    }
+
+    /// Whether the backend's open tunnels stay where they are: it is up, or
+    /// down by failures on real traffic alone (`None`: no such backend).
+    pub fn keeps_tunnels(&self, id: &str) -> Option<bool> {
+        self.position(id).map(|i| self.up[i] || self.down_by_traffic[i])
     }
 
     /// Every backend, in config order (the order of indices).

@@ -149,15 +149,16 @@ impl TunnelRegistry {
         self.open.load(Ordering::Relaxed)
     }
 
-    /// The backend holding the device's newest tunnel, if it is not down:
-    /// where the device's HTTP requests go. (A draining backend still
-    /// holds the socket, so it still gets them.)
+    /// The backend holding the device's newest tunnel, unless an active
+    /// check found it down: where the device's HTTP requests go. (A
+    /// draining backend, or one down by failed traffic alone, still holds
+    /// the socket, so it still gets them.)
     pub fn holder(&self, device: &[u8], table: &RoutingTable) -> Option<Arc<Backend>> {
         if self.open() == 0 {
             return None;
         }
         let shard = self.shard(device);
-        let newest = shard.get(device)?.iter().rev().find(|e| table.is_up(&e.backend.id) != Some(false))?;
+        let newest = shard.get(device)?.iter().rev().find(|e| table.keeps_tunnels(&e.backend.id) != Some(false))?;
         Some(Arc::clone(&newest.backend))
     }
 
@@ -196,9 +197,11 @@ fn info(device: &[u8], e: &Entry) -> TunnelInfo {
 /// A tunnel is misplaced when a new connection of its device would go to
 /// another backend (its ring owner, or that owner's failover while it is
 /// down). A draining backend's tunnels are not: draining has its own
-/// deadline, `routing.drain_timeout`.
+/// deadline, `routing.drain_timeout`. Nor are those of a backend down by
+/// failed traffic alone: the tunnels are alive, and only an active check
+/// moves them.
 pub fn is_misplaced(tunnel: &TunnelInfo, table: &RoutingTable) -> bool {
-    if table.draining_since(&tunnel.backend.id).is_some() {
+    if table.draining_since(&tunnel.backend.id).is_some() || table.is_down_by_traffic(&tunnel.backend.id) {
         return false;
     }
     table.home(&tunnel.device).is_some_and(|home| home.id != tunnel.backend.id)

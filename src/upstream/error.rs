@@ -8,6 +8,7 @@ use std::io;
 use hyper::{Method, Response, StatusCode};
 use tracing::warn;
 
+use crate::config::Observe;
 use crate::http::{text_response, ClientBodyError, ProxyBody};
 use crate::routing::Backend;
 use crate::tls::is_tls_error;
@@ -55,10 +56,13 @@ impl UpstreamFailure {
         self.is_connect() || (self == UpstreamFailure::Broken && method.is_idempotent())
     }
 
-    /// Whether this failure says something about the backend's health
-    /// (the client aborting its upload says nothing).
-    pub fn counts_against_backend(self) -> bool {
-        self.is_connect() || matches!(self, UpstreamFailure::Timeout | UpstreamFailure::Broken)
+    /// Whether this failure counts against the backend's health under
+    /// `health.observe`: failures to connect always; a response timeout or
+    /// a connection closed without an answer only with `"responses"`, since
+    /// a client can cause those (the client aborting its upload never counts).
+    pub fn counts_against_backend(self, observe: Observe) -> bool {
+        self.is_connect()
+            || (observe == Observe::Responses && matches!(self, UpstreamFailure::Timeout | UpstreamFailure::Broken))
     }
 
     /// The `kind` label of `sticky_proxy_upstream_errors_total`; `None`

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use super::connector::{Connector, Endpoint};
 use super::error::UpstreamFailure;
-use crate::config::HealthConfig;
+use crate::config::{HealthConfig, Observe};
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Router};
 use crate::util::shutdown::raised;
@@ -76,15 +76,19 @@ impl Health {
         self.transitions.subscribe()
     }
 
-    /// A request to `backend` got no response: counted against the
-    /// backend, and told to health when the failure says the backend
-    /// itself is in trouble (a client that aborted its upload is nobody's
-    /// fault but the client's).
+    /// A request to `backend` got no response: counted in its metrics, and
+    /// told to health when `health.observe` says it counts (see
+    /// [`UpstreamFailure::counts_against_backend`]).
     pub fn upstream_failed(&self, backend: &Backend, failure: UpstreamFailure) {
         if let Some(kind) = failure.metric_kind() {
             backend.stats.upstream_error(kind);
         }
-        if failure.counts_against_backend() {
+        let observe = {
+            let table = self.router.load();
+            let i = table.position(&backend.id);
+            i.and_then(|i| table.config().backends.get(i)).map_or(Observe::Connect, |b| b.health.observe)
+        };
+        if failure.counts_against_backend(observe) {
             self.observe(&backend.id, false, Source::Traffic);
         }
     }
@@ -98,7 +102,17 @@ impl Health {
         let Some(up) = table.is_up(id) else { return };
         let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
         let track = tracks.entry(id.to_string()).or_default();
-        let Some(now_up) = track.streak.observe(up, ok, source, config.fall, config.rise) else { return };
+        let flip = track.streak.observe(up, ok, source, config.fall, config.rise);
+        if flip.is_none() && !ok && source == Source::Check && track.streak.fails >= config.fall {
+            // Down by traffic alone so far; now the checks agree, and the
+            // backend's tunnels move too.
+            if table.is_down_by_traffic(id) {
+                drop(tracks);
+                self.confirm_down(id);
+            }
+            return;
+        }
+        let Some(now_up) = flip else { return };
         track.down_since = (!now_up).then(Instant::now);
         let Streak { fails, oks } = track.streak;
         drop(tracks);
@@ -106,6 +120,9 @@ impl Health {
         let updated = self.router.update(|current| {
             // A reload in between may have removed the backend: nothing to do.
             match current.is_up(id) {
+                Some(was) if was != now_up && !now_up && source == Source::Traffic => {
+                    Ok((current.with_traffic_down(id), ()))
+                }
                 Some(was) if was != now_up => Ok((current.with_health(id, now_up), ())),
                 _ => Err(()),
             }
@@ -126,6 +143,19 @@ impl Health {
                 failures = fails,
                 "backend is down; its devices fail over to the next backend up"
             );
+        }
+    }
+
+    /// Turns a backend that is down by traffic alone into one that active
+    /// checks found down, so that its tunnels move.
+    fn confirm_down(&self, id: &str) {
+        let updated = self.router.update(|current| match current.is_down_by_traffic(id) {
+            true => Ok((current.with_health(id, false), ())),
+            false => Err(()),
+        });
+        if updated.is_ok() {
+            self.transitions.send_modify(|n| *n += 1);
+            warn!(backend = id, "active checks confirm the backend is down; its tunnels move");
         }
     }
 
