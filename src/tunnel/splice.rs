@@ -121,10 +121,12 @@ where
     ) -> Splice<C, B> {
         let mut up = Flow::default();
         let mut down = Flow::default();
-        for (flow, early) in [(&mut up, early_up), (&mut down, early_down)] {
+        for (flow, early, counted) in [(&mut up, early_up, &counted_up), (&mut down, early_down, &counted_down)] {
             flow.frames.advance(early);
             flow.pending = early.to_vec();
             flow.bytes = early.len() as u64;
+            // Carried by the tunnel like the rest, and in the totals it returns.
+            counted.inc_by(early.len() as u64);
         }
         let ending = Ending { registration, ..Ending::default() };
         Splice { client, backend, up, down, ending, counted_up, counted_down }
@@ -440,5 +442,451 @@ fn ignore_if_gone(e: io::Error) -> io::Result<()> {
     match e.kind() {
         io::ErrorKind::NotConnected | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => Ok(()),
         _ => Err(e),
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    //! The close protocol on in-memory streams, in paused virtual time: a
+    //! test waits only on events, and a guard of [`PATIENCE`] (virtual,
+    //! reached only when everything is stuck) turns a hang into a failure.
+    //!
+    //! The helpers are shared with the session's tests.
+
+    use std::future::Future;
+    use std::time::Duration;
+
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::tunnel::wsframe::CLOSE_SERVICE_RESTART;
+
+    pub(crate) const OP_TEXT: u8 = 0x1;
+    pub(crate) const OP_BINARY: u8 = 0x2;
+    /// The mask the proxy is told to put on its close frame to the backend.
+    pub(crate) const PROXY_MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
+    /// The mask the test's device puts on its frames.
+    const DEVICE_MASK: [u8; 4] = [0xa1, 0xb2, 0xc3, 0xd4];
+    /// How long (virtual) a step may stall before the test fails.
+    pub(crate) const PATIENCE: Duration = Duration::from_secs(60);
+
+    /// A whole frame (FIN set): unmasked as a server sends it, or masked
+    /// with `mask` as a client must send it.
+    pub(crate) fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut f = vec![0x80 | opcode];
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => f.push(m | n as u8),
+            n if n <= 0xffff => {
+                f.push(m | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                f.push(m | 127);
+                f.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(key) => {
+                f.extend_from_slice(&key);
+                f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+            }
+            None => f.extend_from_slice(payload),
+        }
+        f
+    }
+
+    /// A frame from the backend.
+    pub(crate) fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        frame(opcode, payload, None)
+    }
+
+    /// A frame from the device.
+    pub(crate) fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        frame(opcode, payload, Some(DEVICE_MASK))
+    }
+
+    /// One frame as read off a stream, unmasked.
+    #[derive(Debug, PartialEq, Eq)]
+    pub(crate) struct Frame {
+        pub(crate) opcode: u8,
+        pub(crate) mask: Option<[u8; 4]>,
+        pub(crate) payload: Vec<u8>,
+    }
+
+    impl Frame {
+        /// The code of a close frame.
+        pub(crate) fn close_code(&self) -> Option<u16> {
+            match self.payload[..] {
+                [hi, lo, ..] if self.opcode == OPCODE_CLOSE => Some(u16::from_be_bytes([hi, lo])),
+                _ => None,
+            }
+        }
+
+        /// The reason of a close frame.
+        pub(crate) fn close_reason(&self) -> String {
+            String::from_utf8_lossy(self.payload.get(2..).unwrap_or_default()).into_owned()
+        }
+    }
+
+    /// Reads one frame (an `UnexpectedEof` error if the stream ends first).
+    pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Frame> {
+        let mut head = [0u8; 2];
+        r.read_exact(&mut head).await?;
+        let len = match head[1] & 0x7f {
+            126 => u64::from(r.read_u16().await?),
+            127 => r.read_u64().await?,
+            n => u64::from(n),
+        };
+        let mask = if head[1] & 0x80 != 0 {
+            let mut key = [0u8; 4];
+            r.read_exact(&mut key).await?;
+            Some(key)
+        } else {
+            None
+        };
+        let len = usize::try_from(len).map_err(|_| io::Error::other("frame too long"))?;
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).await?;
+        if let Some(key) = mask {
+            payload.iter_mut().enumerate().for_each(|(i, b)| *b ^= key[i % 4]);
+        }
+        Ok(Frame { opcode: wsframe::opcode(head[0]), mask, payload })
+    }
+
+    /// Reads frames up to and including a close frame: returns the frames
+    /// before it, and the close frame.
+    pub(crate) async fn read_until_close<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(Vec<Frame>, Frame)> {
+        let mut before = Vec::new();
+        loop {
+            let frame = read_frame(r).await?;
+            if frame.opcode == OPCODE_CLOSE {
+                return Ok((before, frame));
+            }
+            before.push(frame);
+        }
+    }
+
+    /// Reads exactly `n` bytes.
+    pub(crate) async fn read_n<R: AsyncRead + Unpin>(r: &mut R, n: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; n];
+        r.read_exact(&mut buf).await?;
+        Ok(buf)
+    }
+
+    /// Reads until the stream ends.
+    pub(crate) async fn read_rest<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Vec<u8>> {
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await?;
+        Ok(rest)
+    }
+
+    /// Fails unless `r` has nothing to read right now (neither bytes nor
+    /// its end).
+    pub(crate) async fn assert_quiet<R: AsyncRead + Unpin>(r: &mut R, what: &str) {
+        let mut buf = [0u8; 256];
+        // Unconstrained: a spent task budget would read as "nothing yet".
+        let polled = tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            let mut read = ReadBuf::new(&mut buf);
+            Poll::Ready(match Pin::new(&mut *r).poll_read(cx, &mut read) {
+                Poll::Pending => None,
+                Poll::Ready(result) => Some(result.map(|()| read.filled().to_vec())),
+            })
+        }))
+        .await;
+        assert!(polled.is_none(), "{what}: expected nothing yet, got {polled:?}");
+    }
+
+    /// `fut`, or a failure after [`PATIENCE`] of virtual time.
+    pub(crate) async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+        match tokio::time::timeout(PATIENCE, fut).await {
+            Ok(out) => out,
+            Err(_) => panic!("{what}: still waiting after {PATIENCE:?}"),
+        }
+    }
+
+    type Pipe = Splice<DuplexStream, DuplexStream>;
+
+    /// A splice between two in-memory streams, and their far ends.
+    struct Tunnel {
+        /// The device's end of its connection.
+        device: DuplexStream,
+        /// The backend's end of its connection.
+        server: DuplexStream,
+        splice: Pipe,
+        up: Counter,
+        down: Counter,
+    }
+
+    fn tunnel(capacity: usize, early_up: &[u8], early_down: &[u8]) -> Tunnel {
+        let (client, device) = duplex(capacity);
+        let (backend, server) = duplex(capacity);
+        let (up, down) = (Counter::default(), Counter::default());
+        let splice = Splice::new(client, backend, early_up, early_down, up.clone(), down.clone(), None);
+        Tunnel { device, server, splice, up, down }
+    }
+
+    /// Runs `step` while driving the splice, which must not end meanwhile.
+    async fn drive<T>(splice: &mut Pipe, what: &str, step: impl Future<Output = T>) -> T {
+        within(what, async {
+            tokio::select! {
+                out = step => out,
+                end = &mut *splice => panic!("{what}: the splice ended early: {end:?}"),
+            }
+        })
+        .await
+    }
+
+    /// Lets the splice do everything it can, until nothing moves.
+    async fn settle(splice: &mut Pipe) {
+        drive(splice, "settling", tokio::time::sleep(Duration::from_millis(10))).await;
+    }
+
+    /// Runs the splice to its end alongside `rest`.
+    async fn finish<T>(splice: &mut Pipe, rest: impl Future<Output = T>) -> (io::Result<(u64, u64)>, T) {
+        within("the tunnel's end", async { tokio::join!(splice, rest) }).await
+    }
+
+    fn close_reply(code: u16) -> Vec<u8> {
+        server_frame(OPCODE_CLOSE, &code.to_be_bytes())
+    }
+
+    /// The proxy's close frame as the backend must see it: masked with the
+    /// mask it was given, 1001 (the proxy leaves on the device's behalf).
+    fn assert_proxy_close_to_backend(close: &Frame) {
+        assert_eq!(close.opcode, OPCODE_CLOSE, "{close:?}");
+        assert_eq!(close.mask, Some(PROXY_MASK), "a client's close frame must be masked");
+        assert_eq!(close.close_code(), Some(CLOSE_GOING_AWAY));
+    }
+
+    /// The device's end after the proxy's close: the close frame, then EOF.
+    /// Then the device closes its side too.
+    async fn device_gets_close_then_eof(device: &mut DuplexStream) -> (Vec<Frame>, Frame) {
+        let (before, close) = read_until_close(device).await.expect("a close frame for the device");
+        let after = read_rest(device).await.expect("the device's stream ends");
+        assert!(after.is_empty(), "bytes after the close frame: {after:?}");
+        device.shutdown().await.expect("device shuts its side");
+        (before, close)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_at_a_device_boundary_lets_the_backend_finish() {
+        let Tunnel { mut device, mut server, mut splice, up, down } = tunnel(64 * 1024, b"", b"");
+        let hello = client_frame(OP_TEXT, b"hello");
+        device.write_all(&hello).await.expect("device writes");
+        let got = drive(&mut splice, "hello to the backend", read_n(&mut server, hello.len())).await;
+        assert_eq!(got.expect("backend reads"), hello);
+
+        splice.begin_close(CLOSE_SERVICE_RESTART, "moved", PROXY_MASK);
+        // A second request does not replace the first.
+        splice.begin_close(CLOSE_GOING_AWAY, "shutdown", [0; 4]);
+        assert!(splice.closing());
+        let close = drive(&mut splice, "close to the backend", read_frame(&mut server)).await;
+        assert_proxy_close_to_backend(&close.expect("backend reads a frame"));
+
+        // The device keeps talking: dropped. The backend answers something
+        // it accepted before the close: delivered.
+        let too_late = client_frame(OP_TEXT, b"too late");
+        device.write_all(&too_late).await.expect("device writes");
+        let answer = server_frame(OP_TEXT, b"answer");
+        server.write_all(&answer).await.expect("backend writes");
+        let got = drive(&mut splice, "answer to the device", read_n(&mut device, answer.len())).await;
+        assert_eq!(got.expect("device reads"), answer);
+        assert!(!splice.device_closed(), "the device's close frame must wait for the backend's reply");
+
+        let reply = close_reply(CLOSE_GOING_AWAY);
+        server.write_all(&reply).await.expect("backend replies");
+        let (copied, ((before, close), backend_rest)) = finish(&mut splice, async {
+            tokio::join!(device_gets_close_then_eof(&mut device), async {
+                let rest = read_rest(&mut server).await.expect("backend's stream ends");
+                server.shutdown().await.expect("backend shuts its side");
+                rest
+            })
+        })
+        .await;
+        assert!(before.is_empty(), "the backend's close reply is not forwarded: {before:?}");
+        assert_eq!(close.mask, None, "a server's frame is not masked");
+        assert_eq!(close.close_code(), Some(CLOSE_SERVICE_RESTART));
+        assert_eq!(close.close_reason(), "moved");
+        assert!(backend_rest.is_empty(), "the device's bytes after the close reached the backend: {backend_rest:?}");
+        assert!(splice.device_closed());
+
+        let sent_up = (hello.len() + too_late.len()) as u64;
+        let sent_down = (answer.len() + reply.len()) as u64;
+        assert_eq!(copied.expect("clean end"), (sent_up, sent_down));
+        assert_eq!((up.get(), down.get()), (sent_up, sent_down));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_waits_for_the_device_to_finish_its_frame() {
+        let Tunnel { mut device, mut server, mut splice, .. } = tunnel(64 * 1024, b"", b"");
+        let message = client_frame(OP_BINARY, &[7u8; 40]);
+        let (head, tail) = message.split_at(10);
+        device.write_all(head).await.expect("device writes");
+        let got = drive(&mut splice, "a frame's head to the backend", read_n(&mut server, head.len())).await;
+        assert_eq!(got.expect("backend reads"), head);
+
+        splice.begin_close(CLOSE_SERVICE_RESTART, "moved", PROXY_MASK);
+        settle(&mut splice).await;
+        assert_quiet(&mut server, "backend while the device is mid-frame").await;
+
+        // More of the frame, still not all of it.
+        let (more, last) = tail.split_at(5);
+        device.write_all(more).await.expect("device writes");
+        let got = drive(&mut splice, "more of the frame", read_n(&mut server, more.len())).await;
+        assert_eq!(got.expect("backend reads"), more);
+        settle(&mut splice).await;
+        assert_quiet(&mut server, "backend while the device is still mid-frame").await;
+
+        // The frame's end and a whole frame after it, in one write.
+        let mut end_and_next = last.to_vec();
+        end_and_next.extend(client_frame(OP_TEXT, b"dropped"));
+        device.write_all(&end_and_next).await.expect("device writes");
+        let got = drive(&mut splice, "the frame's end", read_n(&mut server, last.len())).await;
+        assert_eq!(got.expect("backend reads"), last);
+        let close = drive(&mut splice, "close to the backend", read_frame(&mut server)).await;
+        assert_proxy_close_to_backend(&close.expect("backend reads a frame"));
+
+        server.write_all(&close_reply(CLOSE_GOING_AWAY)).await.expect("backend replies");
+        let (copied, ((_, close), backend_rest)) = finish(&mut splice, async {
+            tokio::join!(device_gets_close_then_eof(&mut device), async {
+                let rest = read_rest(&mut server).await.expect("backend's stream ends");
+                server.shutdown().await.expect("backend shuts its side");
+                rest
+            })
+        })
+        .await;
+        assert_eq!(close.close_code(), Some(CLOSE_SERVICE_RESTART));
+        assert!(backend_rest.is_empty(), "the frame after the close reached the backend: {backend_rest:?}");
+        let (sent_up, _) = copied.expect("clean end");
+        assert_eq!(sent_up, (message.len() + end_and_next.len() - last.len()) as u64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forced_close_waits_for_the_backend_to_finish_its_frame() {
+        let Tunnel { mut device, mut server, mut splice, .. } = tunnel(64 * 1024, b"", b"");
+        // 300 bytes: a 16-bit length.
+        let message = server_frame(OP_BINARY, &[9u8; 300]);
+        let (head, tail) = message.split_at(100);
+        server.write_all(head).await.expect("backend writes");
+        let got = drive(&mut splice, "a frame's head to the device", read_n(&mut device, head.len())).await;
+        assert_eq!(got.expect("device reads"), head);
+
+        splice.begin_close(CLOSE_SERVICE_RESTART, "moved", PROXY_MASK);
+        let close = drive(&mut splice, "close to the backend", read_frame(&mut server)).await;
+        assert_proxy_close_to_backend(&close.expect("backend reads a frame"));
+        // The reply is overdue: stop waiting for it.
+        splice.force_close();
+        settle(&mut splice).await;
+        assert_quiet(&mut device, "device while the backend is mid-frame").await;
+        assert!(!splice.device_closed());
+
+        // The frame's end, then a frame the device must not get.
+        let mut end_and_next = tail.to_vec();
+        end_and_next.extend(server_frame(OP_TEXT, b"after the close"));
+        server.write_all(&end_and_next).await.expect("backend writes");
+        let (copied, (rest_of_frame, (before, close), backend_rest)) = finish(&mut splice, async {
+            let rest_of_frame = read_n(&mut device, tail.len()).await.expect("device reads");
+            let closed = device_gets_close_then_eof(&mut device).await;
+            // The backend never closes; it only sees its stream end.
+            let backend_rest = read_rest(&mut server).await.expect("backend's stream ends");
+            (rest_of_frame, closed, backend_rest)
+        })
+        .await;
+        assert_eq!(rest_of_frame, tail);
+        assert!(before.is_empty(), "frames after the boundary reached the device: {before:?}");
+        assert_eq!(close.close_code(), Some(CLOSE_SERVICE_RESTART));
+        assert!(backend_rest.is_empty());
+        assert_eq!(copied.expect("forced end").1, (message.len() + end_and_next.len() - tail.len()) as u64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_backend_ignoring_the_close_is_cut_off_when_forced() {
+        let Tunnel { mut device, mut server, mut splice, .. } = tunnel(64 * 1024, b"", b"");
+        splice.begin_close(CLOSE_GOING_AWAY, "proxy shutting down", PROXY_MASK);
+        let close = drive(&mut splice, "close to the backend", read_frame(&mut server)).await;
+        assert_proxy_close_to_backend(&close.expect("backend reads a frame"));
+
+        // The backend carries on as if nothing happened: still delivered.
+        let chatter = server_frame(OP_TEXT, b"still talking");
+        server.write_all(&chatter).await.expect("backend writes");
+        let got = drive(&mut splice, "chatter to the device", read_n(&mut device, chatter.len())).await;
+        assert_eq!(got.expect("device reads"), chatter);
+        settle(&mut splice).await;
+        assert_quiet(&mut device, "device before the close is forced").await;
+
+        splice.force_close();
+        let (copied, ((before, close), backend_rest)) = finish(&mut splice, async {
+            let closed = device_gets_close_then_eof(&mut device).await;
+            (closed, read_rest(&mut server).await.expect("backend's stream ends"))
+        })
+        .await;
+        assert!(before.is_empty());
+        assert_eq!(close.close_code(), Some(CLOSE_GOING_AWAY));
+        assert_eq!(close.close_reason(), "proxy shutting down");
+        assert!(backend_rest.is_empty());
+        // Ended although the backend never replied nor closed.
+        assert_eq!(copied.expect("forced end"), (0, chatter.len() as u64));
+        drop(server);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_device_stuck_mid_frame_gets_no_close_to_the_backend_when_forced() {
+        let Tunnel { mut device, mut server, mut splice, .. } = tunnel(64 * 1024, b"", b"");
+        let message = client_frame(OP_BINARY, &[1u8; 50]);
+        let head = &message[..20];
+        device.write_all(head).await.expect("device writes");
+        let got = drive(&mut splice, "a frame's head to the backend", read_n(&mut server, head.len())).await;
+        assert_eq!(got.expect("backend reads"), head);
+
+        splice.begin_close(CLOSE_SERVICE_RESTART, "moved", PROXY_MASK);
+        settle(&mut splice).await;
+        assert_quiet(&mut server, "backend while the device is mid-frame").await;
+        splice.force_close();
+        device.write_all(&message[20..30]).await.expect("device writes");
+        let (copied, ((_, close), backend_rest)) = finish(&mut splice, async {
+            let closed = device_gets_close_then_eof(&mut device).await;
+            (closed, read_rest(&mut server).await.expect("backend's stream ends"))
+        })
+        .await;
+        assert_eq!(close.close_code(), Some(CLOSE_SERVICE_RESTART));
+        // A close frame in the middle of the device's frame would corrupt
+        // the stream: the backend just sees it end.
+        assert!(backend_rest.is_empty(), "after the device's partial frame: {backend_rest:?}");
+        assert!(copied.is_ok(), "{copied:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn copies_both_ways_through_small_buffers_and_counts_bytes() {
+        let early_up = client_frame(OP_TEXT, b"arrived with the upgrade");
+        let early_down = server_frame(OP_TEXT, b"the backend's first words");
+        // Buffers far smaller than the frames: every write is partial.
+        let Tunnel { device, server, mut splice, up, down } = tunnel(64, &early_up, &early_down);
+        let up_frames: Vec<u8> = [client_frame(OP_BINARY, &[3u8; 70_000]), client_frame(OP_TEXT, b"x")].concat();
+        let down_frames: Vec<u8> = [server_frame(OP_BINARY, &[4u8; 20_000]), server_frame(OP_BINARY, &[])].concat();
+
+        let (mut device_rx, mut device_tx) = tokio::io::split(device);
+        let (mut server_rx, mut server_tx) = tokio::io::split(server);
+        let (copied, (at_backend, at_device, (), ())) = finish(&mut splice, async {
+            tokio::join!(
+                async { read_rest(&mut server_rx).await.expect("backend reads") },
+                async { read_rest(&mut device_rx).await.expect("device reads") },
+                async {
+                    device_tx.write_all(&up_frames).await.expect("device writes");
+                    device_tx.shutdown().await.expect("device shuts its side");
+                },
+                async {
+                    server_tx.write_all(&down_frames).await.expect("backend writes");
+                    server_tx.shutdown().await.expect("backend shuts its side");
+                },
+            )
+        })
+        .await;
+        assert_eq!(at_backend, [early_up.clone(), up_frames.clone()].concat());
+        assert_eq!(at_device, [early_down.clone(), down_frames.clone()].concat());
+        let expected = ((early_up.len() + up_frames.len()) as u64, (early_down.len() + down_frames.len()) as u64);
+        assert_eq!(copied.expect("clean end"), expected);
+        assert_eq!((up.get(), down.get()), expected);
+        assert!(!splice.closing() && !splice.device_closed());
     }
 }
