@@ -77,7 +77,11 @@ impl Proxy {
 
     /// Serves one request from `client`. Never fails: every
     /// problem becomes a response with a status and a reason.
-    pub(crate) async fn handle(self: Arc<Self>, mut req: Request<Incoming>, client: Arc<Client>) -> Response<ProxyBody> {
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client: Arc<Client>,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         if req.version() == Version::HTTP_2 {
             let (mut parts, body) = req.into_parts();

@@ -154,7 +154,8 @@ impl Health {
             false => Err(()),
         });
         if updated.is_ok() {
-            self.transitions.send_modify(|n| *n += 1);
+            // Not a transition (it was down already); the swap itself wakes
+            // the rebalancer.
             warn!(backend = id, "active checks confirm the backend is down; its tunnels move");
         }
     }
