@@ -9,11 +9,13 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper::Request;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, StatusCode, Version};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -23,7 +25,7 @@ use crate::http::headers::Client;
 use crate::metrics::Metrics;
 use crate::ops::admin::{self, AdminState};
 use crate::ops::reload::{Reloader, Trigger};
-use crate::proxy::Proxy;
+use crate::proxy::{DeliveryLog, Proxy};
 use crate::routing::{Router, RoutingTable};
 use crate::server::{bind, Connections, Transport};
 use crate::tls::PickCertificate;
@@ -45,6 +47,9 @@ pub struct RunningProxy {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     tunnels: Arc<TunnelRegistry>,
+    /// Set when shutdown begins: `/readyz` answers 503 and HTTP/1.1
+    /// responses carry `Connection: close`.
+    stopping: Arc<AtomicBool>,
     /// `true`: stop accepting and finish in-flight HTTP.
     drain: watch::Sender<bool>,
     /// `true`: close everything still open, tunnels included.
@@ -80,6 +85,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     let (close, _) = watch::channel(false);
     let health = Health::new(router.clone(), Arc::clone(&metrics));
     let tunnels = Arc::new(TunnelRegistry::new());
+    let deliveries = Arc::new(DeliveryLog::default());
     let proxy = Arc::new(Proxy::new(
         router.clone(),
         &config.upstream,
@@ -87,6 +93,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         Arc::clone(&health),
         close.subscribe(),
         Arc::clone(&tunnels),
+        Arc::clone(&deliveries),
     ));
 
     let running = RunningProxy {
@@ -98,6 +105,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         metrics: Arc::clone(&metrics),
         health: Arc::clone(&health),
         tunnels: Arc::clone(&tunnels),
+        stopping: Arc::new(AtomicBool::new(false)),
         drain,
         close,
     };
@@ -114,13 +122,22 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
 
     // `proto` says how the client came: X-Forwarded-Proto.
     let proxy_service = |proto: &'static str| {
-        let proxy = proxy.clone();
+        let (proxy, stopping) = (proxy.clone(), Arc::clone(&running.stopping));
         move |addr: SocketAddr| {
-            let proxy = proxy.clone();
+            let (proxy, stopping) = (proxy.clone(), Arc::clone(&stopping));
             let client = Arc::new(Client::new(addr, proto));
             move |req: Request<Incoming>| {
-                let (proxy, client) = (proxy.clone(), Arc::clone(&client));
-                async move { Ok::<_, Infallible>(proxy.handle(req, client).await) }
+                let (proxy, client, stopping) = (proxy.clone(), Arc::clone(&client), Arc::clone(&stopping));
+                async move {
+                    let http1 = req.version() < Version::HTTP_2;
+                    let mut response = proxy.handle(req, client).await;
+                    // Shutting down: keep-alive clients move to another replica.
+                    if http1 && stopping.load(Ordering::Relaxed) && response.status() != StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             }
         }
     };
@@ -136,7 +153,8 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         info!(tls_listen = %addr, "TLS listener serving (HTTP/1.1 and HTTP/2)");
     }
     tokio::spawn(connections.clone().accept_loop(proxy_listener, Transport::Plain, proxy_service("http")));
-    let admin_state = AdminState { router, reloader, metrics, tunnels };
+    let stopping = Arc::clone(&running.stopping);
+    let admin_state = AdminState { router, reloader, metrics, tunnels, deliveries, stopping };
     let admin_service = move |_addr: SocketAddr| {
         let state = admin_state.clone();
         move |req: Request<Incoming>| {
@@ -197,15 +215,36 @@ impl RunningProxy {
         &self.tunnels
     }
 
-    /// Stops accepting, waits up to the grace period for in-flight HTTP,
-    /// then closes remaining connections and tunnels.
+    /// Shuts down without losing what is in flight:
+    ///
+    /// 1. `/readyz` turns 503 at once, and for `server.shutdown_delay` the
+    ///    proxy goes on serving, with `Connection: close` on HTTP/1.1
+    ///    responses, while load balancers take it out of rotation;
+    /// 2. it stops accepting; in-flight HTTP (held redeliveries included)
+    ///    gets up to `server.shutdown_grace` to finish, and open tunnels are
+    ///    closed (1001) paced over most of that grace, so their devices
+    ///    reconnect elsewhere in a trickle;
+    /// 3. whatever is still open is closed.
     pub async fn shutdown(self) {
-        let grace = self.router.load().config().server.shutdown_grace;
-        info!(?grace, "shutting down: no new connections, finishing in-flight requests");
-        let _ = self.drain.send(true);
-        if tokio::time::timeout(grace, self.drain.closed()).await.is_err() {
-            warn!("grace period over with requests still in flight; closing them");
+        let (grace, delay) = {
+            let table = self.router.load();
+            (table.config().server.shutdown_grace, table.config().server.shutdown_delay)
+        };
+        self.stopping.store(true, Ordering::Relaxed);
+        if !delay.is_zero() {
+            info!(?delay, "shutting down: not ready; serving on for shutdown_delay");
+            tokio::time::sleep(delay).await;
         }
+        info!(?grace, "shutting down: no new connections, finishing in-flight requests, closing tunnels paced");
+        let _ = self.drain.send(true);
+        let in_flight = async {
+            if tokio::time::timeout(grace, self.drain.closed()).await.is_err() {
+                warn!("grace period over with requests still in flight; closing them");
+            }
+        };
+        // Leave a fifth of the grace for the last close handshakes.
+        let tunnels = tokio::time::timeout(grace, crate::tunnel::close_paced(&self.tunnels, grace.mul_f64(0.8)));
+        let _ = tokio::join!(in_flight, tunnels);
         let _ = self.close.send(true);
         if tokio::time::timeout(CLOSE_TIMEOUT, self.close.closed()).await.is_err() {
             warn!("some connections did not close in time");

@@ -59,6 +59,15 @@ struct BackendTo {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeTries {
+    outcome: &'static str,
+    tries: &'static str,
+}
+
+/// The `tries` label of `redeliveries_total`, up to 4 (then `5+`).
+const TRIES: [&str; 5] = ["0", "1", "2", "3", "4"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -122,6 +131,9 @@ pub struct Metrics {
     routed_by_ring: Counter,
     misplaced: Family<BackendLabel, Gauge>,
     migrations: Family<BackendLabel, Counter>,
+    not_here: Family<BackendLabel, Counter>,
+    redeliveries: Family<OutcomeTries, Counter>,
+    redelivery_held: Histogram,
     /// Per backend id: set when the backend leaves the config, so handles
     /// still held by requests and tunnels in flight stop creating series.
     retired: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
@@ -167,6 +179,9 @@ impl Metrics {
             routed_by_ring: Counter::default(),
             misplaced: Family::default(),
             migrations: Family::default(),
+            not_here: Family::default(),
+            redeliveries: Family::default(),
+            redelivery_held: latency_histogram(),
         };
         m.registry.register_collector(Box::new(ProcessCollector));
         let r = m.registry.sub_registry_with_prefix("sticky_proxy");
@@ -249,6 +264,21 @@ impl Metrics {
             "Client TLS handshakes that failed, by reason (timeout, closed, not_tls, protocol, incompatible, alert, other)",
             m.tls_handshake_failures.clone(),
         );
+        r.register(
+            "not_here",
+            "Answers meaning \"this instance does not hold the device\" (routing.not_here.status), by backend",
+            m.not_here.clone(),
+        );
+        r.register(
+            "redeliveries",
+            "Requests that met a not-here answer, by outcome (delivered, gave_up, refused: too many held) and tries",
+            m.redeliveries.clone(),
+        );
+        r.register(
+            "redelivery_held_seconds",
+            "Time a request that met a not-here answer spent until delivered or given up",
+            m.redelivery_held.clone(),
+        );
         let build_info: Family<VersionLabel, Gauge> = Family::default();
         build_info.get_or_create(&VersionLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
         r.register("build_info", "Always 1, labelled with the version", build_info);
@@ -330,6 +360,7 @@ impl Metrics {
         self.failovers.remove(&label);
         self.retries.remove(&label);
         self.migrations.remove(&label);
+        self.not_here.remove(&label);
         for result in ["success", "failure"] {
             self.health_checks.remove(&BackendResult { backend: label.backend.clone(), result });
         }
@@ -340,6 +371,23 @@ impl Metrics {
             self.ws_open.remove(&label);
         }
         self.ws_total.remove(&label);
+    }
+
+    /// `backend` answered a device's request with a not-here status.
+    pub(crate) fn not_here(&self, backend: &str) {
+        self.not_here.get_or_create(&BackendLabel { backend: backend.to_string() }).inc();
+    }
+
+    /// A request that met a not-here answer ended: `outcome` is
+    /// `delivered`, `gave_up` or `refused`, after `tries` sends, `held` after
+    /// it arrived.
+    pub(crate) fn redelivery(&self, outcome: &'static str, tries: u32, held: Duration) {
+        let tries = match tries {
+            0..=4 => TRIES[tries as usize],
+            _ => "5+",
+        };
+        self.redeliveries.get_or_create(&OutcomeTries { outcome, tries }).inc();
+        self.redelivery_held.observe(held.as_secs_f64());
     }
 
     /// A backend turned up or down.

@@ -191,10 +191,10 @@ async fn post_delivers_to_the_socket() {
 }
 
 #[tokio::test]
-async fn post_for_unconnected_device_is_404() {
+async fn post_for_unconnected_device_is_421() {
     let app = start("app-1").await;
     let r = post(app.addr(), "/devices/dev-42/messages", "hi").await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST);
     assert_eq!(r.text(), "device dev-42 is not connected to instance app-1");
     assert!(r.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
 }
@@ -244,7 +244,7 @@ async fn closing_the_socket_unregisters_the_device() {
     ws_expect_end(&mut ws).await;
     assert_eq!(app.connected_devices(), 0);
     let r = post(app.addr(), "/devices/dev-9/messages", "anyone?").await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.status, StatusCode::MISDIRECTED_REQUEST);
     assert_eq!(r.text(), "device dev-9 is not connected to instance app-1");
 }
 

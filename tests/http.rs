@@ -166,7 +166,7 @@ async fn a_slow_upload_is_not_a_slow_backend() {
     let body = StreamBody::new(tokio_stream_from(rx));
     let client: hyper_util::client::legacy::Client<_, StreamBody<_>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
-    // This endpoint reads the whole body before it answers (404: no socket
+    // This endpoint reads the whole body before it answers (421: no socket
     // for this device), so its answer can only come after the upload.
     let request = hyper::Request::post(format!("http://{}/devices/uploader/messages", proxy.proxy_addr()))
         .body(body)
@@ -174,7 +174,7 @@ async fn a_slow_upload_is_not_a_slow_backend() {
     let response = within("slow upload", client.request(request)).await.expect("response");
     let status = response.status();
     let answer = within("answer", response.into_body().collect()).await.expect("body").to_bytes();
-    assert_eq!(status, 404, "the response clock starts when the upload is done: {answer:?}");
+    assert_eq!(status, 421, "the response clock starts when the upload is done: {answer:?}");
     assert!(String::from_utf8_lossy(&answer).contains("not connected"), "{answer:?}");
     proxy.shutdown().await;
 }

@@ -41,7 +41,7 @@ async fn deliver_to_all(proxy: std::net::SocketAddr, seed: u64) -> (usize, Vec<S
                 answered_by[i] = json["instance"].as_str().unwrap_or_default().to_string();
                 delivered[i] = true;
             }
-            404 => assert!(reply.body.contains("is not connected to instance"), "{}", reply.body),
+            421 => assert!(reply.body.contains("is not connected to instance"), "{}", reply.body),
             other => panic!("unexpected status {other}: {}", reply.body),
         }
     }

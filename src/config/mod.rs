@@ -61,8 +61,13 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// `shutdown_grace` (default 10s): how long in-flight HTTP requests may
     /// take to finish on shutdown before connections (and then WebSocket
-    /// tunnels) are closed.
+    /// tunnels) are closed. Open tunnels are closed paced over it.
     pub shutdown_grace: Duration,
+    /// `shutdown_delay` (default 0s): on SIGTERM, how long the proxy goes on
+    /// serving (with `/readyz` answering 503 and `Connection: close` on
+    /// HTTP/1.1 responses) before it stops accepting, so that a load
+    /// balancer or Kubernetes can take it out of its endpoints first.
+    pub shutdown_delay: Duration,
     /// `header_read_timeout` (default 30s): how long a client may take to
     /// send a request's headers; hyper starts this clock when it waits for
     /// the next request, so it is also the idle limit of a keep-alive
@@ -407,6 +412,7 @@ struct RawConfig {
 struct RawServer {
     listen: Spanned<String>,
     shutdown_grace: Option<Spanned<String>>,
+    shutdown_delay: Option<Spanned<String>>,
     header_read_timeout: Option<Spanned<String>>,
     workers: Option<Spanned<i64>>,
     access_log: Option<bool>,
@@ -529,6 +535,10 @@ impl Validator<'_> {
                 "server.shutdown_grace",
                 Duration::from_secs(10),
             )?,
+            shutdown_delay: match &raw.server.shutdown_delay {
+                Some(v) if parse_duration(v.get_ref()) == Some(Duration::ZERO) => Duration::ZERO,
+                delay => self.duration(delay.as_ref(), "server.shutdown_delay", Duration::ZERO)?,
+            },
             header_read_timeout: self.duration(
                 raw.server.header_read_timeout.as_ref(),
                 "server.header_read_timeout",

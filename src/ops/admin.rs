@@ -25,6 +25,7 @@ use serde_json::json;
 use super::reload::{Reloader, Trigger};
 use crate::http::{json_response, text_response, ProxyBody};
 use crate::metrics::Metrics;
+use crate::proxy::DeliveryLog;
 use crate::routing::key::percent_decode;
 use crate::routing::{Explanation, Reason, Router, RoutingTable};
 use crate::tunnel::registry::{is_misplaced, TunnelRegistry};
@@ -40,6 +41,10 @@ pub(crate) struct AdminState {
     pub(crate) metrics: Arc<Metrics>,
     /// Open tunnels, for `/devices/{id}` and misplaced counts.
     pub(crate) tunnels: Arc<TunnelRegistry>,
+    /// How each device's last redelivered request ended.
+    pub(crate) deliveries: Arc<DeliveryLog>,
+    /// Set when shutdown begins: `/readyz` answers 503 from then on.
+    pub(crate) stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Answers one admin request.
@@ -88,6 +93,9 @@ pub(crate) async fn handle(req: Request<Incoming>, state: &AdminState) -> Respon
 }
 
 fn readyz(state: &AdminState) -> Response<ProxyBody> {
+    if state.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: shutting down\n");
+    }
     let table = state.router.load();
     match table.backends_usable() {
         0 => text_response(StatusCode::SERVICE_UNAVAILABLE, "not ready: no backend is up and not draining\n"),
@@ -180,6 +188,7 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
                     "reason": reason_of(&why),
                     "via": first.map_or("none", |c| c.reason.via()),
                     "candidates": candidates_json(&why),
+                    "last_redelivery": last_redelivery(state, &key),
                     "ring_hash": why.hash,
                     "failover_order": why.failover_order,
                     "generation": table.generation(),
@@ -246,10 +255,26 @@ fn device(path: &str, state: &AdminState) -> Response<ProxyBody> {
                 "reason": reason,
                 "candidates": candidates_json(&why),
             },
+            "last_redelivery": last_redelivery(state, &id),
             "ring_owner": { "id": why.owner.id, "address": why.owner.address, "up": table.is_up(&why.owner.id) },
             "generation": table.generation(),
         }),
     )
+}
+
+/// How the device's last request that met a "not here" answer ended
+/// (`null` when none is remembered: its requests were answered at once).
+fn last_redelivery(state: &AdminState, device: &[u8]) -> serde_json::Value {
+    match state.deliveries.last(device) {
+        Some(r) => json!({
+            "outcome": r.outcome,
+            "tries": r.tries,
+            "backend": r.backend,
+            "took_ms": r.took.as_secs_f64() * 1000.0,
+            "at_unix": r.at.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+        }),
+        None => serde_json::Value::Null,
+    }
 }
 
 async fn reload(state: &AdminState) -> Response<ProxyBody> {

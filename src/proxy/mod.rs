@@ -36,9 +36,42 @@ use crate::upstream::pool::Pool;
 use crate::upstream::request::upstream_request;
 use crate::upstream::{Connector, Endpoint, Health, UpstreamFailure};
 
+pub(crate) mod redeliver;
+
+pub(crate) use redeliver::DeliveryLog;
+
 /// Largest request body buffered to make a request retryable; larger or
 /// chunked bodies stream and are never retried.
 const REPLAYABLE_BODY: u64 = 64 * 1024;
+
+/// Where one request stands on its way to the instance holding its
+/// device's socket.
+struct Delivery {
+    /// The backend it goes to next (or went to last).
+    backend: Arc<Backend>,
+    /// Sends so far.
+    tries: u32,
+    /// The one retry after a failure has been used.
+    retried: bool,
+    /// Backends that answered "not here" (or failed) in this walk.
+    tried: Vec<Arc<Backend>>,
+    /// The last not-here answer, buffered: it goes to the client if no
+    /// instance takes the request.
+    last_not_here: Option<Response<ProxyBody>>,
+}
+
+/// A not-here answer with its body read (at most [`REPLAYABLE_BODY`]), so
+/// that the connection it came on is free and the answer can be kept.
+async fn buffered(response: Response<ProxyBody>) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    let bytes = match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    // The length is the buffered body's now.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Either::Right(Full::new(bytes)))
+}
 
 /// State shared by every connection of one running proxy.
 pub(crate) struct Proxy {
@@ -46,6 +79,10 @@ pub(crate) struct Proxy {
     pool: Arc<Pool>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    /// Requests held waiting for their device's socket (capped).
+    held: redeliver::HeldCount,
+    /// How each device's last redelivered request ended.
+    deliveries: Arc<DeliveryLog>,
     /// Open tunnels by device (HTTP for a device follows its tunnel), and
     /// what opening one needs.
     tunnels: Arc<Tunnels>,
@@ -62,6 +99,7 @@ impl Proxy {
         health: Arc<Health>,
         close_tunnels: watch::Receiver<bool>,
         registry: Arc<TunnelRegistry>,
+        deliveries: Arc<DeliveryLog>,
     ) -> Proxy {
         let connector = Connector::new(upstream.connect_timeout);
         let pool = Pool::new(upstream.pool_max_idle, upstream.pool_idle_timeout, connector);
@@ -72,7 +110,7 @@ impl Proxy {
             registry,
             close: close_tunnels,
         });
-        Proxy { router, pool, health, metrics, tunnels }
+        Proxy { router, pool, health, metrics, held: redeliver::HeldCount::default(), deliveries, tunnels }
     }
 
     /// Serves one request from `client`. Never fails: every
@@ -154,7 +192,7 @@ impl Proxy {
         // Copied only when the access log will be written.
         let logged = (access_log && tracing::enabled!(tracing::Level::INFO))
             .then(|| (req.method().clone(), req.uri().path().to_string()));
-        let (backend, response) = self.forward(req, &client, key.as_deref(), backend, response_timeout).await;
+        let (backend, response) = self.forward(req, &client, key.as_deref(), backend, started, response_timeout).await;
         let elapsed = started.elapsed();
         backend.stats.response(response.status().as_u16(), elapsed);
         if let Some((method, path)) = logged {
@@ -164,25 +202,27 @@ impl Proxy {
         response
     }
 
-    /// Sends the request to `backend`; if it fails in a way
+    /// Sends the request to `backend`. If it fails in a way
     /// [`UpstreamFailure::retryable`] allows and the body can be sent again
     /// (none, or buffered because small), retries once on the device's next
-    /// candidate. Returns who answered.
+    /// candidate. If the backend answers "not here" ([`redeliver`]), walks
+    /// the device's redelivery candidates. Returns who answered.
     async fn forward(
         &self,
         req: Request<Incoming>,
         client: &Client,
         key: Option<&[u8]>,
-        mut backend: Arc<Backend>,
+        backend: Arc<Backend>,
+        arrived: Instant,
         response_timeout: Duration,
     ) -> (Arc<Backend>, Response<ProxyBody>) {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         add_forwarded_headers(&mut parts.headers, client);
         let replay = match body.size_hint().exact() {
-            Some(0) => Some(Bytes::new()),
+            Some(0) => Bytes::new(),
             Some(n) if n <= REPLAYABLE_BODY => match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
-                Ok(collected) => Some(collected.to_bytes()),
+                Ok(collected) => collected.to_bytes(),
                 Err(_) => {
                     let response = text_response(StatusCode::BAD_REQUEST, "could not read the request body\n");
                     return (backend, response);
@@ -202,35 +242,161 @@ impl Proxy {
                 };
             }
         };
-        let replay = replay.unwrap_or_default();
-        let mut retried = false;
+        let not_here = match key {
+            Some(_) => {
+                let table = self.router.load();
+                let config = &table.config().routing.not_here;
+                (!config.status.is_empty()).then(|| config.clone())
+            }
+            None => None,
+        };
+        let mut delivery = Delivery { backend, tries: 0, retried: false, tried: Vec::new(), last_not_here: None };
+        let mut waiter: Option<(redeliver::Waiter, redeliver::HeldSlot<'_>)> = None;
         loop {
+            delivery.tries += 1;
+            let backend = Arc::clone(&delivery.backend);
             let request = upstream_request(&parts, &backend.address, Either::Right(Full::new(replay.clone())));
             match self.send(&backend, request, response_timeout, None).await {
-                Ok(response) => return (backend, response),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    if !not_here.as_ref().is_some_and(|config| config.is_not_here(status)) {
+                        return self.delivered(key, delivery, response, arrived);
+                    }
+                    self.metrics.not_here(&backend.id);
+                    delivery.last_not_here = Some(buffered(response).await);
+                    delivery.tried.push(backend);
+                }
                 Err(failure) => {
                     self.health.upstream_failed(&backend, failure);
-                    let next = if failure.retryable(&parts.method) && !retried {
-                        let table = self.router.load();
-                        let held = key.and_then(|id| self.tunnels.registry.holder(id, &table));
-                        table.retry_target(key, held, &backend)
-                    } else {
-                        None
-                    };
-                    match next {
-                        Some(next) => {
-                            backend.stats.retried();
-                            warn!(from = %backend.id, to = %next.id, ?failure, "retrying once on the next candidate");
-                            backend = next;
-                            retried = true;
-                        }
-                        None => {
-                            let response = failure.response(&backend);
-                            return (backend, response);
-                        }
+                    if delivery.last_not_here.is_none() {
+                        // No instance has said "not here": the one retry rule.
+                        let next = if failure.retryable(&parts.method) && !delivery.retried {
+                            let table = self.router.load();
+                            let held = key.and_then(|id| self.tunnels.registry.holder(id, &table));
+                            table.retry_target(key, held, &backend)
+                        } else {
+                            None
+                        };
+                        let Some(next) = next else {
+                            return (Arc::clone(&backend), failure.response(&backend));
+                        };
+                        backend.stats.retried();
+                        warn!(from = %backend.id, to = %next.id, ?failure, "retrying once on the next candidate");
+                        delivery.backend = next;
+                        delivery.retried = true;
+                        continue;
                     }
+                    // Redelivering: a candidate that fails is passed over.
+                    delivery.tried.push(backend);
                 }
             }
+            // An instance said "not here" (else the loop went on or returned).
+            let (Some(config), Some(device)) = (&not_here, key) else {
+                return self.gave_up(key, delivery, arrived);
+            };
+            if let Some(next) = self.next_candidate(device, config.candidates, &delivery.tried) {
+                delivery.backend = next;
+                continue;
+            }
+            // Every candidate said "not here": hold the request until the
+            // device's socket may have shown up, then walk again.
+            let deadline = redeliver::deadline(arrived, config.retry_for);
+            loop {
+                if tokio::time::Instant::now() >= deadline {
+                    return self.gave_up(key, delivery, arrived);
+                }
+                if waiter.is_none() {
+                    let Some(slot) = self.held.try_hold(config.max_held) else {
+                        self.metrics.redelivery("refused", delivery.tries, arrived.elapsed());
+                        let reason = format!(
+                            "{} requests are already waiting for their device's socket (routing.not_here.max_held)\n",
+                            self.held.now()
+                        );
+                        return (delivery.backend, text_response(StatusCode::SERVICE_UNAVAILABLE, reason));
+                    };
+                    let wait = redeliver::Waiter::new(
+                        &self.tunnels.registry,
+                        self.router.subscribe(),
+                        self.tunnels.close.clone(),
+                    );
+                    waiter = Some((wait, slot));
+                }
+                let Some((wait, _slot)) = waiter.as_mut() else {
+                    return self.gave_up(key, delivery, arrived);
+                };
+                let registry = &self.tunnels.registry;
+                let has_tunnel = || !registry.tunnels_of(device).is_empty();
+                if wait.wait(deadline, has_tunnel).await == redeliver::Wake::GiveUp {
+                    return self.gave_up(key, delivery, arrived);
+                }
+                delivery.tried.clear();
+                if let Some(next) = self.next_candidate(device, config.candidates, &delivery.tried) {
+                    delivery.backend = next;
+                    break;
+                }
+            }
+        }
+    }
+
+    /// The first of the device's redelivery candidates (at most `limit`)
+    /// that has not answered in this walk.
+    fn next_candidate(&self, device: &[u8], limit: usize, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
+        let table = self.router.load();
+        let held = self.tunnels.registry.holder(device, &table);
+        table
+            .redelivery_candidates(device, held)
+            .take(limit)
+            .map(|c| c.backend)
+            .find(|b| !tried.iter().any(|t| t.id == b.id))
+    }
+
+    /// A response that is not "not here": counted and logged as a
+    /// redelivery if an instance said "not here" before.
+    fn delivered(
+        &self,
+        key: Option<&[u8]>,
+        delivery: Delivery,
+        response: Response<ProxyBody>,
+        arrived: Instant,
+    ) -> (Arc<Backend>, Response<ProxyBody>) {
+        if delivery.last_not_here.is_some() {
+            self.log_redelivery(key, "delivered", &delivery, arrived);
+        }
+        (delivery.backend, response)
+    }
+
+    /// Every try said "not here" (or failed) until `retry_for` passed: the
+    /// last not-here answer goes to the client unchanged.
+    fn gave_up(&self, key: Option<&[u8]>, delivery: Delivery, arrived: Instant) -> (Arc<Backend>, Response<ProxyBody>) {
+        self.log_redelivery(key, "gave_up", &delivery, arrived);
+        let answered = delivery.tried.last().cloned().unwrap_or_else(|| Arc::clone(&delivery.backend));
+        let response = delivery
+            .last_not_here
+            .unwrap_or_else(|| text_response(StatusCode::BAD_GATEWAY, "no instance holds the device's socket\n"));
+        (answered, response)
+    }
+
+    fn log_redelivery(&self, key: Option<&[u8]>, outcome: &'static str, delivery: &Delivery, arrived: Instant) {
+        let took = arrived.elapsed();
+        self.metrics.redelivery(outcome, delivery.tries, took);
+        let backend = delivery.tried.last().filter(|_| outcome == "gave_up").unwrap_or(&delivery.backend);
+        if let Some(device) = key {
+            let record = redeliver::Redelivery {
+                outcome,
+                tries: delivery.tries,
+                backend: backend.id.clone(),
+                took,
+                at: std::time::SystemTime::now(),
+            };
+            self.deliveries.record(device, record);
+            info!(
+                device = %String::from_utf8_lossy(device),
+                backend = %backend.id,
+                tries = delivery.tries,
+                ?took,
+                "{}",
+                if outcome == "delivered" { "redelivered after a not-here answer" } else { "gave up: no instance holds the device's socket" }
+            );
         }
     }
 

@@ -105,6 +105,9 @@ pub struct Candidates<'t> {
     hash: u32,
     /// Round robin: where it starts, and how many backends it has looked at.
     spread: (usize, usize),
+    /// The redelivery walk: backends that may still hold a device's socket
+    /// (draining, or down by failed traffic alone) stay in it.
+    may_hold: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +133,15 @@ impl<'t> Candidates<'t> {
             walk: None,
             hash,
             spread: (0, 0),
+            may_hold: false,
         }
+    }
+
+    /// The walk of a request an instance answered "not here": like
+    /// [`Candidates::device`], but a backend that may still hold the
+    /// device's socket (its ring owner while draining, say) is tried too.
+    pub(super) fn redelivery(table: &'t RoutingTable, hash: u32, held: Option<Arc<Backend>>) -> Candidates<'t> {
+        Candidates { may_hold: true, ..Candidates::device(table, hash, held) }
     }
 
     /// Round robin over usable backends, for a request without a device ID.
@@ -145,7 +156,14 @@ impl<'t> Candidates<'t> {
             walk: None,
             hash: 0,
             spread: (start, 0),
+            may_hold: false,
         }
+    }
+
+    /// May backend `i` be yielded: it may take requests, or (redelivery)
+    /// it may still hold the device's socket.
+    fn usable(&self, i: usize) -> bool {
+        self.table.usable_at(i) || (self.may_hold && self.table.may_hold_tunnels_at(i))
     }
 
     fn take(&mut self, i: usize) {
@@ -177,7 +195,7 @@ impl<'t> Candidates<'t> {
         while self.spread.1 < n {
             let i = (self.spread.0 + self.spread.1) % n;
             self.spread.1 += 1;
-            if self.table.usable_at(i) {
+            if self.usable(i) {
                 return Some(i);
             }
         }
@@ -204,9 +222,8 @@ impl Iterator for Candidates<'_> {
                     self.stage = Stage::RoundRobin;
                     let ring = self.table.ring();
                     let Some(start) = ring.point_of(self.hash) else { continue };
-                    let usable = (0..NGINX_POINT_TRIES)
-                        .map(|k| ring.owner_of_point(start + k))
-                        .find(|&i| self.table.usable_at(i));
+                    let usable =
+                        (0..NGINX_POINT_TRIES).map(|k| ring.owner_of_point(start + k)).find(|&i| self.usable(i));
                     if let Some(i) = usable {
                         self.stage = Stage::Ring;
                         if self.taken.contains(&Some(i)) {
@@ -231,9 +248,9 @@ impl Iterator for Candidates<'_> {
                     }
                 }
                 Stage::Ring => {
-                    let table = self.table;
+                    let (table, may_hold) = (self.table, self.may_hold);
                     let walk = self.walk.get_or_insert_with(|| table.ring().walk_from_hash(self.hash));
-                    let found = walk.find(|&i| table.usable_at(i));
+                    let found = walk.find(|&i| table.usable_at(i) || (may_hold && table.may_hold_tunnels_at(i)));
                     let Some(i) = found else {
                         self.stage = Stage::Done;
                         return None;
@@ -290,6 +307,12 @@ impl RoutingTable {
     /// the backend of its open tunnel on this replica, if any.
     pub fn candidates(&self, device_id: &[u8], held: Option<Arc<Backend>>) -> Candidates<'_> {
         Candidates::device(self, Ring::hash_key(device_id), held)
+    }
+
+    /// The redelivery walk of a device whose instance answered "not here"
+    /// (see [`Candidates::redelivery`]).
+    pub fn redelivery_candidates(&self, device_id: &[u8], held: Option<Arc<Backend>>) -> Candidates<'_> {
+        Candidates::redelivery(self, Ring::hash_key(device_id), held)
     }
 
     /// Round robin over the usable backends, for requests without a device ID.

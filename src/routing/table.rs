@@ -285,6 +285,12 @@ impl RoutingTable {
         self.usable(i)
     }
 
+    /// May backend `i` still hold sockets: up (draining or not), or down by
+    /// failed traffic alone.
+    pub(super) fn may_hold_tunnels_at(&self, i: usize) -> bool {
+        self.up.get(i) == Some(&true) || self.down_by_traffic.get(i) == Some(&true)
+    }
+
     /// Is backend `i` draining?
     pub(super) fn is_draining_at(&self, i: usize) -> bool {
         self.draining.get(i).is_some_and(Option::is_some)

@@ -15,7 +15,7 @@
 //! | `GET /whoami` | 200 `text/plain`, body = instance name |
 //! | `GET /health` | 200 `ok` |
 //! | `GET /devices/{id}/ws` | WebSocket upgrade (101). The socket is held in the registry under `{id}`; text/binary frames are echoed back. Without `Upgrade`: 426. Bad handshake: 400 |
-//! | `POST /devices/{id}/messages` | body (max 1 MiB, else 413) is sent to every socket this instance holds for `{id}` (text frame if UTF-8, else binary): 200 JSON `{"delivered":true,"instance":..,"device":..,"sockets":n}`; none held: 404 `device {id} is not connected to instance {name}` |
+//! | `POST /devices/{id}/messages` | body (max 1 MiB, else 413) is sent to every socket this instance holds for `{id}` (text frame if UTF-8, else binary): 200 JSON `{"delivered":true,"instance":..,"device":..,"sockets":n}`; none held: 421 (Misdirected Request: "not here") `device {id} is not connected to instance {name}` |
 //! | `POST /echo` | streams the request body back unchanged (no buffering), `Content-Type` preserved |
 //! | `GET /bytes/{n}` | streams `n` bytes (`n` ≤ 10 GiB) in 64 KiB chunks, byte `i` = `i % 256`, with `Content-Length` |
 //! | `GET /delay/{ms}` | waits `ms` (capped at 60 000) then 200 `slept {ms}ms` |
@@ -51,7 +51,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -104,8 +104,11 @@ struct Shared {
 
 struct SocketEntry {
     id: u64,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Queued>,
 }
+
+/// A message for a socket, and who to tell once it has been written to it.
+type Queued = (Message, oneshot::Sender<()>);
 
 impl DemoInstance {
     /// Serve on an already-bound listener (tests bind `127.0.0.1:0`).
@@ -451,8 +454,10 @@ async fn hold_socket(shared: Arc<Shared>, device: String, mut ws: WsStream) {
         _ = stopped(shared.shutdown_rx.clone()) => return,
     };
     // From here a message can't be sent: refuse new ones (their POST gets
-    // 404) rather than accept them into a queue nobody reads.
+    // 421) rather than accept them into a queue nobody reads, and fail the
+    // ones still queued (dropping them tells their senders).
     rx.close();
+    while rx.try_recv().is_ok() {}
     drop(registration);
     if closing {
         // The peer sent Close: tungstenite has queued the reply; polling sends it.
@@ -466,18 +471,18 @@ async fn hold_socket(shared: Arc<Shared>, device: String, mut ws: WsStream) {
 
 /// Echo device frames and forward queued messages. Returns true if the peer
 /// started the closing handshake, false on EOF/error.
-async fn pump(shared: &Shared, device: &str, ws: &mut WsStream, rx: &mut mpsc::Receiver<Message>) -> bool {
+async fn pump(shared: &Shared, device: &str, ws: &mut WsStream, rx: &mut mpsc::Receiver<Queued>) -> bool {
     loop {
-        let outgoing = tokio::select! {
+        let (outgoing, written) = tokio::select! {
             // Queued messages first: one accepted before the peer's Close
             // arrived is still sent.
             biased;
             queued = rx.recv() => match queued {
-                Some(m) => m,
+                Some((m, written)) => (m, Some(written)),
                 None => return false,
             },
             incoming = ws.next() => match incoming {
-                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => m,
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => (m, None),
                 Some(Ok(Message::Close(_))) => return true,
                 Some(Ok(_)) => continue, // ping (auto-answered), pong, raw frame
                 Some(Err(e)) => {
@@ -490,6 +495,9 @@ async fn pump(shared: &Shared, device: &str, ws: &mut WsStream, rx: &mut mpsc::R
         if let Err(e) = ws.send(outgoing).await {
             debug!(instance = %shared.name, %device, error = %e, "websocket send failed");
             return false;
+        }
+        if let Some(written) = written {
+            let _ = written.send(());
         }
     }
 }
@@ -518,18 +526,26 @@ async fn deliver(shared: &Shared, req: Request<Incoming>, device: String) -> Res
         Ok(t) => Message::Text(t),
         Err(_) => Message::Binary(body),
     };
-    let senders: Vec<mpsc::Sender<Message>> = lock(&shared.registry)
+    let senders: Vec<mpsc::Sender<Queued>> = lock(&shared.registry)
         .get(&device)
         .map(|sockets| sockets.iter().map(|s| s.tx.clone()).collect())
         .unwrap_or_default();
+    // Counted only once written to the socket: a socket that closes with
+    // the message still queued did not get it (and the answer says so).
     let mut sockets = 0;
     for tx in senders {
-        if tx.send(message.clone()).await.is_ok() {
+        let (written, was_written) = oneshot::channel();
+        if tx.send((message.clone(), written)).await.is_ok() && was_written.await.is_ok() {
             sockets += 1;
         }
     }
     if sockets == 0 {
-        return text(StatusCode::NOT_FOUND, format!("device {device} is not connected to instance {}", shared.name));
+        // 421 Misdirected Request: "not here", so a proxy with
+        // `routing.not_here` tries the instance that holds the socket.
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("device {device} is not connected to instance {}", shared.name),
+        );
     }
     json(StatusCode::OK, &Delivered { delivered: true, instance: &shared.name, device: &device, sockets })
 }

@@ -14,11 +14,14 @@
 //! task, not a thread, so thousands cost only memory.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tracing::info;
 
 use crate::routing::Router;
 use crate::upstream::{Connector, Health};
+use crate::util::rng::SplitMix64;
 
 pub mod h2ws;
 pub mod handshake;
@@ -43,4 +46,29 @@ pub struct Tunnels {
     pub registry: Arc<TunnelRegistry>,
     /// Raised when open tunnels must close (the end of shutdown).
     pub close: watch::Receiver<bool>,
+}
+
+/// Closes every open tunnel with a device ID (1001), one at a time, spread
+/// evenly over `over` in random order, so that devices reconnect through
+/// the other replicas in a trickle rather than a herd. Returns when the
+/// last one has been asked.
+pub async fn close_paced(registry: &TunnelRegistry, over: Duration) {
+    let mut open = registry.all();
+    if open.is_empty() {
+        return;
+    }
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(3, |d| d.as_nanos() as u64);
+    let mut rng = SplitMix64::new(seed);
+    for i in (1..open.len()).rev() {
+        open.swap(i, rng.below(i + 1));
+    }
+    let step = over / u32::try_from(open.len()).unwrap_or(u32::MAX);
+    info!(tunnels = open.len(), ?over, "closing open tunnels, paced");
+    let start = tokio::time::Instant::now();
+    for (i, tunnel) in open.iter().enumerate() {
+        tokio::time::sleep_until(start + step * u32::try_from(i).unwrap_or(u32::MAX)).await;
+        if let Some(control) = tunnel.control.upgrade() {
+            control.shut_down();
+        }
+    }
 }

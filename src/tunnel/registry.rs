@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::routing::{Backend, RoutingTable};
 
@@ -31,6 +31,9 @@ pub struct TunnelRegistry {
     shards: Box<[Mutex<Shard>]>,
     open: AtomicUsize,
     next_id: AtomicU64,
+    /// Counts registrations: requests waiting for a device's socket to
+    /// show up wake on it.
+    registered: watch::Sender<u64>,
 }
 
 /// One open tunnel.
@@ -51,6 +54,8 @@ pub struct TunnelControl {
     pub opened_at: SystemTime,
     /// Asks the tunnel to end cleanly so its device reconnects elsewhere.
     migrate: Notify,
+    /// Asks the tunnel to end because the proxy is shutting down.
+    shutdown: Notify,
 }
 
 impl TunnelControl {
@@ -62,6 +67,16 @@ impl TunnelControl {
     /// Resolves once [`TunnelControl::migrate`] has been called.
     pub async fn migration_requested(&self) {
         self.migrate.notified().await
+    }
+
+    /// Asks the tunnel to close (1001) because the proxy is shutting down.
+    pub fn shut_down(&self) {
+        self.shutdown.notify_one();
+    }
+
+    /// Resolves once [`TunnelControl::shut_down`] has been called.
+    pub async fn shutdown_requested(&self) {
+        self.shutdown.notified().await
     }
 }
 
@@ -121,6 +136,7 @@ impl TunnelRegistry {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             open: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            registered: watch::channel(0).0,
         }
     }
 
@@ -137,11 +153,18 @@ impl TunnelRegistry {
             opened: Instant::now(),
             opened_at: SystemTime::now(),
             migrate: Notify::new(),
+            shutdown: Notify::new(),
         });
         let entry = Entry { backend: Arc::clone(backend), control: Arc::clone(&control) };
         self.shard(device).entry(device.into()).or_default().push(entry);
         self.open.fetch_add(1, Ordering::Relaxed);
+        self.registered.send_modify(|n| *n = n.wrapping_add(1));
         Registration { registry: Arc::clone(self), device: device.into(), control }
+    }
+
+    /// Fires after every registration (of any device).
+    pub fn subscribe_registrations(&self) -> watch::Receiver<u64> {
+        self.registered.subscribe()
     }
 
     /// Tunnels open now.

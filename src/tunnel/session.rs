@@ -103,6 +103,7 @@ where
             copied = &mut splice => break copied.map_err(|e| format!("closed by error: {e}")),
             _ = raised(&mut close), if closed_by.is_none() => begin = Some(ClosedBy::Shutdown),
             _ = migration_requested(control.as_deref()), if closed_by.is_none() => begin = Some(ClosedBy::Migration),
+            _ = shutdown_requested(control.as_deref()), if closed_by.is_none() => begin = Some(ClosedBy::Shutdown),
             _ = sleep_until_some(drain), if closed_by.is_none() => begin = Some(ClosedBy::Drain),
             changed = swaps.changed(), if !router_gone => {
                 // The router is gone: only the copy or shutdown can end us
@@ -145,6 +146,15 @@ async fn migration_requested(control: Option<&TunnelControl>) {
 async fn sleep_until_some(deadline: Option<Instant>) {
     match deadline {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the shutdown asks this tunnel in particular to close
+/// (never, for a tunnel without a device ID: the shutdown flag ends those).
+async fn shutdown_requested(control: Option<&TunnelControl>) {
+    match control {
+        Some(control) => control.shutdown_requested().await,
         None => std::future::pending().await,
     }
 }

@@ -127,6 +127,26 @@ pub async fn connect_device(addr: SocketAddr, device: &str) -> Ws {
     ws
 }
 
+/// Like [`connect_device`], for a device that may be sent messages while it
+/// connects (a held request delivered as soon as its socket shows up):
+/// returns them with the socket.
+pub async fn connect_device_collecting(addr: SocketAddr, device: &str) -> (Ws, Vec<String>) {
+    let url = format!("ws://{addr}/devices/{device}/ws");
+    let (mut ws, response) =
+        within(&url, tokio_tungstenite::connect_async(&url)).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let ping = format!("ping {device}");
+    within("echo send", ws.send(Message::text(ping.clone()))).await.expect("send");
+    let mut early = Vec::new();
+    loop {
+        let text = next_text(&mut ws).await;
+        if text == ping {
+            return (ws, early);
+        }
+        early.push(text);
+    }
+}
+
 /// The next text message on `ws` (skipping control frames).
 pub async fn next_text(ws: &mut Ws) -> String {
     loop {
