@@ -19,6 +19,7 @@
 //! | `POST /echo` | streams the request body back unchanged (no buffering), `Content-Type` preserved |
 //! | `GET /bytes/{n}` | streams `n` bytes (`n` ≤ 10 GiB) in 64 KiB chunks, byte `i` = `i % 256`, with `Content-Length` |
 //! | `GET /delay/{ms}` | waits `ms` (capped at 60 000) then 200 `slept {ms}ms` |
+//! | `GET /hangup` | closes the connection without answering (an app that drops a request) |
 //! | `GET /headers` | 200 JSON object: request header name → value (repeats joined with `", "`), plus `"_uri"` → request target |
 //! | anything else | 404 `text/plain` naming the method and path |
 //!
@@ -30,7 +31,6 @@
 //! dropped without a goodbye.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -243,9 +243,13 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     let svc = service_fn(move |req| {
         let shared = svc_shared.clone();
         async move {
+            if req.uri().path() == "/hangup" {
+                // The app drops the request: the connection closes unanswered.
+                return Err(std::io::Error::other("hung up on purpose"));
+            }
             let mut resp = route(&shared, req).await;
             resp.headers_mut().insert("x-instance", shared.name_header.clone());
-            Ok::<_, Infallible>(resp)
+            Ok::<_, std::io::Error>(resp)
         }
     });
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
