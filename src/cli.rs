@@ -281,8 +281,16 @@ Ask which instance owns a device, through the proxy or the admin API:
 
 Without sticky routing, {others} in {count} of these POSTs would reach an
 instance without the socket. See for yourself, straight to each instance:
+the others answer 421 Misdirected Request ("not here"):
 
-  for port in {ports}; do curl -s -X POST --data hi http://{ip}:$port/devices/phone-42/messages; echo; done
+  for port in {ports}; do curl -s -w ' %{{http_code}}\n' -X POST --data hi http://{ip}:$port/devices/phone-42/messages; done
+
+Through the proxy, a 421 is never the end: it tries the device's other
+candidates, and holds the message (up to 3 s) while the device reconnects.
+Close websocat, send the POST through the proxy, and reconnect within 3 s:
+the message arrives, and the admin API says how it got there:
+
+  curl 'http://{admin}/devices/phone-42'
 
 Stop with Ctrl-C."#,
         instances = instances.join(", "),

@@ -1361,4 +1361,50 @@ weight = 2
         };
         assert_eq!(e.to_string(), "/etc/sp.toml:3: backends[0].weight: bad");
     }
+
+    #[test]
+    fn not_here_defaults_inline_and_table_forms() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert_eq!(c.routing.not_here, NotHereConfig::default());
+        assert_eq!(c.routing.not_here.status, [421]);
+        assert!(c.routing.not_here.is_not_here(421) && !c.routing.not_here.is_not_here(404));
+
+        let inline = GOOD.replace(
+            "[routing]\n",
+            "[routing]\nnot_here = { status = [404, 421], retry_for = \"0s\", candidates = 2 }\n",
+        );
+        let c = Config::parse(&inline).expect("valid");
+        assert_eq!(c.routing.not_here.status, [404, 421]);
+        assert_eq!(c.routing.not_here.retry_for, Duration::ZERO);
+        assert_eq!(c.routing.not_here.candidates, 2);
+
+        let table = format!("{GOOD}\n[routing.not_here]\nstatus = []\nmax_held = 5\n");
+        let c = Config::parse(&table).expect("valid");
+        assert!(c.routing.not_here.status.is_empty(), "off");
+        assert_eq!(c.routing.not_here.max_held, 5);
+
+        for (bad, field) in [
+            ("not_here = { status = [200] }", "routing.not_here.status"),
+            ("not_here = { retry_for = \"forever\" }", "routing.not_here.retry_for"),
+            ("not_here = { candidates = 0 }", "routing.not_here.candidates"),
+            ("not_here = { tries = 3 }", "unknown field `tries`"),
+        ] {
+            let e = error_for(&GOOD.replace("[routing]\n", &format!("[routing]\n{bad}\n")));
+            assert!(e.to_string().contains(field), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn health_observe_and_shutdown_delay() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert_eq!(c.backends[0].health.observe, Observe::Connect, "nothing a client can cause counts by default");
+        assert_eq!(c.server.shutdown_delay, Duration::ZERO);
+        let text = GOOD.replace("[server]\n", "[server]\nshutdown_delay = \"3s\"\n")
+            + "\n[health]\npath = \"/h\"\nobserve = \"responses\"\n";
+        let c = Config::parse(&text).expect("valid");
+        assert_eq!(c.backends[0].health.observe, Observe::Responses);
+        assert_eq!(c.server.shutdown_delay, Duration::from_secs(3));
+        let e = error_for(&(GOOD.to_string() + "\n[health]\nobserve = \"everything\"\n"));
+        assert!(e.to_string().contains("expected `connect` or `responses`"), "{e}");
+    }
 }
