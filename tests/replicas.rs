@@ -335,8 +335,8 @@ async fn a_rolling_ring_change_loses_no_message_with_keep() {
     rolling_ring_change("keep").await;
 }
 
-/// Replica A gets SIGTERM (its graceful shutdown) while every device's
-/// socket went through it, and is started again on the same address.
+/// Replica A, the real binary, gets SIGTERM while every device's socket
+/// went through it, and is started again on the same address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restart_loses_no_message() {
     let apps = start_apps(3).await;
@@ -344,17 +344,16 @@ async fn a_replica_restart_loses_no_message() {
     let port = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
     let file_a = ConfigFile::new("a.toml", &config(&apps, "", &port.to_string(), delay));
     let file_b = ConfigFile::new("b.toml", &config(&apps, "", "127.0.0.1:0", delay));
-    let a = start_proxy_from(&file_a).await;
+    let mut a = ChildProxy::spawn(&file_a.path);
     let b = start_proxy_from(&file_b).await;
-    let balancer = Balancer::new(&[a.proxy_addr(), b.proxy_addr()]);
-    let fleet = Fleet::start(a.proxy_addr(), &balancer, 22).await;
+    let balancer = Balancer::new(&[port, b.proxy_addr()]);
+    let fleet = Fleet::start(port, &balancer, 22).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // SIGTERM: A stops being ready; the balancer notices a moment later (as
     // endpoints are removed), within A's shutdown_delay.
-    let admin_a = a.admin_addr();
-    let stopping = tokio::spawn(a.shutdown());
-    let http = Http::default();
+    a.signal("TERM");
+    let (http, admin_a) = (Http::default(), a.admin.clone());
     within("A turns unready", async {
         while http.get(&format!("http://{admin_a}/readyz"), &[]).await.status != 503 {
             tokio::task::yield_now().await;
@@ -362,10 +361,12 @@ async fn a_replica_restart_loses_no_message() {
     })
     .await;
     balancer.rotate(port, false);
-    within("A stops", stopping).await.expect("shutdown");
+    a.wait_for_log("stopped");
+    let exited = within("A exits", tokio::task::spawn_blocking(move || a.child.wait())).await;
+    assert!(exited.expect("join").expect("wait").success(), "A exits cleanly on SIGTERM");
 
     // Started again on the same address, back in rotation.
-    let a = start_proxy_from(&file_a).await;
+    let a = ChildProxy::spawn(&file_a.path);
     balancer.rotate(port, true);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -373,7 +374,7 @@ async fn a_replica_restart_loses_no_message() {
     assert_nothing_lost("replica restart", &tally);
     let going_away = tally.closes.lock().expect("tally").get(&1001).copied().unwrap_or(0);
     assert_eq!(going_away, DEVICES, "every device's tunnel through A was closed with 1001 once");
-    a.shutdown().await;
+    drop(a);
     b.shutdown().await;
 }
 
