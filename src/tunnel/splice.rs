@@ -473,24 +473,9 @@ pub(super) mod tests {
     /// A whole frame (FIN set): unmasked as a server sends it, or masked
     /// with `mask` as a client must send it.
     pub(crate) fn frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-        let mut f = vec![0x80 | opcode];
-        let m = if mask.is_some() { 0x80 } else { 0 };
-        match payload.len() {
-            n if n < 126 => f.push(m | n as u8),
-            n if n <= 0xffff => {
-                f.push(m | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(m | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
+        let mut f = super::super::wsframe::tests::header(true, opcode, payload.len(), mask);
         match mask {
-            Some(key) => {
-                f.extend_from_slice(&key);
-                f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-            }
+            Some(key) => f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4])),
             None => f.extend_from_slice(payload),
         }
         f

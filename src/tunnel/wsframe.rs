@@ -136,12 +136,14 @@ fn close_payload(code: u16, reason: &str) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn frame(fin: bool, opcode: u8, payload_len: usize, mask: bool) -> Vec<u8> {
+    /// A frame's header for the tests: FIN bit, opcode, length, and the
+    /// masking key if there is one (the payload is the caller's).
+    pub(crate) fn header(fin: bool, opcode: u8, payload_len: usize, mask: Option<[u8; 4]>) -> Vec<u8> {
         let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-        let m = if mask { 0x80 } else { 0 };
+        let m = if mask.is_some() { 0x80 } else { 0 };
         match payload_len {
             n if n < 126 => f.push(m | n as u8),
             n if n <= 0xffff => {
@@ -153,9 +155,14 @@ mod tests {
                 f.extend_from_slice(&(n as u64).to_be_bytes());
             }
         }
-        if mask {
-            f.extend_from_slice(&[1, 2, 3, 4]);
+        if let Some(key) = mask {
+            f.extend_from_slice(&key);
         }
+        f
+    }
+
+    fn frame(fin: bool, opcode: u8, payload_len: usize, mask: bool) -> Vec<u8> {
+        let mut f = header(fin, opcode, payload_len, mask.then_some([1, 2, 3, 4]));
         f.extend(std::iter::repeat(7u8).take(payload_len));
         f
     }
