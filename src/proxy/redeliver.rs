@@ -193,3 +193,135 @@ impl Waiter {
 pub(crate) fn deadline(arrived: Instant, retry_for: Duration) -> tokio::time::Instant {
     tokio::time::Instant::from_std(arrived + retry_for)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::routing::RoutingTable;
+
+    struct World {
+        registry: Arc<TunnelRegistry>,
+        routing: watch::Sender<u64>,
+        closing: watch::Sender<bool>,
+        backend: Arc<crate::routing::Backend>,
+    }
+
+    fn world() -> World {
+        let text = "[server]\nlisten = \"127.0.0.1:0\"\n[routing]\nkey = [\"header:x-device-id\"]\n\
+                    [[backends]]\nid = \"app-1\"\naddress = \"127.0.0.1:1\"\n";
+        let table = RoutingTable::offline(&Config::parse(text).expect("config"));
+        let backend = Arc::clone(&table.backends()[0]);
+        World {
+            registry: Arc::new(TunnelRegistry::new()),
+            routing: watch::channel(0).0,
+            closing: watch::channel(false).0,
+            backend,
+        }
+    }
+
+    fn waiter(w: &World) -> Waiter {
+        Waiter::new(&w.registry, w.routing.subscribe(), w.closing.subscribe())
+    }
+
+    fn has<'w>(w: &'w World, device: &'static [u8]) -> impl Fn() -> bool + 'w {
+        move || !w.registry.tunnels_of(device).is_empty()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_up_to_a_second_and_gives_up_at_the_deadline() {
+        let w = world();
+        let mut wait = waiter(&w);
+        let start = tokio::time::Instant::now();
+        let deadline = start + Duration::from_secs(3);
+        let mut woke_at = Vec::new();
+        loop {
+            let wake = wait.wait(deadline, has(&w, b"d")).await;
+            woke_at.push(start.elapsed().as_millis());
+            if wake == Wake::GiveUp {
+                break;
+            }
+            assert_eq!(wake, Wake::Backoff);
+        }
+        // 50, +100, +200, +400, +800, +1000 ms, then cut at the deadline.
+        assert_eq!(woke_at, [50, 150, 350, 750, 1550, 2550, 3000]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_of_this_device_wakes_it_and_others_do_not() {
+        let w = world();
+        let mut wait = waiter(&w);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        wait.backoff = Duration::from_secs(10);
+        let registry = Arc::clone(&w.registry);
+        let backend = Arc::clone(&w.backend);
+        let opener = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let other = registry.register(b"other", &backend);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mine = registry.register(b"d", &backend);
+            (other, mine)
+        });
+        let start = tokio::time::Instant::now();
+        assert_eq!(wait.wait(deadline, has(&w, b"d")).await, Wake::TunnelOpened);
+        assert_eq!(start.elapsed(), Duration::from_millis(200), "not woken by another device's tunnel");
+        drop(opener.await.expect("opener"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_routing_change_wakes_it_and_closing_gives_up() {
+        let w = world();
+        let mut wait = waiter(&w);
+        wait.backoff = Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        w.routing.send_modify(|n| *n += 1);
+        assert_eq!(wait.wait(deadline, has(&w, b"d")).await, Wake::RoutingChanged);
+        let _ = w.closing.send(true);
+        assert_eq!(wait.wait(deadline, has(&w, b"d")).await, Wake::GiveUp);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_before_the_waiter_existed_do_not_wake_it() {
+        let w = world();
+        w.routing.send_modify(|n| *n += 1);
+        let _early = w.registry.register(b"other", &w.backend);
+        let mut wait = waiter(&w);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        assert_eq!(wait.wait(deadline, has(&w, b"d")).await, Wake::Backoff);
+    }
+
+    #[test]
+    fn the_cap_counts_held_requests() {
+        let held = HeldCount::default();
+        let a = held.try_hold(2).expect("first");
+        let b = held.try_hold(2).expect("second");
+        assert!(held.try_hold(2).is_none(), "the third is refused");
+        assert_eq!(held.now(), 2);
+        drop(a);
+        assert!(held.try_hold(2).is_some(), "a slot came back");
+        drop(b);
+        assert_eq!(held.now(), 0);
+    }
+
+    #[test]
+    fn the_log_keeps_the_last_of_each_device_and_forgets_the_oldest() {
+        let log = DeliveryLog::default();
+        let entry = |tries| Redelivery {
+            outcome: "delivered",
+            tries,
+            backend: "app-1".into(),
+            took: Duration::ZERO,
+            at: SystemTime::UNIX_EPOCH,
+        };
+        log.record(b"d", entry(2));
+        log.record(b"d", entry(3));
+        assert_eq!(log.last(b"d").map(|r| r.tries), Some(3));
+        for i in 0..LOG_CAPACITY {
+            log.record(format!("other-{i}").as_bytes(), entry(1));
+        }
+        assert_eq!(log.last(b"d"), None, "the oldest device was forgotten");
+        assert!(log.last(format!("other-{}", LOG_CAPACITY - 1).as_bytes()).is_some());
+    }
+}
