@@ -26,7 +26,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
-use crate::config::UpstreamConfig;
+use crate::config::{Config, UpstreamConfig};
 use crate::http::headers::{add_forwarded_headers, from_http2, is_websocket_upgrade, strip_hop_by_hop, Client};
 use crate::http::{text_response, ClientBody, ProxyBody, UpstreamBody};
 use crate::metrics::Metrics;
@@ -43,6 +43,17 @@ pub(crate) use redeliver::DeliveryLog;
 /// Largest request body buffered to make a request retryable; larger or
 /// chunked bodies stream and are never retried.
 const REPLAYABLE_BODY: u64 = 64 * 1024;
+
+/// What [`Proxy::forward`] needs to know about a request besides itself.
+struct Sent<'k> {
+    /// The device ID, if the request has one.
+    key: Option<&'k [u8]>,
+    /// When the request arrived (`retry_for` counts from here).
+    arrived: Instant,
+    response_timeout: Duration,
+    /// The config in force, when a not-here answer may be redelivered.
+    redelivery: Option<Arc<Config>>,
+}
 
 /// Where one request stands on its way to the instance holding its
 /// device's socket.
@@ -138,7 +149,7 @@ impl Proxy {
             return response;
         }
         let upgrade = is_websocket_upgrade(req.headers()) || h2ws::is_extended_connect(&req);
-        let (key, backend, response_timeout, access_log) = {
+        let (key, backend, response_timeout, access_log, redelivery) = {
             let table = self.router.load();
             let response_timeout = table.config().upstream.response_timeout;
             let access_log = table.config().server.access_log;
@@ -158,11 +169,14 @@ impl Proxy {
                             owner.stats.failover();
                         }
                     }
-                    (Some(key.id.into_owned()), first.backend, response_timeout, access_log)
+                    // Settings for a not-here answer, kept only where it can happen.
+                    let not_here = &table.config().routing.not_here;
+                    let redelivery = (!upgrade && !not_here.status.is_empty()).then(|| Arc::clone(table.config()));
+                    (Some(key.id.into_owned()), first.backend, response_timeout, access_log, redelivery)
                 }
                 Decision::Spread { backend } => {
                     self.metrics.missing_key();
-                    (None, backend, response_timeout, access_log)
+                    (None, backend, response_timeout, access_log, None)
                 }
                 Decision::NoKey => {
                     self.metrics.missing_key();
@@ -192,7 +206,8 @@ impl Proxy {
         // Copied only when the access log will be written.
         let logged = (access_log && tracing::enabled!(tracing::Level::INFO))
             .then(|| (req.method().clone(), req.uri().path().to_string()));
-        let (backend, response) = self.forward(req, &client, key.as_deref(), backend, started, response_timeout).await;
+        let sent = Sent { key: key.as_deref(), arrived: started, response_timeout, redelivery };
+        let (backend, response) = self.forward(req, &client, backend, sent).await;
         let elapsed = started.elapsed();
         backend.stats.response(response.status().as_u16(), elapsed);
         if let Some((method, path)) = logged {
@@ -211,11 +226,10 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         client: &Client,
-        key: Option<&[u8]>,
         backend: Arc<Backend>,
-        arrived: Instant,
-        response_timeout: Duration,
+        sent: Sent<'_>,
     ) -> (Arc<Backend>, Response<ProxyBody>) {
+        let Sent { key, arrived, response_timeout, redelivery } = sent;
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         add_forwarded_headers(&mut parts.headers, client);
@@ -242,14 +256,7 @@ impl Proxy {
                 };
             }
         };
-        let not_here = match key {
-            Some(_) => {
-                let table = self.router.load();
-                let config = &table.config().routing.not_here;
-                (!config.status.is_empty()).then(|| config.clone())
-            }
-            None => None,
-        };
+        let not_here = redelivery.as_deref().map(|config| &config.routing.not_here);
         let mut delivery = Delivery { backend, tries: 0, retried: false, tried: Vec::new(), last_not_here: None };
         let mut waiter: Option<(redeliver::Waiter, redeliver::HeldSlot<'_>)> = None;
         loop {
