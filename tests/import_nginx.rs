@@ -234,6 +234,11 @@ fn untranslatable_input_is_an_error_with_file_and_line() {
         ),
         ("loop", &[("nginx.conf", "include nginx.conf;\n")], "nest more than 16 deep"),
         ("glob", &[("nginx.conf", "include */x.conf;\n")], "only * and ? in the last path component"),
+        (
+            "non-ascii",
+            &[("nginx.conf", "upstream u {\n  hash $http_x consistent;\n  server aaaa\u{e9}:80;\n}\n")],
+            "is not a valid address",
+        ),
     ];
     for (name, files, expected) in cases {
         let dir = nginx_dir(name, files);

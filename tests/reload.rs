@@ -116,8 +116,17 @@ async fn a_bad_file_by_post_reload_keeps_the_old_config_and_says_why() {
     let reply = http.get(&format!("http://{}/whoami", proxy.proxy_addr()), &[("x-device-id", "d1")]).await;
     assert_eq!(reply.status, 200, "the old config keeps serving");
 
+    // A non-ASCII address (it once panicked the reload thread): a clear
+    // error, counted, and the old config keeps serving.
+    let addresses: Vec<String> = apps.iter().map(|a| a.addr().to_string()).collect();
+    file.write(&good.replace(&addresses[1], "aaaa\u{e9}:80"));
+    let reply = admin_reload(&http, proxy.admin_addr()).await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert!(reply.body.contains("backends[1].address"), "names the field: {}", reply.body);
+    assert_eq!(proxy.router().load().generation(), 1, "nothing changed");
+
     let metrics = parse_prometheus(&http.get(&format!("http://{}/metrics", proxy.admin_addr()), &[]).await.body);
-    assert_eq!(metric(&metrics, "sticky_proxy_config_reloads_total", &[("result", "failure")]), Some(1.0));
+    assert_eq!(metric(&metrics, "sticky_proxy_config_reloads_total", &[("result", "failure")]), Some(2.0));
     assert_eq!(metric(&metrics, "sticky_proxy_config_reloads_total", &[("result", "success")]), None);
     proxy.shutdown().await;
 }

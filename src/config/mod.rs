@@ -1054,7 +1054,8 @@ impl Validator<'_> {
 /// was, and the backend is reached on port 80 as nginx would.
 fn validate_address(address: &str, portless_ok: bool) -> Result<bool, String> {
     let hint = "write host:port, e.g. \"10.0.0.5:8080\", \"[fd00::5]:8080\" or \"app-1.internal:8080\"";
-    if address.len() >= 5 && address[..5].eq_ignore_ascii_case("unix:") {
+    // By bytes: the address may have non-ASCII text where a str index would panic.
+    if address.as_bytes().get(..5).is_some_and(|p| p.eq_ignore_ascii_case(b"unix:")) {
         return Err(format!("{address:?}: unix sockets are not supported as backends; {hint}"));
     }
     if address.contains("://") || address.contains('/') {
@@ -1391,6 +1392,14 @@ weight = 2
         ] {
             let e = error_for(&GOOD.replace("[routing]\n", &format!("[routing]\n{bad}\n")));
             assert!(e.to_string().contains(field), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn non_ascii_addresses_are_errors_not_panics() {
+        for bad in ["aaaa\u{e9}:80", "\u{e9}", "\u{fc}nix:/x", "aaaa\u{e9}", "unix\u{e9}:80"] {
+            let e = error_for(&GOOD.replace("127.0.0.1:9001", bad));
+            assert_eq!(e.field.as_deref(), Some("backends[0].address"), "{bad}: {e}");
         }
     }
 

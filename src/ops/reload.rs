@@ -127,7 +127,24 @@ impl Reloader {
         let this = Arc::clone(self);
         let spawned = std::thread::Builder::new().name("sticky-reload".into()).spawn(move || {
             lower_this_threads_priority();
-            let _ = done.send(this.reload(trigger));
+            // A bug that panics while loading must not go unreported: it
+            // fails this reload like a bad file, logged and counted, and
+            // the running config stays.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.reload(trigger)));
+            let result = outcome.unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown".to_string());
+                this.metrics.reload(false);
+                error!(trigger = trigger.as_str(), "config reload failed (a bug: {what}), the running config stays");
+                Err(ConfigError::whole_file(
+                    None,
+                    format!("the reload failed on a bug ({what}); the running config stays"),
+                ))
+            });
+            let _ = done.send(result);
         });
         match spawned {
             Ok(_) => result.await.unwrap_or_else(|_| Err(ConfigError::whole_file(None, "the reload thread failed"))),

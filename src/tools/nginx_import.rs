@@ -672,7 +672,7 @@ impl Translation<'_> {
             b.health = Some((fall, fail_timeout.unwrap_or_else(|| "10s".into())));
             self.note(&d.at, false, format!("{address}: max_fails/fail_timeout become health.fall/fail_timeout: consecutive failures rather than failures within fail_timeout"));
         }
-        if address.len() >= 5 && address[..5].eq_ignore_ascii_case("unix:") {
+        if address.as_bytes().get(..5).is_some_and(|p| p.eq_ignore_ascii_case(b"unix:")) {
             self.note(&d.at, true, format!("{address}: sticky-proxy cannot connect to unix sockets; left out, so its devices go to other servers"));
             return Ok(None);
         }
