@@ -444,6 +444,7 @@ struct RawAdmin {
     listen: Option<Spanned<String>>,
     token: Option<Spanned<String>>,
     token_file: Option<Spanned<String>>,
+    insecure: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -634,6 +635,20 @@ impl Validator<'_> {
             Some((t, _, _)) => Some(t),
             None => None,
         };
+        // Drains, reloads and the device map are the operator's: open to
+        // anyone only where only this host can reach them, or when said so.
+        let insecure = raw.and_then(|a| a.insecure).unwrap_or(false);
+        if !listen.ip().is_loopback() && token.is_none() && !insecure {
+            return self.err(
+                raw.and_then(|a| a.listen.as_ref()).map_or(0..0, |l| l.span()),
+                "admin.listen",
+                format!(
+                    "{listen} is reachable from other hosts, and without admin.token anyone there could drain \
+                     backends or reload; set admin.token (or admin.token_file), listen on 127.0.0.1, or set \
+                     admin.insecure = true to accept that"
+                ),
+            );
+        }
         Ok(AdminConfig { listen, token })
     }
 
@@ -1393,6 +1408,18 @@ weight = 2
             let e = error_for(&GOOD.replace("[routing]\n", &format!("[routing]\n{bad}\n")));
             assert!(e.to_string().contains(field), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn an_admin_api_open_to_other_hosts_needs_a_token_or_insecure() {
+        let open = format!("{GOOD}\n[admin]\nlisten = \"0.0.0.0:9901\"\n");
+        let e = error_for(&open);
+        assert_eq!(e.field.as_deref(), Some("admin.listen"), "{e}");
+        assert!(e.message.contains("admin.token") && e.message.contains("admin.insecure"), "{e}");
+        assert!(Config::parse(&format!("{open}token = \"s3cret\"\n")).is_ok());
+        assert!(Config::parse(&format!("{open}insecure = true\n")).is_ok());
+        let v6 = format!("{GOOD}\n[admin]\nlisten = \"[::1]:9901\"\n");
+        assert!(Config::parse(&v6).is_ok(), "loopback needs no token");
     }
 
     #[test]

@@ -296,13 +296,19 @@ async fn reload(state: &AdminState) -> Response<ProxyBody> {
 }
 
 fn authorized(req: &Request<Incoming>, token: &str) -> bool {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .map(<[u8]>::trim_ascii)
-        .unwrap_or_default();
+    let presented = req.headers().get(header::AUTHORIZATION).map_or(&b""[..], |v| bearer_token(v.as_bytes()));
     constant_time_eq(presented, token.as_bytes())
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is
+/// case-insensitive (RFC 9110 §11.1), spaces around the token don't count.
+/// Empty for any other scheme.
+fn bearer_token(value: &[u8]) -> &[u8] {
+    let value = value.trim_ascii();
+    match value.iter().position(|b| *b == b' ') {
+        Some(at) if value[..at].eq_ignore_ascii_case(b"bearer") => value[at..].trim_ascii(),
+        _ => b"",
+    }
 }
 
 /// Compares without an early exit, so timing reveals nothing about where
@@ -322,7 +328,17 @@ fn method_not_allowed(allowed: &'static str) -> Response<ProxyBody> {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer_token, constant_time_eq};
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token(b"Bearer s3cret"), b"s3cret");
+        assert_eq!(bearer_token(b"bearer s3cret"), b"s3cret");
+        assert_eq!(bearer_token(b"BEARER   s3cret "), b"s3cret");
+        assert_eq!(bearer_token(b"Basic czNjcmV0"), b"");
+        assert_eq!(bearer_token(b"Bearers3cret"), b"");
+        assert_eq!(bearer_token(b"s3cret"), b"");
+    }
 
     #[test]
     fn token_comparison() {

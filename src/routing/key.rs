@@ -146,6 +146,11 @@ fn cookie_value<'r>(headers: &'r HeaderMap, name: &str) -> Option<Cow<'r, [u8]>>
                 return None;
             }
             let v = v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v);
+            // The first non-empty one, as for headers and query parameters
+            // (`device_id=; device_id=c5` is c5).
+            if v.is_empty() {
+                return None;
+            }
             // Browsers' encodeURIComponent escapes with %XX (not '+').
             Some(percent_decode(v, false))
         })
@@ -397,6 +402,9 @@ mod tests {
         assert_eq!(key(&x, "/?device_id=", &[("cookie", "d=\"q\"")]), some("q", 2));
         // Cookie values are %-decoded like paths (encodeURIComponent), '+' kept.
         assert_eq!(key(&x, "/", &[("cookie", "d=phone%2042+x")]), some("phone 42+x", 2));
+        // The first non-empty cookie of the name, on one line or several.
+        assert_eq!(key(&x, "/", &[("cookie", "d=; d=c5")]), some("c5", 2));
+        assert_eq!(key(&x, "/", &[("cookie", "d=\"\""), ("cookie", "d=c6")]), some("c6", 2));
     }
 
     #[test]
