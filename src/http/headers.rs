@@ -12,6 +12,7 @@ use hyper::Uri;
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// The request's path and query alone (a reference-counted clone, no
 /// parsing); asterisk-form (`OPTIONS *`) has no path to forward: "/".
@@ -132,6 +133,24 @@ pub struct Client {
 }
 
 impl Client {
+    /// This hop's `Forwarded` element (RFC 7239): `for=` the client (IPv6
+    /// quoted and bracketed) and `proto=`.
+    fn forwarded_element(&self) -> Vec<u8> {
+        let ip = self.forwarded_for.as_bytes();
+        let mut element = Vec::with_capacity(ip.len() + 24);
+        if ip.contains(&b':') {
+            element.extend_from_slice(b"for=\"[");
+            element.extend_from_slice(ip);
+            element.extend_from_slice(b"]\"");
+        } else {
+            element.extend_from_slice(b"for=");
+            element.extend_from_slice(ip);
+        }
+        element.extend_from_slice(b";proto=");
+        element.extend_from_slice(self.proto.as_bytes());
+        element
+    }
+
     /// A client at `addr` that came over `proto`.
     pub fn new(addr: SocketAddr, proto: &'static str) -> Client {
         // An IP's text is always a valid header value.
@@ -143,14 +162,15 @@ impl Client {
 
 /// Appends the client to `X-Forwarded-For` and sets `-Proto` and `-Host`.
 pub fn add_forwarded_headers(headers: &mut HeaderMap, client: &Client) {
-    // Room for the three headers at once: at most one growth of the map.
-    headers.reserve(3);
+    // Room for the four headers at once: at most one growth of the map.
+    headers.reserve(4);
     let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
         // Every prior line counts: proxies before us may have added one each.
         let mut joined: Vec<u8> = Vec::new();
-        for prior in headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).map(str::trim) {
+        // As bytes: a line with non-ASCII bytes is kept, not dropped whole.
+        for prior in headers.get_all(&X_FORWARDED_FOR).iter().map(|v| v.as_bytes().trim_ascii()) {
             if !prior.is_empty() {
-                joined.extend_from_slice(prior.as_bytes());
+                joined.extend_from_slice(prior);
                 joined.extend_from_slice(b", ");
             }
         }
@@ -162,6 +182,23 @@ pub fn add_forwarded_headers(headers: &mut HeaderMap, client: &Client) {
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(client.proto));
+    // The client's own X-Real-IP is not to be trusted: ours replaces it.
+    headers.insert(X_REAL_IP.clone(), client.forwarded_for.clone());
+    if headers.contains_key(header::FORWARDED) {
+        // RFC 7239: each proxy appends its element, so the last one (ours)
+        // is the one a backend can trust.
+        let mut joined: Vec<u8> = Vec::new();
+        for prior in headers.get_all(header::FORWARDED).iter().map(|v| v.as_bytes().trim_ascii()) {
+            if !prior.is_empty() {
+                joined.extend_from_slice(prior);
+                joined.extend_from_slice(b", ");
+            }
+        }
+        joined.extend_from_slice(&client.forwarded_element());
+        if let Ok(value) = HeaderValue::from_bytes(&joined) {
+            headers.insert(header::FORWARDED, value);
+        }
+    }
     match headers.get(header::HOST).cloned() {
         Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
         None => headers.remove(&X_FORWARDED_HOST),
@@ -239,6 +276,27 @@ mod tests {
         add_forwarded_headers(&mut h, &Client::new("[2001:db8::1]:443".parse().expect("addr"), "https"));
         assert_eq!(h[&X_FORWARDED_FOR], "2001:db8::1");
         assert!(!h.contains_key(&X_FORWARDED_HOST));
+    }
+
+    #[test]
+    fn spoofable_client_headers_are_replaced_or_appended_to() {
+        let mut h = HeaderMap::new();
+        h.insert(X_REAL_IP.clone(), HeaderValue::from_static("6.6.6.6"));
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6;proto=https"));
+        h.append(X_FORWARDED_FOR.clone(), HeaderValue::from_bytes(b"caf\xc3\xa9").expect("value"));
+        add_forwarded_headers(&mut h, &Client::new("127.0.0.9:5555".parse().expect("addr"), "http"));
+        assert_eq!(h[&X_REAL_IP], "127.0.0.9", "ours, not the client's");
+        assert_eq!(h[header::FORWARDED], "for=6.6.6.6;proto=https, for=127.0.0.9;proto=http");
+        assert_eq!(h[&X_FORWARDED_FOR].as_bytes(), b"caf\xc3\xa9, 127.0.0.9", "a non-ASCII line is kept");
+
+        let mut h = HeaderMap::new();
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=1.2.3.4"));
+        add_forwarded_headers(&mut h, &Client::new("[2001:db8::1]:443".parse().expect("addr"), "https"));
+        assert_eq!(h[header::FORWARDED], "for=1.2.3.4, for=\"[2001:db8::1]\";proto=https");
+
+        let mut h = HeaderMap::new();
+        add_forwarded_headers(&mut h, &Client::new("127.0.0.9:5555".parse().expect("addr"), "http"));
+        assert!(!h.contains_key(header::FORWARDED), "not added where the client sent none");
     }
 
     #[test]
