@@ -212,7 +212,19 @@ impl TrimSpaces for [u8] {
 
 impl PathPattern {
     fn capture<'r>(&self, path: &'r str) -> Option<Cow<'r, [u8]>> {
-        let mut segments = path.strip_prefix('/')?.split('/');
+        let rest = path.strip_prefix('/')?;
+        let id = if has_dot_segment(rest) {
+            // `/devices/d1/../d2/messages` is d2's, as the app that
+            // normalises the path (RFC 3986 §5.2.4) will see it.
+            self.id_segment(normalized_segments(rest).into_iter())?
+        } else {
+            self.id_segment(rest.split('/'))?
+        };
+        Some(percent_decode(id.as_bytes(), false))
+    }
+
+    /// The `{id}` segment, if the segments match the pattern.
+    fn id_segment<'s>(&self, mut segments: impl Iterator<Item = &'s str>) -> Option<&'s str> {
         for literal in &self.before {
             if segments.next()? != literal {
                 return None;
@@ -227,8 +239,51 @@ impl PathPattern {
         if !self.rest && segments.next().is_some() {
             return None;
         }
-        Some(percent_decode(id.as_bytes(), false))
+        Some(id)
     }
+}
+
+/// Whether a segment of `path` (after its leading `/`) may be `.` or `..`,
+/// written plainly or as `%2e`.
+fn has_dot_segment(path: &str) -> bool {
+    // Most paths have neither a '.' nor a '%' (one memchr each) and end here.
+    let bytes = path.as_bytes();
+    if !bytes.contains(&b'.') && !bytes.contains(&b'%') {
+        return false;
+    }
+    path.split('/').any(|s| is_dot(s) || is_dot_dot(s))
+}
+
+fn is_dot(segment: &str) -> bool {
+    segment == "." || segment.eq_ignore_ascii_case("%2e")
+}
+
+fn is_dot_dot(segment: &str) -> bool {
+    matches!(segment.len(), 2 | 4 | 6)
+        && matches!(segment.to_ascii_lowercase().as_str(), ".." | ".%2e" | "%2e." | "%2e%2e")
+}
+
+/// The path's segments with `.` and `..` resolved (RFC 3986 §5.2.4): a
+/// final `.` or `..` leaves an empty last segment, as `/a/b/..` is `/a/`.
+fn normalized_segments(path: &str) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    let mut segments = path.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        let last = segments.peek().is_none();
+        if is_dot(segment) {
+            if last {
+                out.push("");
+            }
+        } else if is_dot_dot(segment) {
+            out.pop();
+            if last {
+                out.push("");
+            }
+        } else {
+            out.push(segment);
+        }
+    }
+    out
 }
 
 /// Decodes `%XX` escapes (and `+` as space in query strings). Malformed
@@ -405,6 +460,20 @@ mod tests {
         // The first non-empty cookie of the name, on one line or several.
         assert_eq!(key(&x, "/", &[("cookie", "d=; d=c5")]), some("c5", 2));
         assert_eq!(key(&x, "/", &[("cookie", "d=\"\""), ("cookie", "d=c6")]), some("c6", 2));
+    }
+
+    #[test]
+    fn dot_segments_are_resolved_before_the_id_is_taken() {
+        let x = extractor(&["path:/devices/{id}/*"]);
+        assert_eq!(key(&x, "/devices/d1/../d2/messages", &[]), some("d2", 0));
+        assert_eq!(key(&x, "/devices/./d3/messages", &[]), some("d3", 0));
+        assert_eq!(key(&x, "/devices/d1/%2E%2e/d4", &[]), some("d4", 0));
+        assert_eq!(key(&x, "/x/../devices/d5/ws", &[]), some("d5", 0));
+        assert_eq!(key(&x, "/devices/d1/..", &[]), None, "/devices/ has no id");
+        assert_eq!(key(&x, "/../../devices/d6", &[]), some("d6", 0), "above the root stays at the root");
+        // Not dot segments: left alone.
+        assert_eq!(key(&x, "/devices/.d7/ws", &[]), some(".d7", 0));
+        assert_eq!(key(&x, "/devices/d8.../ws", &[]), some("d8...", 0));
     }
 
     #[test]
