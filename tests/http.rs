@@ -183,3 +183,53 @@ async fn a_slow_upload_is_not_a_slow_backend() {
 fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// Sends raw bytes and reads the whole answer (the proxy closes after a 400).
+async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = within("connect", tokio::net::TcpStream::connect(addr)).await.expect("connect");
+    within("write", stream.write_all(request.as_bytes())).await.expect("write");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = within("read", stream.read(&mut buf)).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        // One response is enough (the connection may stay open).
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if answer.len() >= end + 4 + length {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_is_settled_before_anything_reads_it() {
+    let (_apps, proxy) = stack(2).await;
+    let addr = proxy.proxy_addr();
+    let two = raw(addr, "GET /headers HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nx-device-id: d1\r\n\r\n").await;
+    assert!(two.starts_with("HTTP/1.1 400"), "two Host lines: {two}");
+    assert!(two.contains("more than one Host"), "{two}");
+    let none = raw(addr, "GET /headers HTTP/1.1\r\nx-device-id: d1\r\n\r\n").await;
+    assert!(none.starts_with("HTTP/1.1 400"), "HTTP/1.1 without Host: {none}");
+    // Absolute-form: the target's authority is the Host the backend sees.
+    let absolute =
+        raw(addr, "GET http://t.example:81/headers HTTP/1.1\r\nHost: h.example\r\nx-device-id: d1\r\n\r\n").await;
+    assert!(absolute.starts_with("HTTP/1.1 200"), "{absolute}");
+    assert!(absolute.contains("\"host\":\"t.example:81\""), "{absolute}");
+    assert!(absolute.contains("\"x-forwarded-host\":\"t.example:81\""), "{absolute}");
+    // HTTP/1.0 may leave Host out.
+    let old = raw(addr, "GET /whoami HTTP/1.0\r\nx-device-id: d1\r\n\r\n").await;
+    assert!(old.starts_with("HTTP/1.0 200") || old.starts_with("HTTP/1.1 200"), "{old}");
+    proxy.shutdown().await;
+}

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::PathAndQuery;
-use hyper::Uri;
+use hyper::{Uri, Version};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -103,17 +103,36 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Makes an HTTP/2 request's headers fit an HTTP/1.1 backend: `Host` from
-/// the `:authority` (HTTP/2 clients rarely send `Host`), and cookie crumbs,
-/// which HTTP/2 lets a client send as separate headers, joined into one
-/// `Cookie` line as RFC 9113 §8.2.3 asks. Pseudo-headers never appear in a
-/// `HeaderMap`; hyper keeps them in the method, URI and extensions.
-pub fn from_http2(uri: &Uri, headers: &mut HeaderMap) {
-    if !headers.contains_key(header::HOST) {
-        if let Some(host) = uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            headers.insert(header::HOST, host);
-        }
+/// Settles which host a request is for (RFC 9112 §3.2, RFC 9113 §8.3.1)
+/// before anything reads `Host`: a target with an authority (absolute-form,
+/// or HTTP/2's `:authority`) wins over the `Host` header and replaces it;
+/// two `Host` lines, or an HTTP/1.1 request with none, are refused (the
+/// error says why, for a 400).
+pub fn settle_host(version: Version, uri: &Uri, headers: &mut HeaderMap) -> Result<(), &'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let (first, second) = (hosts.next().is_some(), hosts.next().is_some());
+    if second {
+        return Err("more than one Host header");
     }
+    match uri.authority() {
+        Some(authority) => match HeaderValue::from_str(authority.as_str()) {
+            Ok(host) => {
+                headers.insert(header::HOST, host);
+            }
+            Err(_) => return Err("the request target's authority is not a valid Host"),
+        },
+        None if !first && version == Version::HTTP_11 => return Err("an HTTP/1.1 request must carry Host"),
+        None => {}
+    }
+    Ok(())
+}
+
+/// Makes an HTTP/2 request's headers fit an HTTP/1.1 backend: cookie
+/// crumbs, which HTTP/2 lets a client send as separate headers, joined
+/// into one `Cookie` line as RFC 9113 §8.2.3 asks (`Host` comes from the
+/// `:authority`: [`settle_host`]). Pseudo-headers never appear in a
+/// `HeaderMap`; hyper keeps them in the method, URI and extensions.
+pub fn from_http2(headers: &mut HeaderMap) {
     if headers.get_all(header::COOKIE).iter().nth(1).is_some() {
         let crumbs: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
         if let Ok(joined) = HeaderValue::from_bytes(&crumbs.join(&b"; "[..])) {
@@ -322,13 +341,36 @@ mod tests {
         let mut h = HeaderMap::new();
         h.append(header::COOKIE, HeaderValue::from_static("a=1"));
         h.append(header::COOKIE, HeaderValue::from_static("device_id=d7"));
-        from_http2(&"https://api.example.com:8443/x".parse().expect("uri"), &mut h);
+        let uri: Uri = "https://api.example.com:8443/x".parse().expect("uri");
+        settle_host(Version::HTTP_2, &uri, &mut h).expect("host");
+        from_http2(&mut h);
         assert_eq!(h[header::HOST], "api.example.com:8443");
         assert_eq!(h.get_all(header::COOKIE).iter().collect::<Vec<_>>(), ["a=1; device_id=d7"]);
 
+        // RFC 9113 §8.3.1: the :authority, not a Host the client added.
         let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("kept.example"));
-        from_http2(&"https://other.example/x".parse().expect("uri"), &mut h);
-        assert_eq!(h[header::HOST], "kept.example", "a Host the client sent stays");
+        h.insert(header::HOST, HeaderValue::from_static("evil.example"));
+        settle_host(Version::HTTP_2, &"https://good.example/x".parse().expect("uri"), &mut h).expect("host");
+        assert_eq!(h[header::HOST], "good.example");
+    }
+
+    #[test]
+    fn host_is_settled_as_rfc_9112_says() {
+        let settle = |version, target: &str, hosts: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for host in hosts {
+                h.append(header::HOST, HeaderValue::from_static(host));
+            }
+            settle_host(version, &target.parse().expect("uri"), &mut h).map(|()| {
+                h.get_all(header::HOST).iter().map(|v| v.to_str().unwrap_or("?").to_string()).collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(settle(Version::HTTP_11, "/p", &["a.example"]), Ok(vec!["a.example".to_string()]));
+        assert!(settle(Version::HTTP_11, "/p", &["a.example", "b.example"]).is_err(), "two Host lines");
+        assert!(settle(Version::HTTP_11, "/p", &[]).is_err(), "HTTP/1.1 without Host");
+        assert_eq!(settle(Version::HTTP_10, "/p", &[]), Ok(vec![]), "HTTP/1.0 may leave it out");
+        // Absolute-form: the target's authority replaces Host (§3.2.2).
+        assert_eq!(settle(Version::HTTP_11, "http://t.example:81/p", &["h.example"]), Ok(vec!["t.example:81".into()]));
+        assert_eq!(settle(Version::HTTP_11, "http://t.example/p", &[]), Ok(vec!["t.example".into()]));
     }
 }

@@ -27,7 +27,9 @@ use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use crate::config::{Config, UpstreamConfig};
-use crate::http::headers::{add_forwarded_headers, from_http2, is_websocket_upgrade, strip_hop_by_hop, Client};
+use crate::http::headers::{
+    add_forwarded_headers, from_http2, is_websocket_upgrade, settle_host, strip_hop_by_hop, Client,
+};
 use crate::http::{text_response, ClientBody, ProxyBody, UpstreamBody};
 use crate::metrics::Metrics;
 use crate::routing::{Backend, Decision, Reason, Router};
@@ -132,9 +134,15 @@ impl Proxy {
         client: Arc<Client>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        if req.version() == Version::HTTP_2 {
+        {
             let (mut parts, body) = req.into_parts();
-            from_http2(&parts.uri, &mut parts.headers);
+            if let Err(why) = settle_host(parts.version, &parts.uri, &mut parts.headers) {
+                info!(method = %parts.method, path = %parts.uri.path(), status = 400, "rejected: {why}");
+                return text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
+            }
+            if parts.version == Version::HTTP_2 {
+                from_http2(&mut parts.headers);
+            }
             req = Request::from_parts(parts, body);
         }
         // A reverse proxy tunnels only WebSockets (HTTP/2's extended CONNECT).
