@@ -233,3 +233,48 @@ async fn host_is_settled_before_anything_reads_it() {
     assert!(old.starts_with("HTTP/1.0 200") || old.starts_with("HTTP/1.1 200"), "{old}");
     proxy.shutdown().await;
 }
+
+/// A backend of raw bytes: answers every request on a connection with `response`.
+async fn raw_backend(response: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        seen.clear();
+                        if stream.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_response_with_a_content_length_arrives_whole() {
+    let backend = raw_backend(
+        "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[routing]\n{ALL_KEYS}\n\n\
+         [[backends]]\nid = \"raw\"\naddress = \"{backend}\"\n"
+    );
+    let proxy = start_proxy(&config).await;
+    let reply = Http::default().get(&format!("http://{}/x", proxy.proxy_addr()), &[("x-device-id", "d1")]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "hello", "RFC 9112 §6.3: Transfer-Encoding wins over Content-Length");
+    proxy.shutdown().await;
+}

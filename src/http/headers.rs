@@ -43,17 +43,21 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// and `Upgrade`; `Connection` first, since it names more of them.
-const HOP_BY_HOP: [&str; 9] = [
+/// (`Trailer` is not among them, RFC 9110 §6.6.2: it declares the
+/// message's trailer fields, which travel end to end.)
+const HOP_BY_HOP: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
 ];
+
+/// The index of `transfer-encoding` in [`HOP_BY_HOP`].
+const TRANSFER_ENCODING_BIT: u16 = 1 << 6;
 
 /// Which of [`HOP_BY_HOP`] `name` is. Most names are ruled out by their
 /// length alone, without comparing bytes.
@@ -66,6 +70,9 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 }
 
 /// Removes hop-by-hop headers, those named in `Connection`, and `Upgrade`.
+/// A message framed by `Transfer-Encoding` also loses its `Content-Length`
+/// (RFC 9112 §6.3: the encoding wins), so the next hop frames it anew by
+/// what was actually received.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names finds which are present: most requests carry
     // none, most responses only `Connection: keep-alive`, and then no
@@ -95,6 +102,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 }
             }
         }
+    }
+    if present & TRANSFER_ENCODING_BIT != 0 {
+        headers.remove(header::CONTENT_LENGTH);
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
@@ -316,6 +326,22 @@ mod tests {
         let mut h = HeaderMap::new();
         add_forwarded_headers(&mut h, &Client::new("127.0.0.9:5555".parse().expect("addr"), "http"));
         assert!(!h.contains_key(header::FORWARDED), "not added where the client sent none");
+    }
+
+    #[test]
+    fn transfer_encoding_wins_over_content_length_and_trailer_stays() {
+        assert_eq!(HOP_BY_HOP.iter().position(|h| *h == "transfer-encoding"), Some(6));
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::CONTENT_LENGTH) && !h.contains_key(header::TRANSFER_ENCODING));
+        assert_eq!(h[header::TRAILER], "x-checksum", "end to end");
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::CONTENT_LENGTH], "3", "alone it stays");
     }
 
     #[test]
