@@ -325,3 +325,112 @@ fn route_stdin_answers_like_nginx_for_a_log() {
     }
     assert_eq!(lines.last().map(String::as_str), Some("-\t-"));
 }
+
+// ---- hostile input: bounded time, stack and memory --------------------------
+
+/// Runs `sticky-proxy` with `args`, killing it if it is still running after
+/// `limit` (far more than it needs: this catches a hang, it is not a
+/// measurement). Output goes to files in `dir`, so a full pipe cannot stall
+/// it.
+fn sticky_proxy_within(dir: &Path, args: &[&str], limit: std::time::Duration) -> (Option<i32>, String, String) {
+    let (out, err) = (dir.join("stdout.txt"), dir.join("stderr.txt"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sticky-proxy"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .spawn()
+        .expect("spawn");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("sticky-proxy {args:?} still running after {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let read = |p: &Path| text(&std::fs::read(p).expect("output"));
+    (status.code(), read(&out), read(&err))
+}
+
+const UPSTREAM: &str = "upstream u {\n  hash $http_x_id consistent;\n  server 10.0.0.1:80;\n}\n";
+
+#[test]
+fn an_include_mask_with_many_stars_is_matched_quickly() {
+    // Matching this mask against these names took exponential time in the
+    // number of stars: 6 took seconds, 30 would never have finished.
+    let mask = format!("{}b.conf", "a*".repeat(30));
+    let conf = format!("http {{\n  include inc/{mask};\n}}\n");
+    let matching = format!("inc/{}b.conf", "a".repeat(60));
+    let mut files: Vec<(String, &str)> =
+        (0..20).map(|i| (format!("inc/{}{i}.conf", "a".repeat(60)), "not { read")).collect();
+    files.push((matching, UPSTREAM));
+    files.push((format!("inc/.{}b.conf", "a".repeat(60)), "hidden { not read"));
+    files.push(("nginx.conf".into(), &conf));
+    let files: Vec<(&str, &str)> = files.iter().map(|(p, c)| (p.as_str(), *c)).collect();
+    let dir = nginx_dir("many-stars", &files);
+    let conf = dir.join("nginx.conf");
+    let (code, toml, stderr) = sticky_proxy_within(
+        &dir,
+        &["import-nginx", conf.to_str().expect("utf-8 path")],
+        std::time::Duration::from_secs(120),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(toml.contains("address = \"10.0.0.1:80\""), "{toml}");
+}
+
+#[test]
+fn deeply_nested_blocks_are_an_error_not_a_stack_overflow() {
+    // 100,000 blocks inside each other used to overflow the reader's stack
+    // (an abort, no message); at most 256 are read.
+    let deep = format!("{}{}", "a {\n".repeat(100_000), "}\n".repeat(100_000));
+    let dir = nginx_dir("deep", &[("nginx.conf", &deep)]);
+    let (code, stdout, stderr) = import(&dir, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stdout.is_empty());
+    let at = format!("{}:257: the block of \"a\" nests more than 256 blocks deep", dir.join("nginx.conf").display());
+    assert!(stderr.contains(&at), "{at} in {stderr:?}");
+    // 256 are fine.
+    let fine = format!("{}{}{UPSTREAM}", "a {\n".repeat(256), "}\n".repeat(256));
+    let dir = nginx_dir("deep-enough", &[("nginx.conf", &fine)]);
+    let (code, toml, stderr) = import(&dir, &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(toml.contains("address = \"10.0.0.1:80\""), "{toml}");
+}
+
+#[test]
+#[cfg(target_os = "linux")]
+fn endless_and_huge_includes_are_refused() {
+    // `include /dev/zero;` used to read until memory ran out. The run is
+    // capped at 1 GiB of address space, so that without the limits this
+    // fails with "out of memory" rather than taking the machine's memory.
+    let dir = nginx_dir("dev-zero", &[("nginx.conf", "http {\n  include /dev/zero;\n}\n")]);
+    let conf = dir.join("nginx.conf");
+    let out = Command::new("sh")
+        .args(["-c", "ulimit -v 1048576 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_sticky-proxy"))
+        .args(["import-nginx", conf.to_str().expect("utf-8 path")])
+        .output()
+        .expect("run sticky-proxy");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let at = format!("{}:2: cannot read included /dev/zero: not a regular file", conf.display());
+    assert!(stderr.contains(&at), "{at} in {stderr:?}");
+    // A regular file is read up to 16 MiB.
+    let big = format!("#{}\n", " ".repeat(16 << 20));
+    let files =
+        [("nginx.conf", "include big.conf;\ninclude u.conf;\n"), ("big.conf", big.as_str()), ("u.conf", UPSTREAM)];
+    let dir = nginx_dir("big", &files);
+    let (code, _, stderr) = import(&dir, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    let at = format!(
+        "{}:1: cannot read included {}: larger than 16 MiB",
+        dir.join("nginx.conf").display(),
+        dir.join("big.conf").display()
+    );
+    assert!(stderr.contains(&at), "{at} in {stderr:?}");
+}

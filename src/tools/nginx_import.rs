@@ -10,16 +10,41 @@
 //! that proxies to it. Everything that is not carried over is reported with
 //! its file and line, and whatever would make the result route differently
 //! from nginx is flagged as such (`Import::routes_differently`).
+//!
+//! Hostile input is an error, not a hang or a crash: only regular files are
+//! read, at most 16 MiB each and 64 MiB and 2^20 words in all; includes nest
+//! at most 16 deep and blocks 256 deep; include masks match in
+//! `mask × name` steps however many stars they hold; ids are made unique in
+//! linear time.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::io::Read;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::config::{parse_duration, Config};
+use crate::routing::ring::MAX_MEMBERS;
 
 /// Include nesting deeper than this is taken to be a loop.
 const MAX_INCLUDE_DEPTH: usize = 16;
+
+/// Most blocks open at once (`a { b { … } }`), counted across includes:
+/// the reader recurses per block.
+const MAX_BLOCK_DEPTH: usize = 256;
+
+/// Most bytes read from one file (the main file or an include).
+const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Most bytes read in all, the main file and every include together.
+const MAX_TOTAL_BYTES: u64 = 64 << 20;
+
+/// Most words (names and arguments) in all, the bound on memory: a word
+/// read takes up to some 160 bytes in the directive tree (`a;a;a;…`, 80
+/// times the bytes read). Three times what 62,500 servers (sticky-proxy's
+/// most at 160 points each) with a few parameters take.
+const MAX_WORDS: usize = 1 << 20;
 
 /// A place in the nginx config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,32 +267,89 @@ struct Reader {
     /// Relative `include`s start here: the main file's directory, nginx's
     /// configuration prefix.
     prefix: PathBuf,
+    /// Most bytes read from one file.
+    max_file: u64,
+    /// Most bytes read in all.
+    max_total: u64,
+    /// Bytes read so far.
+    read: u64,
+    /// Most words in all.
+    max_words: usize,
+    /// Words read so far.
+    words: usize,
 }
 
 impl Reader {
-    fn file(&self, path: &Path, depth: usize, from: Option<&Location>) -> Result<Vec<Directive>, ImportError> {
+    fn new(prefix: PathBuf) -> Reader {
+        Reader { prefix, max_file: MAX_FILE_BYTES, max_total: MAX_TOTAL_BYTES, read: 0, max_words: MAX_WORDS, words: 0 }
+    }
+
+    /// The directives of `path`, which is `includes` includes and `blocks`
+    /// blocks deep (`from` is the `include` that names it).
+    fn file(
+        &mut self,
+        path: &Path,
+        includes: usize,
+        blocks: usize,
+        from: Option<&Location>,
+    ) -> Result<Vec<Directive>, ImportError> {
         let file = Rc::new(path.to_path_buf());
-        let bytes = std::fs::read(path).map_err(|e| {
-            ImportError(match from {
-                Some(at) => format!("{at}: cannot read included {}: {e}", path.display()),
-                None => format!("cannot read {}: {e}", path.display()),
-            })
-        })?;
+        let bytes = self.read(path, from)?;
         let mut lexer = Lexer { src: &bytes, pos: 0, line: 1 };
-        let (directives, end) = self.block(&mut lexer, &file, depth)?;
+        let (directives, end) = self.block(&mut lexer, &file, includes, blocks)?;
         if let Some(line) = end {
             return error_at(&Location { file, line }, "unexpected \"}\"");
         }
         Ok(directives)
     }
 
+    /// The bytes of a regular file, within the limits of one file and of
+    /// the whole config: a device (`/dev/zero`), a pipe or a huge file is
+    /// an error naming it, not a read until memory runs out.
+    fn read(&mut self, path: &Path, from: Option<&Location>) -> Result<Vec<u8>, ImportError> {
+        let fail = |why: &dyn fmt::Display| {
+            ImportError(match from {
+                Some(at) => format!("{at}: cannot read included {}: {why}", path.display()),
+                None => format!("cannot read {}: {why}", path.display()),
+            })
+        };
+        // Looked at before opening: opening a pipe would wait for a writer.
+        let regular = |meta: std::io::Result<std::fs::Metadata>| match meta {
+            Ok(m) if m.is_file() => Ok(()),
+            Ok(_) => Err(fail(&"not a regular file")),
+            Err(e) => Err(fail(&e)),
+        };
+        regular(std::fs::metadata(path))?;
+        let file = std::fs::File::open(path).map_err(|e| fail(&e))?;
+        // And again once open, in case it was replaced in between.
+        regular(file.metadata())?;
+        let left = self.max_total.saturating_sub(self.read);
+        let limit = self.max_file.min(left);
+        let mut bytes = Vec::new();
+        file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| fail(&e))?;
+        let n = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+        if n > limit {
+            return Err(if limit == self.max_file {
+                fail(&format_args!("larger than {}; not an nginx config this tool reads", mib(self.max_file)))
+            } else {
+                fail(&format_args!(
+                    "the config and its includes come to more than {}; not an nginx config this tool reads",
+                    mib(self.max_total)
+                ))
+            });
+        }
+        self.read += n;
+        Ok(bytes)
+    }
+
     /// Directives up to the end of the file, or up to a `}` (its line is
     /// returned).
     fn block(
-        &self,
+        &mut self,
         lexer: &mut Lexer<'_>,
         file: &Rc<PathBuf>,
-        depth: usize,
+        includes: usize,
+        blocks: usize,
     ) -> Result<(Vec<Directive>, Option<usize>), ImportError> {
         let at = |line| Location { file: Rc::clone(file), line };
         let mut out = Vec::new();
@@ -286,6 +368,13 @@ impl Reader {
                     if words.is_empty() {
                         start = line;
                     }
+                    self.words += 1;
+                    if self.words > self.max_words {
+                        return error_at(
+                            &at(line),
+                            format!("more than {} words in all; not an nginx config this tool reads", self.max_words),
+                        );
+                    }
                     words.push(w);
                 }
                 Token::Semicolon | Token::Open if words.is_empty() => {
@@ -295,7 +384,7 @@ impl Reader {
                     let name = words.remove(0);
                     let args = std::mem::take(&mut words);
                     if name == "include" {
-                        out.extend(self.include(&args, &at(start), depth)?);
+                        out.extend(self.include(&args, &at(start), includes, blocks)?);
                     } else {
                         out.push(Directive { name, args, at: at(start), block: None });
                     }
@@ -303,7 +392,13 @@ impl Reader {
                 Token::Open => {
                     let name = words.remove(0);
                     let args = std::mem::take(&mut words);
-                    let (block, end) = self.block(lexer, file, depth)?;
+                    if blocks >= MAX_BLOCK_DEPTH {
+                        return error_at(
+                            &at(start),
+                            format!("the block of \"{name}\" nests more than {MAX_BLOCK_DEPTH} blocks deep"),
+                        );
+                    }
+                    let (block, end) = self.block(lexer, file, includes, blocks + 1)?;
                     if end.is_none() {
                         return error_at(&at(start), format!("the block of \"{name}\" is not closed"));
                     }
@@ -317,17 +412,23 @@ impl Reader {
         }
     }
 
-    fn include(&self, args: &[String], at: &Location, depth: usize) -> Result<Vec<Directive>, ImportError> {
+    fn include(
+        &mut self,
+        args: &[String],
+        at: &Location,
+        includes: usize,
+        blocks: usize,
+    ) -> Result<Vec<Directive>, ImportError> {
         let [pattern] = args else {
             return error_at(at, "include takes one file or mask");
         };
-        if depth >= MAX_INCLUDE_DEPTH {
+        if includes >= MAX_INCLUDE_DEPTH {
             return error_at(at, format!("includes nest more than {MAX_INCLUDE_DEPTH} deep (a loop?)"));
         }
         let path = self.prefix.join(pattern);
         let mut out = Vec::new();
         if !pattern.contains(['*', '?', '[']) {
-            return self.file(&path, depth + 1, Some(at));
+            return self.file(&path, includes + 1, blocks, Some(at));
         }
         // A mask: only its last component may hold wildcards here.
         let (Some(dir), Some(mask)) = (path.parent(), path.file_name().and_then(|m| m.to_str())) else {
@@ -351,28 +452,55 @@ impl Reader {
         };
         files.sort();
         for file in files {
-            out.extend(self.file(&file, depth + 1, Some(at))?);
+            out.extend(self.file(&file, includes + 1, blocks, Some(at))?);
         }
         Ok(out)
     }
 }
 
+/// `16 MiB`.
+fn mib(bytes: u64) -> String {
+    if bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 /// Shell-style `*` and `?` matching (names starting with `.` need a literal
-/// `.`, as glob does).
+/// `.`, as glob does), byte by byte. Greedy, going back only to the last
+/// `*` seen: at most `mask.len() × name.len()` steps, however many stars.
 fn wildcard(mask: &[u8], name: &[u8]) -> bool {
     if name.first() == Some(&b'.') && mask.first() != Some(&b'.') {
         return false;
     }
-    fn go(m: &[u8], n: &[u8]) -> bool {
-        match (m.first(), n.first()) {
-            (None, None) => true,
-            (Some(b'*'), _) => go(&m[1..], n) || (!n.is_empty() && go(m, &n[1..])),
-            (Some(b'?'), Some(_)) => go(&m[1..], &n[1..]),
-            (Some(a), Some(b)) if a == b => go(&m[1..], &n[1..]),
-            _ => false,
+    let (mut m, mut n) = (0, 0);
+    // After the last `*`: where the mask goes on, and how much of the name
+    // that star has taken so far.
+    let mut star: Option<(usize, usize)> = None;
+    while let Some(&c) = name.get(n) {
+        match mask.get(m) {
+            Some(b'*') => {
+                m += 1;
+                star = Some((m, n));
+            }
+            Some(&w) if w == b'?' || w == c => {
+                m += 1;
+                n += 1;
+            }
+            // A mismatch: the last star takes one more byte. Earlier stars
+            // need not move: whatever they could match, the last one can.
+            _ => match star {
+                Some((after, taken)) => {
+                    m = after;
+                    n = taken + 1;
+                    star = Some((after, taken + 1));
+                }
+                None => return false,
+            },
         }
     }
-    go(mask, name)
+    mask.get(m..).is_some_and(|rest| rest.iter().all(|&w| w == b'*'))
 }
 
 // ---- translating ------------------------------------------------------------
@@ -381,7 +509,7 @@ fn wildcard(mask: &[u8], name: &[u8]) -> bool {
 /// `upstream`, or the only upstream that uses `hash`.
 pub(crate) fn import(file: &Path, upstream: Option<&str>) -> Result<Import, ImportError> {
     let prefix = file.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-    let top = Reader { prefix }.file(file, 0, None)?;
+    let top = Reader::new(prefix).file(file, 0, 0, None)?;
     // nginx.conf has an http block; a conf.d snippet is http context itself.
     let http: Vec<&Directive> = {
         let blocks: Vec<&Directive> = top.iter().filter(|d| d.name == "http").collect();
@@ -488,6 +616,16 @@ impl Translation<'_> {
         };
         if backends.is_empty() {
             return error_at(&upstream.at, format!("upstream {name:?} has no usable `server`"));
+        }
+        // Checked here too, so that a huge upstream fails fast and short.
+        if backends.len() > MAX_MEMBERS {
+            return error_at(
+                &upstream.at,
+                format!(
+                    "upstream {name:?} has {} usable servers; sticky-proxy takes at most {MAX_MEMBERS}",
+                    backends.len()
+                ),
+            );
         }
         assign_ids(&mut backends);
         let listen = self.listen(&name, &upstream.at)?;
@@ -756,8 +894,11 @@ impl Translation<'_> {
 
 /// Backend ids from the addresses (what nginx's logs show), made plain and
 /// unique: `[fd00::6]:8080` → `fd00::6:8080`; a repeated address gets `-2`…
+/// (the first of `-2`, `-3`, … not taken yet). Linear: a set of the ids
+/// taken, and for each plain id the suffix to try next.
 fn assign_ids(backends: &mut [Backend]) {
-    let mut taken: Vec<String> = Vec::new();
+    let mut taken: HashSet<String> = HashSet::with_capacity(backends.len());
+    let mut next: HashMap<String, u64> = HashMap::new();
     for b in backends.iter_mut() {
         let plain: String = b
             .address
@@ -767,13 +908,21 @@ fn assign_ids(backends: &mut [Backend]) {
             .take(240)
             .collect();
         let plain = if plain.is_empty() { "backend".to_string() } else { plain };
-        let mut id = plain.clone();
-        let mut n = 1;
-        while taken.contains(&id) {
-            n += 1;
-            id = format!("{plain}-{n}");
-        }
-        taken.push(id.clone());
+        let id = if taken.contains(&plain) {
+            // Every suffix below the one stored was taken when tried, and
+            // ids are never given back.
+            let n = next.entry(plain.clone()).or_insert(2);
+            loop {
+                let id = format!("{plain}-{n}");
+                *n += 1;
+                if !taken.contains(&id) {
+                    break id;
+                }
+            }
+        } else {
+            plain
+        };
+        taken.insert(id.clone());
         b.id = id;
     }
 }
@@ -884,9 +1033,261 @@ mod tests {
     fn wildcards_match_like_glob() {
         assert!(wildcard(b"*.conf", b"a.conf"));
         assert!(!wildcard(b"*.conf", b".hidden.conf"));
+        assert!(wildcard(b".*", b".hidden"));
         assert!(wildcard(b"site?.conf", b"site1.conf"));
+        assert!(!wildcard(b"site?.conf", b"site.conf"));
         assert!(!wildcard(b"*.conf", b"a.conf.bak"));
         assert!(wildcard(b"*", b"x"));
+        assert!(wildcard(b"**", b""));
+        assert!(!wildcard(b"?", b""));
+        assert!(wildcard(b"a*b*c", b"abxbxc"));
+        assert!(!wildcard(b"a*b*c", b"abxbxcx"));
+    }
+
+    /// The old recursive matcher: right, but exponential in the stars.
+    fn reference(mask: &[u8], name: &[u8]) -> bool {
+        fn go(m: &[u8], n: &[u8]) -> bool {
+            match (m.first(), n.first()) {
+                (None, None) => true,
+                (Some(b'*'), _) => go(&m[1..], n) || (!n.is_empty() && go(m, &n[1..])),
+                (Some(b'?'), Some(_)) => go(&m[1..], &n[1..]),
+                (Some(a), Some(b)) if a == b => go(&m[1..], &n[1..]),
+                _ => false,
+            }
+        }
+        !(name.first() == Some(&b'.') && mask.first() != Some(&b'.')) && go(mask, name)
+    }
+
+    /// Every string of up to `len` bytes from `alphabet`.
+    fn strings(alphabet: &[u8], len: usize) -> Vec<Vec<u8>> {
+        let mut all = vec![Vec::new()];
+        let mut last = vec![Vec::new()];
+        for _ in 0..len {
+            last = last
+                .iter()
+                .flat_map(|s: &Vec<u8>| alphabet.iter().map(move |&c| [s.as_slice(), &[c]].concat()))
+                .collect();
+            all.extend(last.iter().cloned());
+        }
+        all
+    }
+
+    #[test]
+    fn wildcards_agree_with_the_recursive_matcher() {
+        let masks = strings(b"ab.*?", 5);
+        let names = strings(b"ab.", 5);
+        for mask in &masks {
+            for name in &names {
+                assert_eq!(
+                    wildcard(mask, name),
+                    reference(mask, name),
+                    "{:?} on {:?}",
+                    String::from_utf8_lossy(mask),
+                    String::from_utf8_lossy(name)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn many_stars_match_in_polynomial_time() {
+        // The recursive matcher takes seconds from 6 stars on, and would
+        // not finish these in any time.
+        let mask = format!("{}b.conf", "a*".repeat(40));
+        let a = "a".repeat(200);
+        assert!(!wildcard(mask.as_bytes(), format!("{a}.conf").as_bytes()));
+        assert!(wildcard(mask.as_bytes(), format!("{a}b.conf").as_bytes()));
+        assert!(!wildcard(mask.as_bytes(), format!("{}b.conf", "a".repeat(39)).as_bytes()));
+        let mask = format!("{}?b", "*?".repeat(40));
+        assert!(!wildcard(mask.as_bytes(), a.as_bytes()));
+        assert!(wildcard(mask.as_bytes(), format!("{a}b").as_bytes()));
+    }
+
+    fn backends(addresses: &[String]) -> Vec<Backend> {
+        let at = Location { file: Rc::new(PathBuf::from("nginx.conf")), line: 1 };
+        addresses
+            .iter()
+            .map(|a| Backend {
+                id: String::new(),
+                address: a.clone(),
+                weight: 1,
+                down: false,
+                health: None,
+                line: a.clone(),
+                at: at.clone(),
+            })
+            .collect()
+    }
+
+    fn ids(addresses: &[String]) -> Vec<String> {
+        let mut b = backends(addresses);
+        assign_ids(&mut b);
+        b.into_iter().map(|b| b.id).collect()
+    }
+
+    #[test]
+    fn ids_are_plain_and_unique() {
+        let addresses: Vec<String> = [
+            "[fd00::6]:8080",
+            "10.0.0.1",
+            "10.0.0.1-2",
+            "10.0.0.1",
+            "10.0.0.1",
+            "",
+            "a b",
+            "a b",
+            "10.0.0.1-3-2",
+            "10.0.0.1-3",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            ids(&addresses),
+            [
+                "fd00::6:8080",
+                "10.0.0.1",
+                "10.0.0.1-2",
+                // -2 is taken by the address written so.
+                "10.0.0.1-3",
+                "10.0.0.1-4",
+                "backend",
+                "a-b",
+                "a-b-2",
+                "10.0.0.1-3-2",
+                // Taken by the second repeat of 10.0.0.1.
+                "10.0.0.1-3-3",
+            ]
+        );
+    }
+
+    #[test]
+    fn ids_of_a_huge_upstream() {
+        // 50,000 servers: 30,000 distinct, one of them repeated 20,000
+        // times, among addresses that look like its repeats. The ids used
+        // to be found by scanning all the ids taken for every candidate,
+        // so this was cubic and did not finish.
+        let mut addresses: Vec<String> =
+            (0..30_000u32).map(|i| format!("10.{}.{}.{}:80", i >> 16, (i >> 8) & 255, i & 255)).collect();
+        addresses.extend((2..1_000).step_by(3).map(|n| format!("10.0.0.0:80-{n}")));
+        let repeats = 50_000 - addresses.len();
+        addresses.extend(std::iter::repeat_n("10.0.0.0:80".to_string(), repeats));
+        let ids = ids(&addresses);
+        assert_eq!(ids.len(), 50_000);
+        assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 50_000, "unique");
+        assert_eq!(ids[..30_000], addresses[..30_000]);
+        assert_eq!(ids[30_000..30_333], addresses[30_000..30_333]);
+        // The repeats take -3, -4, -6, -7, …: every suffix not written.
+        let mut want = (3..).filter(|n| n % 3 != 2 || *n >= 1_000).map(|n| format!("10.0.0.0:80-{n}"));
+        for id in &ids[30_333..] {
+            assert_eq!(Some(id), want.next().as_ref());
+        }
+    }
+
+    /// A fresh directory holding `files`, removed when dropped.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str, files: &[(&str, &[u8])]) -> Dir {
+            let dir = std::env::temp_dir().join(format!("sticky-proxy-nginx-unit-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            for (path, content) in files {
+                std::fs::write(dir.join(path), content).expect("write");
+            }
+            Dir(dir)
+        }
+
+        fn read(&self, max_file: u64, max_total: u64) -> Result<Vec<Directive>, ImportError> {
+            let mut reader = Reader { max_file, max_total, ..Reader::new(self.0.clone()) };
+            reader.file(&self.0.join("nginx.conf"), 0, 0, None)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn reads_are_bounded_per_file_and_in_all() {
+        let dir = Dir::new(
+            "limits",
+            &[
+                ("nginx.conf", b"include a.conf;\ninclude b.conf;\n"),
+                ("a.conf", &[b'#'; 100]),
+                ("b.conf", &[b'#'; 100]),
+            ],
+        );
+        let nginx = dir.0.join("nginx.conf").display().to_string();
+        assert!(dir.read(100, 232).is_ok(), "each file up to the limit, 232 bytes in all");
+        let e = dir.read(99, 1_000).expect_err("a.conf is over 99 bytes").0;
+        assert_eq!(
+            e,
+            format!(
+                "{nginx}:1: cannot read included {}: larger than 99 bytes; not an nginx config this tool reads",
+                dir.0.join("a.conf").display()
+            )
+        );
+        let e = dir.read(100, 231).expect_err("231 bytes in all").0;
+        assert_eq!(e, format!("{nginx}:2: cannot read included {}: the config and its includes come to more than 231 bytes; not an nginx config this tool reads", dir.0.join("b.conf").display()));
+        let e = dir.read(31, 1_000).expect_err("the main file is 32 bytes").0;
+        assert!(e.starts_with(&format!("cannot read {nginx}: larger than 31 bytes")), "{e}");
+        assert_eq!(mib(MAX_FILE_BYTES), "16 MiB");
+    }
+
+    #[test]
+    fn words_are_bounded_in_all() {
+        let dir = Dir::new("words", &[("nginx.conf", b"a b;\ninclude x.conf;\n"), ("x.conf", b"c;\nd e;\n")]);
+        let read = |max_words| {
+            let mut reader = Reader { max_words, ..Reader::new(dir.0.clone()) };
+            reader.file(&dir.0.join("nginx.conf"), 0, 0, None)
+        };
+        assert_eq!(read(7).map(|d| d.len()), Ok(3), "a, c and d: 7 words with the include");
+        let e = read(6).expect_err("7 words").0;
+        assert_eq!(
+            e,
+            format!(
+                "{}:2: more than 6 words in all; not an nginx config this tool reads",
+                dir.0.join("x.conf").display()
+            )
+        );
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn only_regular_files_are_read() {
+        let dir = Dir::new("special", &[("nginx.conf", b"http {\n  include sub/*;\n}\n")]);
+        std::fs::create_dir(dir.0.join("sub")).expect("mkdir");
+        std::fs::write(dir.0.join("sub/a.conf"), "").expect("write");
+        std::os::unix::fs::symlink("/dev/null", dir.0.join("sub/null")).expect("symlink");
+        let e = dir.read(MAX_FILE_BYTES, MAX_TOTAL_BYTES).expect_err("/dev/null is a device").0;
+        let (nginx, null) = (dir.0.join("nginx.conf"), dir.0.join("sub/null"));
+        assert_eq!(e, format!("{}:2: cannot read included {}: not a regular file", nginx.display(), null.display()));
+        let e = Dir::new("none", &[]).read(MAX_FILE_BYTES, MAX_TOTAL_BYTES).expect_err("no nginx.conf").0;
+        assert!(e.starts_with("cannot read ") && e.contains("nginx.conf: "), "{e}");
+    }
+
+    #[test]
+    fn blocks_nest_at_most_256_deep_across_includes() {
+        let open = |n: usize| "a {\n".repeat(n);
+        let close = |n: usize| "}\n".repeat(n);
+        // 200 blocks here and 56 in the include: the limit.
+        let main = format!("{}include inner.conf;\n{}", open(200), close(200));
+        let dir = Dir::new(
+            "deep",
+            &[("nginx.conf", main.as_bytes()), ("inner.conf", format!("{}{}", open(56), close(56)).as_bytes())],
+        );
+        assert!(dir.read(MAX_FILE_BYTES, MAX_TOTAL_BYTES).is_ok());
+        let dir = Dir::new(
+            "deeper",
+            &[("nginx.conf", main.as_bytes()), ("inner.conf", format!("{}{}", open(57), close(57)).as_bytes())],
+        );
+        let e = dir.read(MAX_FILE_BYTES, MAX_TOTAL_BYTES).expect_err("257 deep").0;
+        assert_eq!(
+            e,
+            format!("{}:57: the block of \"a\" nests more than 256 blocks deep", dir.0.join("inner.conf").display())
+        );
     }
 
     #[test]
