@@ -913,6 +913,10 @@ impl Validator<'_> {
             None => HealthConfig::passive_only(),
         };
         let mut out: Vec<BackendConfig> = Vec::with_capacity(raw.get_ref().len());
+        // Id → index, for the duplicate check (a scan per backend was
+        // quadratic: seconds at tens of thousands of backends).
+        let mut seen: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::with_capacity(out.capacity());
         let mut clients = ClientConfigs::default();
         let mut points: u64 = 0;
         for (i, b) in raw.get_ref().iter().enumerate() {
@@ -927,13 +931,14 @@ impl Validator<'_> {
                     format!("{id:?}: use 1 to 256 of the characters A-Z a-z 0-9 . _ : @ / -"),
                 );
             }
-            if let Some(first) = out.iter().position(|o| o.id == id) {
+            if let Some(first) = seen.get(id) {
                 return self.err(
                     b.id.span(),
                     &field("id"),
                     format!("duplicate backend id {id:?} (also backends[{first}])"),
                 );
             }
+            seen.insert(id.to_string(), i);
             let server = b.address.get_ref().trim();
             let nginx = routing.hash == HashMode::Nginx;
             let address = match validate_address(server, nginx) {
