@@ -159,3 +159,21 @@ async fn metrics_parse_and_match_what_the_test_did() {
     .await;
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_elsewhere_cannot_drain_or_reload() {
+    let apps = start_apps(1).await;
+    let proxy = start_proxy(&config_for(&apps, ALL_KEYS, "")).await;
+    let (http, admin) = (Http::default(), proxy.admin_addr());
+    let drain = format!("http://{admin}/backends/app-1/drain");
+    let reply = http.send(Method::POST, &drain, &[("origin", "https://evil.example")], "").await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let reply = http.send(Method::POST, &drain, &[("content-type", "application/x-www-form-urlencoded")], "a=1").await;
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert_eq!(proxy.router().load().draining_since("app-1"), None, "nothing was drained");
+    // The operator's own tools still can.
+    let reply = http.send(Method::POST, &drain, &[], "").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(proxy.router().load().draining_since("app-1").is_some());
+    proxy.shutdown().await;
+}

@@ -50,6 +50,11 @@ pub(crate) struct AdminState {
 /// Answers one admin request.
 pub(crate) async fn handle(req: Request<Incoming>, state: &AdminState) -> Response<ProxyBody> {
     let path = req.uri().path();
+    let mutating = !matches!(*req.method(), Method::GET | Method::HEAD);
+    if let Some(why) = mutating.then(|| cross_site(&req)).flatten() {
+        state.metrics.admin_unauthorized();
+        return text_response(StatusCode::FORBIDDEN, format!("refused: {why}\n"));
+    }
     let open = matches!(path, "/healthz" | "/readyz" | "/metrics");
     if !open {
         let table = state.router.load();
@@ -300,6 +305,32 @@ fn authorized(req: &Request<Incoming>, token: &str) -> bool {
     constant_time_eq(presented, token.as_bytes())
 }
 
+/// Why a mutating admin request looks like it came from a web page
+/// elsewhere (a browser on the operator's machine can reach a loopback
+/// admin port): an `Origin` other than the admin's own, or a body type an
+/// HTML form can send without asking first. `None`: go on.
+fn cross_site<B>(req: &Request<B>) -> Option<&'static str> {
+    let headers = req.headers();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers.get(header::HOST).map(HeaderValue::as_bytes).unwrap_or_default();
+        let own = origin
+            .as_bytes()
+            .strip_prefix(b"http://")
+            .or_else(|| origin.as_bytes().strip_prefix(b"https://"))
+            .is_some_and(|authority| !host.is_empty() && authority.eq_ignore_ascii_case(host));
+        if !own {
+            return Some("a request from another origin (Origin differs from the admin's own)");
+        }
+    }
+    let form = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        let media = v.split(';').next().unwrap_or("").trim();
+        ["application/x-www-form-urlencoded", "multipart/form-data", "text/plain"]
+            .iter()
+            .any(|f| media.eq_ignore_ascii_case(f))
+    });
+    form.then_some("a body type an HTML form can send; send none, or application/json")
+}
+
 /// The token of an `Authorization: Bearer <token>` value; the scheme is
 /// case-insensitive (RFC 9110 §11.1), spaces around the token don't count.
 /// Empty for any other scheme.
@@ -328,7 +359,26 @@ fn method_not_allowed(allowed: &'static str) -> Response<ProxyBody> {
 
 #[cfg(test)]
 mod tests {
-    use super::{bearer_token, constant_time_eq};
+    use super::{bearer_token, constant_time_eq, cross_site};
+
+    #[test]
+    fn cross_site_requests_are_told_apart() {
+        let post = |headers: &[(&str, &str)]| {
+            let mut req = hyper::Request::post("/reload");
+            for (n, v) in headers {
+                req = req.header(*n, *v);
+            }
+            cross_site(&req.body(()).expect("request"))
+        };
+        assert_eq!(post(&[("host", "127.0.0.1:9901")]), None, "curl: no Origin, no body type");
+        assert_eq!(post(&[("host", "127.0.0.1:9901"), ("origin", "http://127.0.0.1:9901")]), None, "its own page");
+        assert!(post(&[("host", "127.0.0.1:9901"), ("origin", "https://evil.example")]).is_some());
+        assert!(post(&[("host", "127.0.0.1:9901"), ("origin", "null")]).is_some());
+        assert!(post(&[("content-type", "application/x-www-form-urlencoded")]).is_some());
+        assert!(post(&[("content-type", "Text/Plain; charset=utf-8")]).is_some());
+        assert!(post(&[("content-type", "multipart/form-data; boundary=x")]).is_some());
+        assert_eq!(post(&[("content-type", "application/json")]), None);
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {
