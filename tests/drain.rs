@@ -10,16 +10,6 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::Method;
 use tokio_tungstenite::tungstenite::Message;
 
-fn device_owned_by(proxy: &sticky_proxy::app::RunningProxy, backend: &str, seed: u64) -> String {
-    let mut ids = Ids::new(seed);
-    loop {
-        let id = ids.next_id();
-        if proxy.router().load().owner(id.as_bytes()).map(|b| b.id.as_str()) == Some(backend) {
-            return id;
-        }
-    }
-}
-
 async fn whoami(http: &Http, addr: std::net::SocketAddr, device: &str) -> String {
     http.get(&format!("http://{addr}/whoami"), &[("x-device-id", device)]).await.body
 }

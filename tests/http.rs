@@ -6,17 +6,6 @@ mod common;
 use common::*;
 use hyper::StatusCode;
 
-/// A device ID whose ring owner is `backend`.
-fn device_owned_by(proxy: &sticky_proxy::app::RunningProxy, backend: &str) -> String {
-    let mut ids = Ids::new(99);
-    loop {
-        let id = ids.next_id();
-        if proxy.router().load().owner(id.as_bytes()).map(|b| b.id.as_str()) == Some(backend) {
-            return id;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_headers_are_set_and_hop_by_hop_headers_dropped() {
     let (_apps, proxy) = stack(2).await;
@@ -51,8 +40,8 @@ async fn a_backend_that_vanishes_loses_no_request_and_others_keep_serving() {
     let (apps, proxy) = stack(3).await;
     let http = Http::default();
     let addr = proxy.proxy_addr();
-    let doomed = device_owned_by(&proxy, "app-2");
-    let survivor = device_owned_by(&proxy, "app-1");
+    let doomed = device_owned_by(&proxy, "app-2", 99);
+    let survivor = device_owned_by(&proxy, "app-1", 99);
     assert_eq!(http.get(&format!("http://{addr}/whoami"), &[("x-device-id", &doomed)]).await.body, "app-2");
     // Where app-2's device goes when app-2 is gone: the next backend on its ring walk.
     let standby = {

@@ -8,18 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use futures_util::StreamExt;
-use sticky_proxy::app::RunningProxy;
-
-/// A device ID whose ring owner is `backend`.
-fn device_owned_by(proxy: &RunningProxy, backend: &str, seed: u64) -> String {
-    let mut ids = Ids::new(seed);
-    loop {
-        let id = ids.next_id();
-        if proxy.router().load().owner(id.as_bytes()).map(|b| b.id.as_str()) == Some(backend) {
-            return id;
-        }
-    }
-}
 
 /// A socket for `device` opened on `app` directly, not through the proxy:
 /// the proxy knows nothing of it, as with a socket through another replica.

@@ -189,22 +189,29 @@ impl Client {
     }
 }
 
+/// Every non-empty `name` line joined with `, `, then `ours` (as bytes: a
+/// line with non-ASCII bytes is kept, not dropped whole). `None` if the
+/// result is not a valid header value.
+fn appended(headers: &HeaderMap, name: &HeaderName, ours: &[u8]) -> Option<HeaderValue> {
+    let mut joined: Vec<u8> = Vec::new();
+    for prior in headers.get_all(name).iter().map(|v| v.as_bytes().trim_ascii()) {
+        if !prior.is_empty() {
+            joined.extend_from_slice(prior);
+            joined.extend_from_slice(b", ");
+        }
+    }
+    joined.extend_from_slice(ours);
+    HeaderValue::from_bytes(&joined).ok()
+}
+
 /// Appends the client to `X-Forwarded-For` and sets `-Proto` and `-Host`.
 pub fn add_forwarded_headers(headers: &mut HeaderMap, client: &Client) {
     // Room for the four headers at once: at most one growth of the map.
     headers.reserve(4);
     let forwarded_for = if headers.contains_key(&X_FORWARDED_FOR) {
         // Every prior line counts: proxies before us may have added one each.
-        let mut joined: Vec<u8> = Vec::new();
-        // As bytes: a line with non-ASCII bytes is kept, not dropped whole.
-        for prior in headers.get_all(&X_FORWARDED_FOR).iter().map(|v| v.as_bytes().trim_ascii()) {
-            if !prior.is_empty() {
-                joined.extend_from_slice(prior);
-                joined.extend_from_slice(b", ");
-            }
-        }
-        joined.extend_from_slice(client.forwarded_for.as_bytes());
-        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.forwarded_for.clone())
+        appended(headers, &X_FORWARDED_FOR, client.forwarded_for.as_bytes())
+            .unwrap_or_else(|| client.forwarded_for.clone())
     } else {
         // The common case: no allocation, no formatting.
         client.forwarded_for.clone()
@@ -216,15 +223,7 @@ pub fn add_forwarded_headers(headers: &mut HeaderMap, client: &Client) {
     if headers.contains_key(header::FORWARDED) {
         // RFC 7239: each proxy appends its element, so the last one (ours)
         // is the one a backend can trust.
-        let mut joined: Vec<u8> = Vec::new();
-        for prior in headers.get_all(header::FORWARDED).iter().map(|v| v.as_bytes().trim_ascii()) {
-            if !prior.is_empty() {
-                joined.extend_from_slice(prior);
-                joined.extend_from_slice(b", ");
-            }
-        }
-        joined.extend_from_slice(&client.forwarded_element());
-        if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        if let Some(value) = appended(headers, &header::FORWARDED, &client.forwarded_element()) {
             headers.insert(header::FORWARDED, value);
         }
     }

@@ -35,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::util::rng::SplitMix64;
 use crate::util::shutdown::raised;
+use crate::util::time::sleep_until_some;
 
 /// Moves misplaced tunnels to their owner, paced.
 pub struct Rebalancer {
@@ -217,13 +218,6 @@ fn slot_len(rate: f64) -> Duration {
 /// A random number in `[0, 1)`.
 fn unit(rng: &mut SplitMix64) -> f64 {
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use super::splice::Splice;
 use super::wsframe;
 use crate::util::rng::SplitMix64;
 use crate::util::shutdown::raised;
+use crate::util::time::sleep_until_some;
 
 /// When the proxy ends a tunnel: how long the backend has to answer its
 /// close frame (and the device to finish a frame it is sending) before the
@@ -139,13 +140,6 @@ where
 async fn migration_requested(control: Option<&TunnelControl>) {
     match control {
         Some(control) => control.migration_requested().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

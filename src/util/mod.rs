@@ -4,3 +4,4 @@
 pub(crate) mod rng;
 pub(crate) mod shutdown;
 pub(crate) mod socket;
+pub(crate) mod time;

@@ -172,6 +172,17 @@ impl Ids {
     }
 }
 
+/// A device ID (from the IDs of `seed`) whose ring owner is `backend`.
+pub fn device_owned_by(proxy: &RunningProxy, backend: &str, seed: u64) -> String {
+    let mut ids = Ids::new(seed);
+    loop {
+        let id = ids.next_id();
+        if proxy.router().load().owner(id.as_bytes()).map(|b| b.id.as_str()) == Some(backend) {
+            return id;
+        }
+    }
+}
+
 /// A config file in a fresh temp directory, rewritten by tests to trigger reloads.
 pub struct ConfigFile {
     pub path: std::path::PathBuf,
