@@ -78,6 +78,62 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+/// A limit or timeout that ended a connection or refused a request; the
+/// `limit` label of `sticky_proxy_limits_total` is the setting's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// `server.max_connections`: a new client connection was refused.
+    MaxConnections,
+    /// `server.client_max_body_size`: a request body was too large (413).
+    ClientMaxBodySize,
+    /// `server.client_body_timeout`: a request body stalled (408).
+    ClientBodyTimeout,
+    /// `server.send_timeout`: a client stopped reading its response.
+    SendTimeout,
+    /// `server.keepalive_timeout`: an idle keep-alive connection was closed.
+    KeepaliveTimeout,
+    /// `server.header_read_timeout`: a request's headers came too slowly.
+    HeaderReadTimeout,
+    /// `server.tunnel_idle_timeout`: an idle WebSocket tunnel was closed.
+    TunnelIdleTimeout,
+    /// `upstream.queue_timeout`: no connection to the backend came free
+    /// under `upstream.max_connections` (503).
+    QueueTimeout,
+}
+
+impl Limit {
+    /// Every limit, so each series exists (at 0) from the start.
+    pub(crate) const ALL: [Limit; 8] = [
+        Limit::MaxConnections,
+        Limit::ClientMaxBodySize,
+        Limit::ClientBodyTimeout,
+        Limit::SendTimeout,
+        Limit::KeepaliveTimeout,
+        Limit::HeaderReadTimeout,
+        Limit::TunnelIdleTimeout,
+        Limit::QueueTimeout,
+    ];
+
+    /// The setting's name, as in the config file.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Limit::MaxConnections => "server.max_connections",
+            Limit::ClientMaxBodySize => "server.client_max_body_size",
+            Limit::ClientBodyTimeout => "server.client_body_timeout",
+            Limit::SendTimeout => "server.send_timeout",
+            Limit::KeepaliveTimeout => "server.keepalive_timeout",
+            Limit::HeaderReadTimeout => "server.header_read_timeout",
+            Limit::TunnelIdleTimeout => "server.tunnel_idle_timeout",
+            Limit::QueueTimeout => "upstream.queue_timeout",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ViaLabel {
     via: &'static str,
 }
@@ -120,6 +176,7 @@ pub struct Metrics {
     backends: Family<StateLabel, Gauge>,
     admin_unauthorized: Counter,
     accept_errors: Family<KindLabel, Counter>,
+    limits: Family<LimitLabel, Counter>,
     backend_up: Family<BackendLabel, Gauge>,
     health_checks: Family<BackendResult, Counter>,
     health_check_duration: Family<BackendLabel, Histogram, fn() -> Histogram>,
@@ -166,6 +223,7 @@ impl Metrics {
             backends: Family::default(),
             admin_unauthorized: Counter::default(),
             accept_errors: Family::default(),
+            limits: Family::default(),
             served: Family::default(),
             retired: Arc::default(),
             backend_up: Family::default(),
@@ -218,6 +276,14 @@ impl Metrics {
             "accept_errors",
             "Failed accepts on the proxy and admin listeners, by kind (fd_limit, no_memory, connection, other)",
             m.accept_errors.clone(),
+        );
+        for limit in Limit::ALL {
+            m.limits.get_or_create(&LimitLabel { limit: limit.name() });
+        }
+        r.register(
+            "limits",
+            "Connections closed and requests refused by a limit or timeout, by setting (e.g. server.send_timeout)",
+            m.limits.clone(),
         );
         r.register("backend_up", "1 while the backend takes traffic, 0 while it is down", m.backend_up.clone());
         r.register("health_checks", "Active health checks and probes, by backend and result", m.health_checks.clone());
@@ -454,6 +520,11 @@ impl Metrics {
     /// A listener's `accept` failed (`kind`: fd_limit, no_memory, connection, other).
     pub(crate) fn accept_error(&self, kind: &'static str) {
         self.accept_errors.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// A limit or timeout ended a connection or refused a request.
+    pub(crate) fn limit_hit(&self, limit: Limit) {
+        self.limits.get_or_create(&LimitLabel { limit: limit.name() }).inc();
     }
 
     /// Counts a reload attempt; a success also stamps the time.

@@ -73,6 +73,40 @@ pub struct ServerConfig {
     /// the next request, so it is also the idle limit of a keep-alive
     /// connection.
     pub header_read_timeout: Duration,
+    /// `keepalive_timeout` (default 75s, as nginx): an HTTP connection with
+    /// no request in flight is closed after this long; `None` ("0s") turns
+    /// keep-alive off (one request per connection).
+    pub keepalive_timeout: Option<Duration>,
+    /// `keepalive_requests` (default 1000, as nginx): requests served on one
+    /// connection before its response says `Connection: close`.
+    pub keepalive_requests: u64,
+    /// `client_body_timeout` (default 60s, as nginx): the longest pause
+    /// between two reads of a request body (408 past it).
+    pub client_body_timeout: Duration,
+    /// `send_timeout` (default 60s, as nginx): the longest a write to a
+    /// client may stall (a client that stopped reading) before the
+    /// connection is closed.
+    pub send_timeout: Duration,
+    /// `tunnel_idle_timeout` (default 1h, HAProxy's `timeout tunnel`): a
+    /// WebSocket tunnel with no bytes either way for this long is closed;
+    /// `None` ("0s") never closes one for idleness.
+    pub tunnel_idle_timeout: Option<Duration>,
+    /// `max_connections` (default none): client connections open at once,
+    /// over every listener; past it a new connection gets 503 and is
+    /// closed. `None` leaves only the open-file limit.
+    pub max_connections: Option<usize>,
+    /// `client_max_body_size` (default 100 MiB; nginx's name): the largest
+    /// request body (413 past it); `None` ("0") for no limit.
+    pub client_max_body_size: Option<u64>,
+    /// `max_header_count` (default 100): header lines in a request (431
+    /// past it).
+    pub max_header_count: usize,
+    /// `max_header_size` (default 64 KiB): bytes in a request's start line
+    /// and headers (431 past it).
+    pub max_header_size: usize,
+    /// `h2_max_concurrent_streams` (default 200): HTTP/2 streams a client
+    /// may have open at once on one connection.
+    pub h2_max_concurrent_streams: u32,
     /// `workers`: worker threads of the async runtime (proxy and admin API
     /// share it). Default: the CPUs this process may run on.
     pub workers: usize,
@@ -228,6 +262,15 @@ pub struct UpstreamConfig {
     /// `pool_idle_timeout` (default 90s): how long an idle pooled
     /// connection is kept.
     pub pool_idle_timeout: Duration,
+    /// `max_connections` (default none; HAProxy's `maxconn` on a server,
+    /// nginx's `max_conns`): HTTP connections open to one backend at once.
+    /// Past it requests wait in a queue for a free connection. WebSocket
+    /// tunnels are not counted.
+    pub max_connections: Option<usize>,
+    /// `queue_timeout` (default 5s, HAProxy's `timeout queue`): how long a
+    /// request waits for a free connection under `max_connections` (503
+    /// past it).
+    pub queue_timeout: Duration,
     /// `tls_ca`: CA file trusted by `tls = true` backends without their own
     /// `tls_ca`.
     pub tls_ca: Option<PathBuf>,
@@ -414,6 +457,16 @@ struct RawServer {
     shutdown_grace: Option<Spanned<String>>,
     shutdown_delay: Option<Spanned<String>>,
     header_read_timeout: Option<Spanned<String>>,
+    keepalive_timeout: Option<Spanned<String>>,
+    keepalive_requests: Option<Spanned<i64>>,
+    client_body_timeout: Option<Spanned<String>>,
+    send_timeout: Option<Spanned<String>>,
+    tunnel_idle_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
+    client_max_body_size: Option<Spanned<String>>,
+    max_header_count: Option<Spanned<i64>>,
+    max_header_size: Option<Spanned<String>>,
+    h2_max_concurrent_streams: Option<Spanned<i64>>,
     workers: Option<Spanned<i64>>,
     access_log: Option<bool>,
     h2c: Option<bool>,
@@ -483,6 +536,8 @@ struct RawUpstream {
     response_timeout: Option<Spanned<String>>,
     pool_max_idle: Option<Spanned<i64>>,
     pool_idle_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
+    queue_timeout: Option<Spanned<String>>,
     tls_ca: Option<Spanned<String>>,
 }
 
@@ -545,6 +600,55 @@ impl Validator<'_> {
                 "server.header_read_timeout",
                 Duration::from_secs(30),
             )?,
+            keepalive_timeout: self.duration_or_off(
+                raw.server.keepalive_timeout.as_ref(),
+                "server.keepalive_timeout",
+                Some(Duration::from_secs(75)),
+            )?,
+            keepalive_requests: self
+                .count(raw.server.keepalive_requests.as_ref(), "server.keepalive_requests", 1000, 1..=u32::MAX as u64)?,
+            client_body_timeout: self.duration(
+                raw.server.client_body_timeout.as_ref(),
+                "server.client_body_timeout",
+                Duration::from_secs(60),
+            )?,
+            send_timeout: self.duration(raw.server.send_timeout.as_ref(), "server.send_timeout", Duration::from_secs(60))?,
+            tunnel_idle_timeout: self.duration_or_off(
+                raw.server.tunnel_idle_timeout.as_ref(),
+                "server.tunnel_idle_timeout",
+                Some(Duration::from_secs(3600)),
+            )?,
+            max_connections: match &raw.server.max_connections {
+                None => None,
+                Some(n) => Some(self.count(Some(n), "server.max_connections", 0, 1..=100_000_000)? as usize),
+            },
+            client_max_body_size: match self.size(
+                raw.server.client_max_body_size.as_ref(),
+                "server.client_max_body_size",
+                100 << 20,
+                0..=u64::MAX,
+            )? {
+                0 => None,
+                n => Some(n),
+            },
+            max_header_count: self.count(
+                raw.server.max_header_count.as_ref(),
+                "server.max_header_count",
+                100,
+                1..=10_000,
+            )? as usize,
+            max_header_size: self.size(
+                raw.server.max_header_size.as_ref(),
+                "server.max_header_size",
+                64 << 10,
+                1024..=(1 << 20),
+            )? as usize,
+            h2_max_concurrent_streams: self.count(
+                raw.server.h2_max_concurrent_streams.as_ref(),
+                "server.h2_max_concurrent_streams",
+                200,
+                1..=10_000,
+            )? as u32,
             workers: self.workers(raw.server.workers.as_ref())?,
             access_log: raw.server.access_log.unwrap_or(true),
             h2c: raw.server.h2c.unwrap_or(false),
@@ -798,6 +902,11 @@ impl Validator<'_> {
                 "upstream.pool_idle_timeout",
                 Duration::from_secs(90),
             )?,
+            max_connections: match &raw.max_connections {
+                None => None,
+                Some(n) => Some(self.count(Some(n), "upstream.max_connections", 0, 1..=1_000_000)? as usize),
+            },
+            queue_timeout: self.duration(raw.queue_timeout.as_ref(), "upstream.queue_timeout", Duration::from_secs(5))?,
             tls_ca: raw.tls_ca.as_ref().map(|ca| self.path(ca)),
         })
     }
@@ -1045,6 +1154,64 @@ impl Validator<'_> {
         })
     }
 
+    /// A whole number within `range`, or `default` when not set.
+    fn count(
+        &self,
+        value: Option<&Spanned<i64>>,
+        field: &str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let Some(v) = value else { return Ok(default) };
+        match u64::try_from(*v.get_ref()) {
+            Ok(n) if range.contains(&n) => Ok(n),
+            _ => self.err(
+                v.span(),
+                field,
+                format!("must be between {} and {}, got {}", range.start(), range.end(), v.get_ref()),
+            ),
+        }
+    }
+
+    /// A byte size such as `"64k"` or `"100m"` within `range`, or
+    /// `default` when not set.
+    fn size(
+        &self,
+        value: Option<&Spanned<String>>,
+        field: &str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64, ConfigError> {
+        let Some(v) = value else { return Ok(default) };
+        match parse_size(v.get_ref()) {
+            Some(n) if range.contains(&n) => Ok(n),
+            Some(n) => self.err(
+                v.span(),
+                field,
+                format!("{n} bytes is outside {} to {} bytes", range.start(), range.end()),
+            ),
+            None => self.err(
+                v.span(),
+                field,
+                format!("{:?} is not a size; write bytes or a number with k, m or g, e.g. \"64k\", \"100m\"", v.get_ref()),
+            ),
+        }
+    }
+
+    /// A duration where `"0s"` (or `"0"`) means off (`None`).
+    fn duration_or_off(
+        &self,
+        value: Option<&Spanned<String>>,
+        field: &str,
+        default: Option<Duration>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) if v.get_ref().trim() == "0" || parse_duration(v.get_ref()) == Some(Duration::ZERO) => Ok(None),
+            Some(v) => self.duration(Some(v), field, Duration::ZERO).map(Some),
+        }
+    }
+
     fn duration(
         &self,
         value: Option<&Spanned<String>>,
@@ -1106,6 +1273,22 @@ fn validate_address(address: &str, portless_ok: bool) -> Result<bool, String> {
         return Err(format!("{address:?} has an invalid host; {hint}"));
     }
     Ok(portless)
+}
+
+/// Parses byte sizes written as `"1024"`, `"64k"`, `"100m"` or `"1g"`
+/// (binary multiples, as nginx reads them; upper case too).
+pub(crate) fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (number, shift) = match text.as_bytes().last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    number.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 /// Parses durations written as `"500ms"`, `"2s"`, `"1m"`, `"1h"` (a whole
@@ -1202,6 +1385,57 @@ weight = 2
         assert_eq!(c.routing.rebalance_rate, 100.0);
         assert_eq!(c.admin.listen, "127.0.0.1:9901".parse().expect("addr"));
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn limits_have_defaults_and_zero_turns_the_optional_ones_off() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert_eq!(c.server.keepalive_timeout, Some(Duration::from_secs(75)));
+        assert_eq!(c.server.keepalive_requests, 1000);
+        assert_eq!(c.server.client_body_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.send_timeout, Duration::from_secs(60));
+        assert_eq!(c.server.tunnel_idle_timeout, Some(Duration::from_secs(3600)));
+        assert_eq!(c.server.max_connections, None);
+        assert_eq!(c.server.client_max_body_size, Some(100 << 20));
+        assert_eq!((c.server.max_header_count, c.server.max_header_size), (100, 64 << 10));
+        assert_eq!(c.server.h2_max_concurrent_streams, 200);
+        assert_eq!((c.upstream.max_connections, c.upstream.queue_timeout), (None, Duration::from_secs(5)));
+
+        let text = GOOD.replace(
+            "listen = \"127.0.0.1:8080\"",
+            "listen = \"127.0.0.1:8080\"\nkeepalive_timeout = \"0s\"\ntunnel_idle_timeout = \"0\"\n\
+             client_max_body_size = \"0\"\nmax_header_size = \"8K\"\nmax_connections = 10",
+        );
+        let c = Config::parse(&text).expect("valid");
+        assert_eq!((c.server.keepalive_timeout, c.server.tunnel_idle_timeout), (None, None));
+        assert_eq!(c.server.client_max_body_size, None);
+        assert_eq!((c.server.max_header_size, c.server.max_connections), (8192, Some(10)));
+    }
+
+    #[test]
+    fn limits_out_of_range_name_their_field() {
+        for (line, field) in [
+            ("max_header_size = \"100\"", "server.max_header_size"),
+            ("client_max_body_size = \"1x\"", "server.client_max_body_size"),
+            ("keepalive_requests = 0", "server.keepalive_requests"),
+            ("max_connections = -1", "server.max_connections"),
+            ("h2_max_concurrent_streams = 0", "server.h2_max_concurrent_streams"),
+            ("send_timeout = \"0s\"", "server.send_timeout"),
+        ] {
+            let e = error_for(&GOOD.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"127.0.0.1:8080\"\n{line}")));
+            assert_eq!(e.field.as_deref(), Some(field), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size(" 64k "), Some(65536));
+        assert_eq!(parse_size("100M"), Some(100 << 20));
+        assert_eq!(parse_size("1g"), Some(1 << 30));
+        for bad in ["", "k", "-1", "1.5m", "1kb", "é", "99999999999999999999g", "18014398509481984k"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -306,6 +306,14 @@ fn keep_fixed_settings(running: &Config, new: &mut Config) -> Vec<&'static str> 
         changed.push("upstream.pool_max_idle");
         new.upstream.pool_max_idle = running.upstream.pool_max_idle;
     }
+    if new.server.max_connections != running.server.max_connections {
+        changed.push("server.max_connections");
+        new.server.max_connections = running.server.max_connections;
+    }
+    if new.upstream.max_connections != running.upstream.max_connections {
+        changed.push("upstream.max_connections");
+        new.upstream.max_connections = running.upstream.max_connections;
+    }
     if new.upstream.pool_idle_timeout != running.upstream.pool_idle_timeout {
         changed.push("upstream.pool_idle_timeout");
         new.upstream.pool_idle_timeout = running.upstream.pool_idle_timeout;
