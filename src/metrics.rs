@@ -278,7 +278,7 @@ impl Metrics {
             m.accept_errors.clone(),
         );
         for limit in Limit::ALL {
-            m.limits.get_or_create(&LimitLabel { limit: limit.name() });
+            let _ = m.limits.get_or_create(&LimitLabel { limit: limit.name() });
         }
         r.register(
             "limits",
