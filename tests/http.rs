@@ -267,3 +267,104 @@ async fn a_chunked_response_with_a_content_length_arrives_whole() {
     assert_eq!(reply.body, "hello", "RFC 9112 §6.3: Transfer-Encoding wins over Content-Length");
     proxy.shutdown().await;
 }
+
+/// A backend of raw bytes that records what it receives: answers
+/// `200 ok` once it has seen `until`, and sends the bytes seen on `seen`.
+async fn recording_backend(until: &'static [u8]) -> (std::net::SocketAddr, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(until.len()).any(|w| w == until) {
+                        let _ = tx.send(std::mem::take(&mut seen)).await;
+                        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if stream.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn one_backend_config(address: std::net::SocketAddr) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[routing]\n{ALL_KEYS}\n\n\
+         [[backends]]\nid = \"raw\"\naddress = \"{address}\"\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_with_a_chunked_body_reaches_the_backend_with_it() {
+    let (backend, mut seen) = recording_backend(b"0\r\n\r\n").await;
+    let proxy = start_proxy(&one_backend_config(backend)).await;
+    let request = "GET /x HTTP/1.1\r\nHost: h\r\nx-device-id: d1\r\nTransfer-Encoding: chunked\r\n\r\n\
+                   5\r\nhello\r\n0\r\n\r\n";
+    let answer = raw(proxy.proxy_addr(), request).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let got = within("the backend's copy", seen.recv()).await.expect("a request");
+    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(got.starts_with("get /x http/1.1\r\n"), "{got}");
+    assert!(got.contains("transfer-encoding: chunked\r\n"), "{got}");
+    assert!(got.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "the body went upstream: {got}");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_codings_other_than_one_chunked_are_refused() {
+    let (backend, mut seen) = recording_backend(b"\r\n\r\n").await;
+    let proxy = start_proxy(&one_backend_config(backend)).await;
+    let addr = proxy.proxy_addr();
+    let head = "POST /x HTTP/1.1\r\nHost: h\r\nx-device-id: d1\r\n";
+    let body = "\r\n5\r\nhello\r\n0\r\n\r\n";
+    for (te, status) in [
+        ("Transfer-Encoding: identity, chunked\r\n", "501"),
+        ("Transfer-Encoding: chunked, chunked\r\n", "400"),
+        ("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", "400"),
+    ] {
+        let answer = raw(addr, &format!("{head}{te}{body}")).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{te:?}: {answer}");
+        assert!(answer.to_ascii_lowercase().contains("connection: close"), "{te:?}: {answer}");
+    }
+    // Nothing reached the backend; a plain chunked upload still does.
+    let answer = raw(addr, &format!("{head}Transfer-Encoding: chunked\r\n{body}")).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let first = within("the backend's copy", seen.recv()).await.expect("a request");
+    assert!(first.starts_with(b"POST /x HTTP/1.1\r\n"), "{}", String::from_utf8_lossy(&first));
+    assert!(seen.try_recv().is_err(), "a refused request reached the backend");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_101_to_a_plain_request_is_a_502_and_folded_headers_are_unfolded() {
+    let switching =
+        raw_backend("HTTP/1.1 101 Switching Protocols\r\nUpgrade: other\r\nConnection: upgrade\r\n\r\n").await;
+    let folded = raw_backend("HTTP/1.1 200 OK\r\nX-Folded: a\r\n  b\r\nContent-Length: 2\r\n\r\nok").await;
+    for (backend, status, body) in [(switching, 502, "switched protocols"), (folded, 200, "ok")] {
+        let proxy = start_proxy(&one_backend_config(backend)).await;
+        let url = format!("http://{}/x", proxy.proxy_addr());
+        let reply = Http::default().get(&url, &[("x-device-id", "d1")]).await;
+        assert_eq!(reply.status, status, "{}", reply.body);
+        assert!(reply.body.contains(body), "{}", reply.body);
+        if status == 200 {
+            assert_eq!(reply.headers.get("x-folded").and_then(|v| v.to_str().ok()), Some("a b"), "RFC 9112 §5.2");
+        }
+        // Neither is the backend's connection failing: it stays up.
+        let again = Http::default().get(&url, &[("x-device-id", "d2")]).await;
+        assert_eq!(again.status, status);
+        proxy.shutdown().await;
+    }
+}

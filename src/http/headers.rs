@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::PathAndQuery;
-use hyper::{Uri, Version};
+use hyper::{StatusCode, Uri, Version};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -110,6 +110,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         if present & (1 << i) != 0 {
             headers.remove(*name);
         }
+    }
+}
+
+/// Checks a request's `Transfer-Encoding` (RFC 9112 §6.1): the proxy
+/// decodes only `chunked`, alone, so anything else is refused before a byte
+/// goes upstream, as nginx does: chunked named twice (on one line or two)
+/// is a 400, any other coding (`gzip`, `identity, chunked`) a 501. Answers
+/// which status and why.
+pub fn check_transfer_encoding(headers: &HeaderMap) -> Result<(), (StatusCode, &'static str)> {
+    let mut chunked = 0;
+    for line in headers.get_all(header::TRANSFER_ENCODING) {
+        let Ok(line) = line.to_str() else {
+            return Err((StatusCode::BAD_REQUEST, "Transfer-Encoding is not ASCII"));
+        };
+        for coding in line.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err((StatusCode::NOT_IMPLEMENTED, "the only Transfer-Encoding accepted is chunked, alone"));
+            }
+            chunked += 1;
+        }
+    }
+    match chunked {
+        0 if headers.contains_key(header::TRANSFER_ENCODING) => {
+            Err((StatusCode::BAD_REQUEST, "Transfer-Encoding names no coding"))
+        }
+        0 | 1 => Ok(()),
+        _ => Err((StatusCode::BAD_REQUEST, "Transfer-Encoding names chunked more than once")),
     }
 }
 

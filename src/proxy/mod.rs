@@ -28,7 +28,8 @@ use tracing::{info, warn};
 
 use crate::config::{Config, UpstreamConfig};
 use crate::http::headers::{
-    add_forwarded_headers, from_http2, is_websocket_upgrade, settle_host, strip_hop_by_hop, Client,
+    add_forwarded_headers, check_transfer_encoding, from_http2, is_websocket_upgrade, settle_host, strip_hop_by_hop,
+    Client,
 };
 use crate::http::{text_response, ClientBody, ProxyBody, UpstreamBody};
 use crate::metrics::Metrics;
@@ -139,6 +140,13 @@ impl Proxy {
             if let Err(why) = settle_host(parts.version, &parts.uri, &mut parts.headers) {
                 info!(method = %parts.method, path = %parts.uri.path(), status = 400, "rejected: {why}");
                 return text_response(StatusCode::BAD_REQUEST, format!("bad request: {why}\n"));
+            }
+            if let Err((status, why)) = check_transfer_encoding(&parts.headers) {
+                info!(method = %parts.method, path = %parts.uri.path(), status = status.as_u16(), "rejected: {why}");
+                let mut response = text_response(status, format!("{why}\n"));
+                // The body's framing is in doubt: read no further request.
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
             }
             if parts.version == Version::HTTP_2 {
                 from_http2(&mut parts.headers);
@@ -251,6 +259,12 @@ impl Proxy {
                 }
             },
             _ => {
+                if body.size_hint().exact().is_none() {
+                    // hyper frames a body of unknown length as chunked only
+                    // for methods that usually carry one: say so for all,
+                    // or a GET's body would be dropped.
+                    parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+                }
                 let sent = Arc::new(Notify::new());
                 let body = ClientBody::new(body, Arc::clone(&sent));
                 let request = upstream_request(&parts, &backend.address, Either::Left(body));
@@ -446,6 +460,16 @@ impl Proxy {
 
 fn answer_of(answer: Result<Response<Incoming>, UpstreamFailure>) -> Result<Response<ProxyBody>, UpstreamFailure> {
     let mut response = answer?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // Only an upgrade may be answered with 101 (those go through
+        // `tunnel`); passed on, the client would read a protocol it never
+        // asked for. HAProxy answers 502 too.
+        info!(status = 502, "the backend answered 101 to a request that asked for no upgrade");
+        return Ok(text_response(
+            StatusCode::BAD_GATEWAY,
+            "the backend switched protocols on a request that asked for no upgrade\n",
+        ));
+    }
     strip_hop_by_hop(response.headers_mut());
     Ok(response.map(Either::Left))
 }

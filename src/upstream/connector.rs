@@ -52,6 +52,12 @@ impl Connector {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let stream = self.stream(to).await?;
-        http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamFailure::classify(&e, false))
+        http1::Builder::new()
+            // RFC 9112 §5.2: a proxy may replace obs-fold with spaces rather
+            // than fail the response (which would blame a live backend).
+            .allow_obsolete_multiline_headers_in_responses(true)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamFailure::classify(&e, false))
     }
 }
