@@ -114,6 +114,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         metrics: Arc::clone(&metrics),
         drain: running.drain.subscribe(),
         close: running.close.subscribe(),
+        slots: config.server.max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
     };
     tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
     tokio::spawn(health.run(running.drain.subscribe()));

@@ -325,7 +325,8 @@ async fn a_get_with_a_chunked_body_reaches_the_backend_with_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_codings_other_than_one_chunked_are_refused() {
-    let (backend, mut seen) = recording_backend(b"\r\n\r\n").await;
+    // Every request here ends with the last chunk.
+    let (backend, mut seen) = recording_backend(b"0\r\n\r\n").await;
     let proxy = start_proxy(&one_backend_config(backend)).await;
     let addr = proxy.proxy_addr();
     let head = "POST /x HTTP/1.1\r\nHost: h\r\nx-device-id: d1\r\n";

@@ -20,18 +20,23 @@ use std::time::{Duration, Instant};
 use hyper::body::{Body, Incoming};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 use crate::routing::Router;
 use crate::util::shutdown::raised;
 use crate::util::socket::{fd_limit, set_nodelay_and_keepalive};
+
+mod conn;
+
+use conn::{ClientIo, Clocks, ConnState, Tracked};
 
 /// Pause after an accept error such as EMFILE, so the loop doesn't spin:
 /// the refused connection stays queued and the listener stays readable.
@@ -71,6 +76,9 @@ pub(crate) struct Connections {
     pub drain: watch::Receiver<bool>,
     /// Raised: drop what is still open.
     pub close: watch::Receiver<bool>,
+    /// `server.max_connections` over the proxy's listeners (not the
+    /// admin's); `None`: no limit.
+    pub slots: Option<Arc<Semaphore>>,
 }
 
 impl Connections {
@@ -81,7 +89,7 @@ impl Connections {
         M: Fn(SocketAddr) -> S,
         S: Fn(Request<Incoming>) -> F + Send + 'static,
         F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-        B: Body + Send + 'static,
+        B: Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
@@ -93,8 +101,18 @@ impl Connections {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let slot = match (&self.slots, &transport) {
+                        (Some(slots), Transport::Plain | Transport::Tls(_)) => match Arc::clone(slots).try_acquire_owned() {
+                            Ok(slot) => Some(slot),
+                            Err(_) => {
+                                self.refuse(stream, &transport);
+                                continue;
+                            }
+                        },
+                        _ => None,
+                    };
                     let service = make_service(peer);
-                    tokio::spawn(self.clone().serve(stream, peer, transport.clone(), service));
+                    tokio::spawn(self.clone().serve(stream, peer, transport.clone(), service, slot));
                 }
                 Err(e) => {
                     let kind = AcceptErrorKind::of(&e);
@@ -116,28 +134,56 @@ impl Connections {
         }
     }
 
-    async fn serve<S, F, B>(self, stream: TcpStream, peer: SocketAddr, transport: Transport, service: S)
-    where
+    /// Past `server.max_connections`: a cleartext client is told why (503)
+    /// and closed; a TLS client is closed (the handshake would cost more
+    /// than the connection is worth). The accept loop doesn't wait for it.
+    fn refuse(&self, stream: TcpStream, transport: &Transport) {
+        self.metrics.limit_hit(Limit::MaxConnections);
+        debug!("refused a connection: server.max_connections are open");
+        if matches!(transport, Transport::Plain) {
+            let open = self.router.load().config().server.max_connections.unwrap_or(0);
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let body = format!("too many connections: server.max_connections ({open}) are open; retry later\n");
+                let answer = format!(
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+                     content-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut stream = stream;
+                let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, stream.write_all(answer.as_bytes())).await;
+            });
+        }
+    }
+
+    async fn serve<S, F, B>(
+        self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        transport: Transport,
+        service: S,
+        _slot: Option<OwnedSemaphorePermit>,
+    ) where
         S: Fn(Request<Incoming>) -> F + Send + 'static,
         F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-        B: Body + Send + 'static,
+        B: Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         client_socket_options(&stream);
         match transport {
-            Transport::Http1 => self.serve_http1(TokioIo::new(stream), peer, service).await,
+            Transport::Http1 => self.serve_http1(stream, peer, service).await,
             Transport::Plain => {
                 let (h2c, header_timeout) = {
                     let table = self.router.load();
                     (table.config().server.h2c, table.config().server.header_read_timeout)
                 };
                 if !h2c {
-                    return self.serve_http1(TokioIo::new(stream), peer, service).await;
+                    return self.serve_http1(stream, peer, service).await;
                 }
                 match tokio::time::timeout(header_timeout, sniff_h2_preface(stream)).await {
-                    Ok(Ok((true, io))) => Box::pin(self.serve_h2(TokioIo::new(io), peer, service)).await,
-                    Ok(Ok((false, io))) => self.serve_http1(TokioIo::new(io), peer, service).await,
+                    Ok(Ok((true, io))) => Box::pin(self.serve_h2(io, peer, service)).await,
+                    Ok(Ok((false, io))) => self.serve_http1(io, peer, service).await,
                     Ok(Err(e)) => debug!(%peer, "connection ended before its first request: {e}"),
                     Err(_) => debug!(%peer, "no request within header_read_timeout"),
                 }
@@ -152,7 +198,7 @@ impl Connections {
     where
         S: Fn(Request<Incoming>) -> F + Send + 'static,
         F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-        B: Body + Send + 'static,
+        B: Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
@@ -176,44 +222,80 @@ impl Connections {
             }
         };
         if tls.get_ref().1.alpn_protocol() == Some(crate::tls::ALPN_H2) {
-            self.serve_h2(TokioIo::new(tls), peer, service).await
+            self.serve_h2(tls, peer, service).await
         } else {
-            self.serve_http1(TokioIo::new(tls), peer, service).await
+            self.serve_http1(tls, peer, service).await
         }
     }
 
     async fn serve_http1<I, S, F, B>(self, io: I, peer: SocketAddr, service: S)
     where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Fn(Request<Incoming>) -> F + Send + 'static,
         F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-        B: Body + Send + 'static,
+        B: Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let connection = http1::Builder::new()
+        let (mut builder, clocks, keepalive_requests) = {
+            let table = self.router.load();
+            let server = &table.config().server;
+            let mut builder = http1::Builder::new();
+            builder.keep_alive(server.keepalive_timeout.is_some()).max_buf_size(server.max_header_size.max(8192));
+            builder.max_header_size(server.max_header_size);
+            // hyper keeps 100 header slots on the stack; others cost a heap
+            // allocation per request, so only a changed limit is set.
+            if server.max_header_count != DEFAULT_MAX_HEADERS {
+                builder.max_headers(server.max_header_count);
+            }
+            (builder, self.clocks(false), server.keepalive_requests)
+        };
+        let state = Arc::new(ConnState::default());
+        let io = ClientIo::new(io, Arc::clone(&state), clocks, Arc::clone(&self.metrics));
+        let service = tracked(state, service, keepalive_requests);
+        // The clocks are ClientIo's: hyper's own header timer can't tell
+        // an idle keep-alive connection from slow headers.
+        let connection = builder
             .timer(TokioTimer::new())
-            .header_read_timeout(self.router.load().config().server.header_read_timeout)
-            .serve_connection(io, service_fn(service))
+            .header_read_timeout(None)
+            .serve_connection(TokioIo::new(io), service_fn(service))
             .with_upgrades();
         self.drive(connection, |c| c.graceful_shutdown(), peer).await;
+    }
+
+    /// The clocks of a connection accepted now.
+    fn clocks(&self, h2: bool) -> Clocks {
+        let table = self.router.load();
+        let server = &table.config().server;
+        Clocks {
+            header_read: server.header_read_timeout,
+            keepalive: server.keepalive_timeout,
+            send: server.send_timeout,
+            h2,
+        }
     }
 
     /// HTTP/2: streams are served concurrently, each in a task of its own,
     /// and extended CONNECT (RFC 8441) is advertised for WebSockets.
     async fn serve_h2<I, S, F, B>(self, io: I, peer: SocketAddr, service: S)
     where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: Fn(Request<Incoming>) -> F + Send + 'static,
         F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
-        B: Body + Send + 'static,
+        B: Body + Send + Unpin + 'static,
         B::Data: Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let streams = self.router.load().config().server.h2_max_concurrent_streams;
+        let state = Arc::new(ConnState::default());
+        let io = ClientIo::new(io, Arc::clone(&state), self.clocks(true), Arc::clone(&self.metrics));
+        // keepalive_requests is HTTP/1.1's: streams are cheap to start.
+        let service = tracked(state, service, u64::MAX);
         let connection = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .enable_connect_protocol()
-            .serve_connection(io, service_fn(service));
+            .max_concurrent_streams(streams)
+            .serve_connection(TokioIo::new(io), service_fn(service));
         self.drive(connection, |c| c.graceful_shutdown(), peer).await;
     }
 
@@ -239,6 +321,42 @@ impl Connections {
         if let Err(e) = result {
             debug!(%peer, "connection ended: {e}");
         }
+    }
+}
+
+/// hyper's default header count (kept on the stack).
+const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// How long a refused connection's 503 may take to write.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `service` with each request counted in flight on `state` until its
+/// response body is done; the response closes the connection once the
+/// connection has served `keepalive_requests`, or after a request line
+/// that said HTTP/1.2 or later; a 101 marks the connection a tunnel.
+fn tracked<S, F, B>(
+    state: Arc<ConnState>,
+    service: S,
+    keepalive_requests: u64,
+) -> impl Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send>>
+where
+    S: Fn(Request<Incoming>) -> F + Send + 'static,
+    F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: Body + Send + Unpin + 'static,
+{
+    move |req| {
+        let (in_flight, nth) = state.begin();
+        let answer = service(req);
+        let state = Arc::clone(&state);
+        Box::pin(async move {
+            let mut response = answer.await?;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                state.upgraded();
+            } else if nth >= keepalive_requests || state.newer_minor() {
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(response.map(|body| Tracked::new(body, in_flight)))
+        })
     }
 }
 
