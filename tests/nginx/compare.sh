@@ -12,9 +12,10 @@
 # tests/nginx_hash.rs checks that `routing.hash = "nginx"` chooses the same;
 # this script checks that nginx still does, so the two can't drift apart.
 #
-# Needs root only to install nginx (Debian's package, if missing) and to bind
-# port 80 on 127.0.0.x for the servers written without a port. Everything
-# else lives in a temp dir; each nginx is stopped by its PID, also on failure.
+# Needs root only to install nginx (Debian's package, if missing:
+# tests/nginx/install.sh) and to bind port 80 on 127.0.0.x for the servers
+# written without a port. Everything else lives in a temp dir; each nginx is
+# stopped by its PID, also on failure.
 # Loopback addresses only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,30 +32,7 @@ COUNT=10000
 FRONT=127.0.0.1:18000
 fixtures=tests/fixtures/nginx
 
-nginx_bin=$(command -v nginx || true)
-[ -z "$nginx_bin" ] && [ -x /usr/sbin/nginx ] && nginx_bin=/usr/sbin/nginx
-if [ -z "$nginx_bin" ]; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "nginx is not installed; as root: apt-get install -y nginx" >&2
-    exit 1
-  fi
-  echo "--- installing nginx (Debian package)"
-  # Keep the package from starting its own service (it would take port 80,
-  # which this comparison needs): policy-rc.d is Debian's switch for that.
-  own_policy=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-    own_policy=1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  install_ok=1
-  timeout 600 apt-get update -qq && timeout 600 apt-get install -y -qq --no-install-recommends nginx >/dev/null \
-    || install_ok=0
-  [ "$own_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
-  [ "$install_ok" = 1 ] || { echo "apt-get install nginx failed" >&2; exit 1; }
-  nginx_bin=/usr/sbin/nginx
-fi
+nginx_bin=$(tests/nginx/install.sh)
 nginx_version=$("$nginx_bin" -v 2>&1 | sed 's/^nginx version: //')
 echo "--- $nginx_version at $nginx_bin"
 
