@@ -5,5 +5,5 @@ pub mod body;
 pub mod headers;
 pub mod response;
 
-pub use body::{ClientBody, ClientBodyError, ProxyBody, UpstreamBody};
+pub use body::{BodyLimits, ClientBody, ClientBodyError, ProxyBody, UpstreamBody};
 pub use response::{json_response, text_response};

@@ -31,8 +31,8 @@ use crate::http::headers::{
     add_forwarded_headers, check_transfer_encoding, from_http2, is_websocket_upgrade, settle_host, strip_hop_by_hop,
     Client,
 };
-use crate::http::{text_response, ClientBody, ProxyBody, UpstreamBody};
-use crate::metrics::Metrics;
+use crate::http::{text_response, BodyLimits, ClientBody, ProxyBody, UpstreamBody};
+use crate::metrics::{Limit, Metrics};
 use crate::routing::{Backend, Decision, Reason, Router};
 use crate::tunnel::{h2ws, handshake, TunnelRegistry, Tunnels};
 use crate::upstream::pool::Pool;
@@ -56,6 +56,8 @@ struct Sent<'k> {
     response_timeout: Duration,
     /// The config in force, when a not-here answer may be redelivered.
     redelivery: Option<Arc<Config>>,
+    /// What the request body may take.
+    body_limits: BodyLimits,
 }
 
 /// Where one request stands on its way to the instance holding its
@@ -165,8 +167,19 @@ impl Proxy {
             return response;
         }
         let upgrade = is_websocket_upgrade(req.headers()) || h2ws::is_extended_connect(&req);
-        let (key, backend, response_timeout, access_log, redelivery) = {
+        let (key, backend, response_timeout, access_log, redelivery, body_limits) = {
             let table = self.router.load();
+            let server = &table.config().server;
+            let body_limits =
+                BodyLimits { max_size: server.client_max_body_size, stall_timeout: server.client_body_timeout };
+            if let Some(max) = body_limits.max_size.filter(|max| req.body().size_hint().lower() > *max) {
+                self.metrics.limit_hit(Limit::ClientMaxBodySize);
+                info!(method = %req.method(), path = %req.uri().path(), status = 413, "rejected: body too large");
+                let reason = format!("the request body is larger than server.client_max_body_size ({max} bytes)\n");
+                let mut response = text_response(StatusCode::PAYLOAD_TOO_LARGE, reason);
+                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return response;
+            }
             let response_timeout = table.config().upstream.response_timeout;
             let access_log = table.config().server.access_log;
             // HTTP for a device with an open tunnel goes where the tunnel
@@ -188,11 +201,11 @@ impl Proxy {
                     // Settings for a not-here answer, kept only where it can happen.
                     let not_here = &table.config().routing.not_here;
                     let redelivery = (!upgrade && !not_here.status.is_empty()).then(|| Arc::clone(table.config()));
-                    (Some(key.id.into_owned()), first.backend, response_timeout, access_log, redelivery)
+                    (Some(key.id.into_owned()), first.backend, response_timeout, access_log, redelivery, body_limits)
                 }
                 Decision::Spread { backend } => {
                     self.metrics.missing_key();
-                    (None, backend, response_timeout, access_log, None)
+                    (None, backend, response_timeout, access_log, None, body_limits)
                 }
                 Decision::NoKey => {
                     self.metrics.missing_key();
@@ -222,7 +235,7 @@ impl Proxy {
         // Copied only when the access log will be written.
         let logged = (access_log && tracing::enabled!(tracing::Level::INFO))
             .then(|| (req.method().clone(), req.uri().path().to_string()));
-        let sent = Sent { key: key.as_deref(), arrived: started, response_timeout, redelivery };
+        let sent = Sent { key: key.as_deref(), arrived: started, response_timeout, redelivery, body_limits };
         let (backend, response) = self.forward(req, &client, backend, sent).await;
         let elapsed = started.elapsed();
         backend.stats.response(response.status().as_u16(), elapsed);
@@ -245,19 +258,22 @@ impl Proxy {
         backend: Arc<Backend>,
         sent: Sent<'_>,
     ) -> (Arc<Backend>, Response<ProxyBody>) {
-        let Sent { key, arrived, response_timeout, redelivery } = sent;
+        let Sent { key, arrived, response_timeout, redelivery, body_limits } = sent;
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         add_forwarded_headers(&mut parts.headers, client);
         let replay = match body.size_hint().exact() {
             Some(0) => Bytes::new(),
-            Some(n) if n <= REPLAYABLE_BODY => match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(_) => {
-                    let response = text_response(StatusCode::BAD_REQUEST, "could not read the request body\n");
-                    return (backend, response);
+            Some(n) if n <= REPLAYABLE_BODY => {
+                let body = ClientBody::new(body, None, body_limits);
+                match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
+                    Ok(collected) => collected.to_bytes(),
+                    Err(e) => {
+                        let failure = UpstreamFailure::classify(e.as_ref(), false);
+                        return (Arc::clone(&backend), self.failed(&backend, failure));
+                    }
                 }
-            },
+            }
             _ => {
                 if body.size_hint().exact().is_none() {
                     // hyper frames a body of unknown length as chunked only
@@ -266,13 +282,12 @@ impl Proxy {
                     parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
                 }
                 let sent = Arc::new(Notify::new());
-                let body = ClientBody::new(body, Arc::clone(&sent));
+                let body = ClientBody::new(body, Some(Arc::clone(&sent)), body_limits);
                 let request = upstream_request(&parts, &backend.address, Either::Left(body));
                 return match self.send(&backend, request, response_timeout, Some(sent)).await {
                     Ok(response) => (backend, response),
                     Err(failure) => {
-                        self.health.upstream_failed(&backend, failure);
-                        let response = failure.response(&backend);
+                        let response = self.failed(&backend, failure);
                         (backend, response)
                     }
                 };
@@ -296,7 +311,6 @@ impl Proxy {
                     delivery.tried.push(backend);
                 }
                 Err(failure) => {
-                    self.health.upstream_failed(&backend, failure);
                     if delivery.last_not_here.is_none() {
                         // No instance has said "not here": the one retry rule.
                         let next = if failure.retryable(&parts.method) && !delivery.retried {
@@ -307,8 +321,9 @@ impl Proxy {
                             None
                         };
                         let Some(next) = next else {
-                            return (Arc::clone(&backend), failure.response(&backend));
+                            return (Arc::clone(&backend), self.failed(&backend, failure));
                         };
+                        self.health.upstream_failed(&backend, failure);
                         backend.stats.retried();
                         warn!(from = %backend.id, to = %next.id, ?failure, "retrying once on the next candidate");
                         delivery.backend = next;
@@ -316,6 +331,7 @@ impl Proxy {
                         continue;
                     }
                     // Redelivering: a candidate that fails is passed over.
+                    self.health.upstream_failed(&backend, failure);
                     delivery.tried.push(backend);
                 }
             }
@@ -365,6 +381,17 @@ impl Proxy {
                 }
             }
         }
+    }
+
+    /// The client's answer to a failure, after telling health and metrics.
+    fn failed(&self, backend: &Backend, failure: UpstreamFailure) -> Response<ProxyBody> {
+        self.health.upstream_failed(backend, failure);
+        match failure {
+            UpstreamFailure::ClientStalled => self.metrics.limit_hit(Limit::ClientBodyTimeout),
+            UpstreamFailure::ClientTooLarge => self.metrics.limit_hit(Limit::ClientMaxBodySize),
+            _ => {}
+        }
+        failure.response(backend)
     }
 
     /// The first of the device's redelivery candidates (at most `limit`)

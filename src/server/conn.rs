@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -49,6 +50,9 @@ pub(crate) struct ConnState {
     upgraded: AtomicBool,
     /// The first request line said HTTP/1.2 or later and was served as 1.1.
     newer_minor: AtomicBool,
+    /// A read that found the connection busy: woken when the last request
+    /// in flight is done, so that the idle clock starts.
+    reader: AtomicWaker,
 }
 
 impl ConnState {
@@ -82,7 +86,9 @@ pub(crate) struct InFlight(Arc<ConnState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.reader.wake();
+        }
     }
 }
 
@@ -263,6 +269,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
             Poll::Pending => {
                 let Some(limit) = this.read_limit() else {
                     this.read_armed = false;
+                    if this.phase == ReadPhase::Busy {
+                        this.state.reader.register(cx.waker());
+                        // Done in between: read again, and the clock starts.
+                        if !this.state.busy() {
+                            cx.waker().wake_by_ref();
+                        }
+                    }
                     return Poll::Pending;
                 };
                 if !poll_clock(&mut this.read_timer, &mut this.read_armed, limit, cx) {
@@ -336,5 +349,164 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.inner).poll_shutdown(cx);
         self.write_clock(polled, cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const HEAD: Duration = Duration::from_secs(10);
+    const KEEPALIVE: Duration = Duration::from_secs(75);
+    const SEND: Duration = Duration::from_secs(60);
+
+    fn clocks(h2: bool) -> Clocks {
+        Clocks { header_read: HEAD, keepalive: Some(KEEPALIVE), send: SEND, h2 }
+    }
+
+    fn io(h2: bool) -> (ClientIo<tokio::io::DuplexStream>, tokio::io::DuplexStream, Arc<ConnState>, Arc<Metrics>) {
+        let (ours, theirs) = tokio::io::duplex(64);
+        let state = Arc::new(ConnState::default());
+        let metrics = Arc::new(Metrics::new());
+        (ClientIo::new(ours, Arc::clone(&state), clocks(h2), Arc::clone(&metrics)), theirs, state, metrics)
+    }
+
+    /// Reads until end of stream or error; returns which, and when.
+    async fn read_to_end(io: &mut ClientIo<tokio::io::DuplexStream>) -> (io::Result<usize>, Duration) {
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        let result = io.read(&mut buf).await;
+        (result, start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_request_gets_header_read_timeout_then_idle_gets_keepalive_timeout() {
+        // Nothing at all: the first request's wait is for headers.
+        let (mut io, _client, _state, metrics) = io(false);
+        let (result, took) = read_to_end(&mut io).await;
+        assert_eq!((result.expect("a clean end"), took), (0, HEAD));
+        assert!(metrics.encode().contains("limit=\"server.header_read_timeout\"} 1"));
+
+        // A request line, and then nothing: the head clock runs from it.
+        let (mut io, mut client, _state, _metrics) = io_pair();
+        tokio::time::sleep(HEAD / 2).await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.expect("write");
+        let mut buf = [0u8; 64];
+        assert!(io.read(&mut buf).await.expect("read") > 0);
+        let (result, took) = read_to_end(&mut io).await;
+        assert_eq!(result.expect_err("a slow head is an error").kind(), io::ErrorKind::TimedOut);
+        assert_eq!(took, HEAD);
+
+        // After a request has been served, waiting is idling.
+        let (mut io, _client, state, metrics) = io_pair();
+        let (in_flight, nth) = state.begin();
+        assert_eq!(nth, 1);
+        drop(in_flight);
+        let (result, took) = read_to_end(&mut io).await;
+        assert_eq!((result.expect("a clean end"), took), (0, KEEPALIVE));
+        assert!(metrics.encode().contains("limit=\"server.keepalive_timeout\"} 1"), "{}", metrics.encode());
+    }
+
+    fn io_pair() -> (ClientIo<tokio::io::DuplexStream>, tokio::io::DuplexStream, Arc<ConnState>, Arc<Metrics>) {
+        io(false)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_in_flight_or_a_tunnel_stops_the_read_clock() {
+        let (mut io, mut client, state, _metrics) = io(false);
+        let (guard, _) = state.begin();
+        let reading = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let n = io.read(&mut buf).await;
+            (n.map_err(|e| e.kind()), io)
+        });
+        tokio::time::sleep(KEEPALIVE * 3).await;
+        assert!(!reading.is_finished(), "no clock while a request is in flight");
+        client.write_all(b"x").await.expect("write");
+        let (n, mut io) = reading.await.expect("task");
+        assert_eq!(n, Ok(1));
+        state.upgraded();
+        drop(guard);
+        let reading = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            io.read(&mut buf).await.map_err(|e| e.kind())
+        });
+        tokio::time::sleep(KEEPALIVE * 3).await;
+        assert!(!reading.is_finished(), "no clock on a tunnel");
+        drop(client);
+        assert_eq!(reading.await.expect("task"), Ok(0));
+    }
+
+    /// hyper may be parked on a read that found a request in flight; the
+    /// request's end must wake it, or the idle clock would never start.
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_the_last_request_starts_the_idle_clock_of_a_parked_read() {
+        let (mut io, _client, state, _metrics) = io(false);
+        let (in_flight, _) = state.begin();
+        let reading = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            let start = Instant::now();
+            let n = io.read(&mut buf).await.map_err(|e| e.kind());
+            (n, start.elapsed())
+        });
+        tokio::time::sleep(KEEPALIVE * 2).await;
+        drop(in_flight);
+        let ended = tokio::time::timeout(KEEPALIVE * 10, reading).await;
+        let (n, took) = ended.expect("the idle clock ran").expect("task");
+        assert_eq!((n, took), (Ok(0), KEEPALIVE * 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_http2_frames_without_streams_do_not_keep_a_connection_open() {
+        let (mut io, mut client, _state, _metrics) = io(true);
+        let start = Instant::now();
+        let pinging = tokio::spawn(async move {
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                if client.write_all(b"p").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = [0u8; 8];
+        while io.read(&mut buf).await.expect("no error") > 0 {}
+        assert_eq!(start.elapsed(), KEEPALIVE, "idle on HTTP/2 is keepalive_timeout, pings or not");
+        pinging.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_stalls_past_send_timeout_fails() {
+        let (mut io, mut client, _state, metrics) = io(false);
+        let start = Instant::now();
+        // The duplex holds 64 bytes: the second write stalls until read.
+        io.write_all(&[0u8; 64]).await.expect("fits");
+        let reader = tokio::spawn(async move {
+            tokio::time::sleep(SEND / 2).await;
+            let mut buf = [0u8; 64];
+            let _ = client.read(&mut buf).await;
+            client
+        });
+        // Progress at SEND / 2 restarts the clock.
+        io.write_all(&[0u8; 128]).await.expect_err("stalls after the reader stops");
+        assert_eq!(start.elapsed(), SEND / 2 + SEND);
+        assert!(metrics.encode().contains("limit=\"server.send_timeout\"} 1"));
+        drop(reader);
+    }
+
+    #[test]
+    fn newer_minor_versions_are_rewritten_on_the_first_line_only() {
+        let mut data = *b"GET / HTTP/1.2\r\nX: HTTP/1.2\r\n";
+        assert_eq!(rewrite_newer_minor(&mut data), (true, true));
+        assert_eq!(&data, b"GET / HTTP/1.1\r\nX: HTTP/1.2\r\n");
+        let mut data = *b"\r\nGET / HTTP/1.9\n";
+        assert_eq!(rewrite_newer_minor(&mut data), (true, true));
+        assert_eq!(&data, b"\r\nGET / HTTP/1.1\n");
+        for line in [&b"GET / HTTP/1.1\r\n"[..], b"GET / HTTP/2.0\r\n", b"GET / HTTP/1.\r\n", b"HTTP/1.2\r\n"] {
+            let mut data = line.to_vec();
+            assert_eq!(rewrite_newer_minor(&mut data), (true, false), "{}", String::from_utf8_lossy(line));
+            assert_eq!(data, line);
+        }
+        assert_eq!(rewrite_newer_minor(&mut b"GET / HTTP/1.2".to_vec()), (false, false), "the line has not ended");
     }
 }

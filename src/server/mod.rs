@@ -18,9 +18,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::{Body, Incoming};
+use hyper::header::{self, HeaderValue};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -102,13 +102,15 @@ impl Connections {
             match accepted {
                 Ok((stream, peer)) => {
                     let slot = match (&self.slots, &transport) {
-                        (Some(slots), Transport::Plain | Transport::Tls(_)) => match Arc::clone(slots).try_acquire_owned() {
-                            Ok(slot) => Some(slot),
-                            Err(_) => {
-                                self.refuse(stream, &transport);
-                                continue;
+                        (Some(slots), Transport::Plain | Transport::Tls(_)) => {
+                            match Arc::clone(slots).try_acquire_owned() {
+                                Ok(slot) => Some(slot),
+                                Err(_) => {
+                                    self.refuse(stream, &transport);
+                                    continue;
+                                }
                             }
-                        },
+                        }
                         _ => None,
                     };
                     let service = make_service(peer);
@@ -330,6 +332,9 @@ const DEFAULT_MAX_HEADERS: usize = 100;
 /// How long a refused connection's 503 may take to write.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// A response on its way, its body holding the request in flight.
+type TrackedAnswer<B> = Pin<Box<dyn Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send>>;
+
 /// `service` with each request counted in flight on `state` until its
 /// response body is done; the response closes the connection once the
 /// connection has served `keepalive_requests`, or after a request line
@@ -338,7 +343,7 @@ fn tracked<S, F, B>(
     state: Arc<ConnState>,
     service: S,
     keepalive_requests: u64,
-) -> impl Fn(Request<Incoming>) -> Pin<Box<dyn Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send>>
+) -> impl Fn(Request<Incoming>) -> TrackedAnswer<B>
 where
     S: Fn(Request<Incoming>) -> F + Send + 'static,
     F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,

@@ -6,7 +6,7 @@ use std::error::Error as StdError;
 use std::io;
 
 use hyper::{Method, Response, StatusCode};
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::config::Observe;
 use crate::http::{text_response, ClientBodyError, ProxyBody};
@@ -30,6 +30,10 @@ pub enum UpstreamFailure {
     BadAddress,
     /// The client's request body failed mid-upload: not the backend's fault.
     ClientAborted,
+    /// The client's request body stalled past `server.client_body_timeout`.
+    ClientStalled,
+    /// The client's request body passed `server.client_max_body_size`.
+    ClientTooLarge,
     /// The TLS handshake with the backend failed (its certificate is not
     /// trusted or not for its name, or it doesn't speak TLS).
     Tls,
@@ -75,7 +79,7 @@ impl UpstreamFailure {
             | UpstreamFailure::Tls => Some("connect"),
             UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => Some("timeout"),
             UpstreamFailure::Broken => Some("reset"),
-            UpstreamFailure::ClientAborted => None,
+            UpstreamFailure::ClientAborted | UpstreamFailure::ClientStalled | UpstreamFailure::ClientTooLarge => None,
         }
     }
 
@@ -83,8 +87,12 @@ impl UpstreamFailure {
     pub fn classify(err: &(dyn StdError + 'static), during_connect: bool) -> UpstreamFailure {
         let mut source: Option<&(dyn StdError + 'static)> = Some(err);
         while let Some(e) = source {
-            if e.is::<ClientBodyError>() {
-                return UpstreamFailure::ClientAborted;
+            if let Some(body) = e.downcast_ref::<ClientBodyError>() {
+                return match body {
+                    ClientBodyError::Failed(_) => UpstreamFailure::ClientAborted,
+                    ClientBodyError::Stalled(_) => UpstreamFailure::ClientStalled,
+                    ClientBodyError::TooLarge(_) => UpstreamFailure::ClientTooLarge,
+                };
             }
             if let Some(io) = e.downcast_ref::<io::Error>() {
                 if is_tls_error(io) {
@@ -132,11 +140,26 @@ impl UpstreamFailure {
                 StatusCode::BAD_REQUEST,
                 "the request body did not arrive whole; nothing was blamed on the backend".into(),
             ),
+            UpstreamFailure::ClientStalled => (
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body stalled for longer than server.client_body_timeout".into(),
+            ),
+            UpstreamFailure::ClientTooLarge => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "the request body is larger than server.client_max_body_size".into())
+            }
             UpstreamFailure::Tls => {
                 (StatusCode::BAD_GATEWAY, format!("backend {id} ({addr}): the TLS handshake failed"))
             }
         };
-        warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
-        text_response(status, reason + "\n")
+        if self.metric_kind().is_some() {
+            warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
+            return text_response(status, reason + "\n");
+        }
+        // The client's doing: not worth a warning, which a client could
+        // then write at will. Its connection is closed, the body unread.
+        debug!(backend = %id, status = status.as_u16(), "{reason}");
+        let mut response = text_response(status, reason + "\n");
+        response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+        response
     }
 }
