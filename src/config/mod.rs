@@ -605,14 +605,22 @@ impl Validator<'_> {
                 "server.keepalive_timeout",
                 Some(Duration::from_secs(75)),
             )?,
-            keepalive_requests: self
-                .count(raw.server.keepalive_requests.as_ref(), "server.keepalive_requests", 1000, 1..=u32::MAX as u64)?,
+            keepalive_requests: self.count(
+                raw.server.keepalive_requests.as_ref(),
+                "server.keepalive_requests",
+                1000,
+                1..=u32::MAX as u64,
+            )?,
             client_body_timeout: self.duration(
                 raw.server.client_body_timeout.as_ref(),
                 "server.client_body_timeout",
                 Duration::from_secs(60),
             )?,
-            send_timeout: self.duration(raw.server.send_timeout.as_ref(), "server.send_timeout", Duration::from_secs(60))?,
+            send_timeout: self.duration(
+                raw.server.send_timeout.as_ref(),
+                "server.send_timeout",
+                Duration::from_secs(60),
+            )?,
             tunnel_idle_timeout: self.duration_or_off(
                 raw.server.tunnel_idle_timeout.as_ref(),
                 "server.tunnel_idle_timeout",
@@ -906,7 +914,11 @@ impl Validator<'_> {
                 None => None,
                 Some(n) => Some(self.count(Some(n), "upstream.max_connections", 0, 1..=1_000_000)? as usize),
             },
-            queue_timeout: self.duration(raw.queue_timeout.as_ref(), "upstream.queue_timeout", Duration::from_secs(5))?,
+            queue_timeout: self.duration(
+                raw.queue_timeout.as_ref(),
+                "upstream.queue_timeout",
+                Duration::from_secs(5),
+            )?,
             tls_ca: raw.tls_ca.as_ref().map(|ca| self.path(ca)),
         })
     }
@@ -1185,15 +1197,16 @@ impl Validator<'_> {
         let Some(v) = value else { return Ok(default) };
         match parse_size(v.get_ref()) {
             Some(n) if range.contains(&n) => Ok(n),
-            Some(n) => self.err(
-                v.span(),
-                field,
-                format!("{n} bytes is outside {} to {} bytes", range.start(), range.end()),
-            ),
+            Some(n) => {
+                self.err(v.span(), field, format!("{n} bytes is outside {} to {} bytes", range.start(), range.end()))
+            }
             None => self.err(
                 v.span(),
                 field,
-                format!("{:?} is not a size; write bytes or a number with k, m or g, e.g. \"64k\", \"100m\"", v.get_ref()),
+                format!(
+                    "{:?} is not a size; write bytes or a number with k, m or g, e.g. \"64k\", \"100m\"",
+                    v.get_ref()
+                ),
             ),
         }
     }
@@ -1422,7 +1435,9 @@ weight = 2
             ("h2_max_concurrent_streams = 0", "server.h2_max_concurrent_streams"),
             ("send_timeout = \"0s\"", "server.send_timeout"),
         ] {
-            let e = error_for(&GOOD.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"127.0.0.1:8080\"\n{line}")));
+            let e = error_for(
+                &GOOD.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"127.0.0.1:8080\"\n{line}")),
+            );
             assert_eq!(e.field.as_deref(), Some(field), "{line}: {e}");
         }
     }
