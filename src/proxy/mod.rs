@@ -122,6 +122,7 @@ impl Proxy {
             health: Arc::clone(&health),
             registry,
             close: close_tunnels,
+            metrics: Arc::clone(&metrics),
         });
         Proxy { router, pool, health, metrics, held: redeliver::HeldCount::default(), deliveries, tunnels }
     }
