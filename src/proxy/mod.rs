@@ -31,7 +31,7 @@ use crate::http::headers::{
     add_forwarded_headers, from_http2, is_websocket_upgrade, settle_host, strip_hop_by_hop, Client,
 };
 use crate::http::{text_response, ClientBody, ProxyBody, UpstreamBody};
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 use crate::routing::{Backend, Decision, Reason, Router};
 use crate::tunnel::{h2ws, handshake, TunnelRegistry, Tunnels};
 use crate::upstream::pool::Pool;
@@ -115,7 +115,7 @@ impl Proxy {
         deliveries: Arc<DeliveryLog>,
     ) -> Proxy {
         let connector = Connector::new(upstream.connect_timeout);
-        let pool = Pool::new(upstream.pool_max_idle, upstream.pool_idle_timeout, connector);
+        let pool = Pool::new(upstream, connector);
         let tunnels = Arc::new(Tunnels {
             router: router.clone(),
             connector,
@@ -435,17 +435,23 @@ impl Proxy {
                 _ = uploaded.notified() => None,
             };
             if let Some(answer) = early {
-                return answer_of(answer);
+                return answer_of(answer, &self.metrics);
             }
         }
         match tokio::time::timeout(response_timeout, exchange).await {
-            Ok(answer) => answer_of(answer),
+            Ok(answer) => answer_of(answer, &self.metrics),
             Err(_) => Err(UpstreamFailure::Timeout),
         }
     }
 }
 
-fn answer_of(answer: Result<Response<Incoming>, UpstreamFailure>) -> Result<Response<ProxyBody>, UpstreamFailure> {
+fn answer_of(
+    answer: Result<Response<Incoming>, UpstreamFailure>,
+    metrics: &Metrics,
+) -> Result<Response<ProxyBody>, UpstreamFailure> {
+    if let Err(UpstreamFailure::QueueTimeout { .. }) = answer {
+        metrics.limit_hit(Limit::QueueTimeout);
+    }
     let mut response = answer?;
     strip_hop_by_hop(response.headers_mut());
     Ok(response.map(Either::Left))

@@ -4,6 +4,7 @@
 
 use std::error::Error as StdError;
 use std::io;
+use std::time::Duration;
 
 use hyper::{Method, Response, StatusCode};
 use tracing::warn;
@@ -33,6 +34,15 @@ pub enum UpstreamFailure {
     /// The TLS handshake with the backend failed (its certificate is not
     /// trusted or not for its name, or it doesn't speak TLS).
     Tls,
+    /// `max` connections (`upstream.max_connections`) were busy and none
+    /// came free within `waited` (`upstream.queue_timeout`). Nothing
+    /// reached the backend, which is only busy, not failing.
+    QueueTimeout {
+        /// `upstream.max_connections`.
+        max: usize,
+        /// `upstream.queue_timeout`.
+        waited: Duration,
+    },
 }
 
 impl UpstreamFailure {
@@ -66,7 +76,8 @@ impl UpstreamFailure {
     }
 
     /// The `kind` label of `sticky_proxy_upstream_errors_total`; `None`
-    /// for the client's own failures, never counted against a backend.
+    /// for the client's own failures and for a queue timeout (counted in
+    /// `sticky_proxy_limits_total`), never counted against a backend.
     pub fn metric_kind(self) -> Option<&'static str> {
         match self {
             UpstreamFailure::Refused
@@ -75,7 +86,7 @@ impl UpstreamFailure {
             | UpstreamFailure::Tls => Some("connect"),
             UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => Some("timeout"),
             UpstreamFailure::Broken => Some("reset"),
-            UpstreamFailure::ClientAborted => None,
+            UpstreamFailure::ClientAborted | UpstreamFailure::QueueTimeout { .. } => None,
         }
     }
 
@@ -107,7 +118,8 @@ impl UpstreamFailure {
     }
 
     /// The client's answer: 502 or 504 (400 for a client that aborted its
-    /// upload) with the reason in plain text; logged as a warning.
+    /// upload, 503 for a queue timeout) with the reason in plain text;
+    /// logged as a warning.
     pub fn response(self, backend: &Backend) -> Response<ProxyBody> {
         let (id, addr) = (&backend.id, &backend.address);
         let (status, reason) = match self {
@@ -135,6 +147,13 @@ impl UpstreamFailure {
             UpstreamFailure::Tls => {
                 (StatusCode::BAD_GATEWAY, format!("backend {id} ({addr}): the TLS handshake failed"))
             }
+            UpstreamFailure::QueueTimeout { max, waited } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "backend {id} has upstream.max_connections = {max} connections busy; \
+                     no connection came free within upstream.queue_timeout ({waited:?})"
+                ),
+            ),
         };
         warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
         text_response(status, reason + "\n")
