@@ -314,6 +314,10 @@ fn keep_fixed_settings(running: &Config, new: &mut Config) -> Vec<&'static str> 
         changed.push("upstream.max_connections");
         new.upstream.max_connections = running.upstream.max_connections;
     }
+    if new.upstream.queue_timeout != running.upstream.queue_timeout {
+        changed.push("upstream.queue_timeout");
+        new.upstream.queue_timeout = running.upstream.queue_timeout;
+    }
     if new.upstream.pool_idle_timeout != running.upstream.pool_idle_timeout {
         changed.push("upstream.pool_idle_timeout");
         new.upstream.pool_idle_timeout = running.upstream.pool_idle_timeout;

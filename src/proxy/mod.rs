@@ -118,13 +118,14 @@ impl Proxy {
         deliveries: Arc<DeliveryLog>,
     ) -> Proxy {
         let connector = Connector::new(upstream.connect_timeout);
-        let pool = Pool::new(upstream.pool_max_idle, upstream.pool_idle_timeout, connector);
+        let pool = Pool::new(upstream, connector);
         let tunnels = Arc::new(Tunnels {
             router: router.clone(),
             connector,
             health: Arc::clone(&health),
             registry,
             close: close_tunnels,
+            metrics: Arc::clone(&metrics),
         });
         Proxy { router, pool, health, metrics, held: redeliver::HeldCount::default(), deliveries, tunnels }
     }
@@ -475,17 +476,23 @@ impl Proxy {
                 _ = uploaded.notified() => None,
             };
             if let Some(answer) = early {
-                return answer_of(answer);
+                return answer_of(answer, &self.metrics);
             }
         }
         match tokio::time::timeout(response_timeout, exchange).await {
-            Ok(answer) => answer_of(answer),
+            Ok(answer) => answer_of(answer, &self.metrics),
             Err(_) => Err(UpstreamFailure::Timeout),
         }
     }
 }
 
-fn answer_of(answer: Result<Response<Incoming>, UpstreamFailure>) -> Result<Response<ProxyBody>, UpstreamFailure> {
+fn answer_of(
+    answer: Result<Response<Incoming>, UpstreamFailure>,
+    metrics: &Metrics,
+) -> Result<Response<ProxyBody>, UpstreamFailure> {
+    if let Err(UpstreamFailure::QueueTimeout { .. }) = answer {
+        metrics.limit_hit(Limit::QueueTimeout);
+    }
     let mut response = answer?;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         // Only an upgrade may be answered with 101 (those go through

@@ -18,11 +18,12 @@ use hyper::{Request as HttpRequest, Response, StatusCode};
 use tracing::{debug, info, warn};
 
 use super::io::Io;
-use super::session::{self, Signals};
+use super::session::{self, ClosedBy, Signals};
 use super::splice::Splice;
 use super::{h2ws, Tunnels};
 use crate::http::headers::{add_forwarded_headers, strip_hop_by_hop, Client};
 use crate::http::{text_response, ProxyBody};
+use crate::metrics::Limit;
 use crate::routing::Backend;
 use crate::upstream::request::upstream_request;
 use crate::upstream::{Endpoint, UpstreamFailure};
@@ -145,13 +146,19 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
         debug!(device, backend = %backend.id, path, setup = ?started.elapsed(), "tunnel open");
         let opened = Instant::now();
         let router = Arc::clone(&tunnels.router);
+        // Read as the tunnel opens: a reload applies to new tunnels.
+        let idle_timeout = router.load().config().server.tunnel_idle_timeout;
         let signals = Signals {
             shutdown: tunnels.close.clone(),
             control,
             routing_changed: router.subscribe(),
             drain_deadline: || drain_deadline(&router, &backend.id),
+            idle_timeout,
         };
         let outcome = session::run(splice, signals).await;
+        if outcome.closed_by == Some(ClosedBy::IdleTimeout) {
+            tunnels.metrics.limit_hit(Limit::TunnelIdleTimeout);
+        }
         info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), "tunnel {outcome}");
     });
     response

@@ -7,7 +7,8 @@
 //! The proxy ends a tunnel itself with a clean WebSocket close handshake:
 //! 1012 when the [`rebalance`]r moves it to the device's new owner or its
 //! draining backend's `drain_timeout` passes, 1001 at shutdown (once the
-//! HTTP grace period is over).
+//! HTTP grace period is over) and after `server.tunnel_idle_timeout` with
+//! no bytes either way.
 //!
 //! A tunnel with a device ID is recorded in the [`registry`] while it is
 //! open, so the device's HTTP requests follow it. Each tunnel is a tokio
@@ -19,6 +20,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::info;
 
+use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::upstream::{Connector, Health};
 use crate::util::rng::SplitMix64;
@@ -46,6 +48,8 @@ pub struct Tunnels {
     pub registry: Arc<TunnelRegistry>,
     /// Raised when open tunnels must close (the end of shutdown).
     pub close: watch::Receiver<bool>,
+    /// Counts tunnels closed for idleness.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Closes every open tunnel with a device ID (1001), one at a time, spread

@@ -1,7 +1,12 @@
 //! One open tunnel's life: copy until either side closes, or end it with
 //! a clean close handshake when the proxy must (shutdown, a move to the
-//! device's new owner, a draining backend's deadline), and give up on a
-//! close handshake that does not finish.
+//! device's new owner, a draining backend's deadline, no bytes either way
+//! for `server.tunnel_idle_timeout`), and give up on a close handshake
+//! that does not finish.
+//!
+//! The idle timer is one sleep, not reset per byte: the splice stamps when
+//! bytes last moved, and when the sleep fires the session either closes
+//! the tunnel or sleeps again until that stamp plus the timeout.
 //!
 //! The session is generic over its two streams, so its state machine runs
 //! on in-memory streams in the unit tests.
@@ -12,6 +17,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::debug;
 
 use super::registry::TunnelControl;
 use super::splice::Splice;
@@ -37,6 +43,8 @@ pub enum ClosedBy {
     Migration,
     /// The backend is draining and `drain_timeout` has passed (1012).
     Drain,
+    /// No bytes either way for `server.tunnel_idle_timeout` (1001).
+    IdleTimeout,
 }
 
 impl ClosedBy {
@@ -45,6 +53,7 @@ impl ClosedBy {
             ClosedBy::Shutdown => "proxy shutdown",
             ClosedBy::Migration => "moved to its device's new owner",
             ClosedBy::Drain => "its backend is draining and drain_timeout has passed",
+            ClosedBy::IdleTimeout => "idle for server.tunnel_idle_timeout",
         }
     }
 }
@@ -83,6 +92,9 @@ pub struct Signals<D> {
     pub routing_changed: watch::Receiver<u64>,
     /// When this tunnel must close because its backend is draining.
     pub drain_deadline: D,
+    /// `server.tunnel_idle_timeout` when the tunnel opened: with no bytes
+    /// either way for this long, it is closed (`None`: never for idleness).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Runs a tunnel to its end.
@@ -92,8 +104,10 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
     D: Fn() -> Option<Instant>,
 {
-    let Signals { shutdown: mut close, control, routing_changed: mut swaps, drain_deadline } = signals;
+    let Signals { shutdown: mut close, control, routing_changed: mut swaps, drain_deadline, idle_timeout } = signals;
     let mut closed_by: Option<ClosedBy> = None;
+    // When to look at the splice's last activity next.
+    let mut idle_check = idle_timeout.map(|timeout| splice.last_active() + timeout);
     let mut give_up: Option<Instant> = None;
     let mut force_at: Option<Instant> = None;
     let mut router_gone = false;
@@ -106,6 +120,15 @@ where
             _ = migration_requested(control.as_deref()), if closed_by.is_none() => begin = Some(ClosedBy::Migration),
             _ = shutdown_requested(control.as_deref()), if closed_by.is_none() => begin = Some(ClosedBy::Shutdown),
             _ = sleep_until_some(drain), if closed_by.is_none() => begin = Some(ClosedBy::Drain),
+            _ = sleep_until_some(idle_check), if closed_by.is_none() => {
+                // Bytes moved since the sleep began: sleep on to the new
+                // deadline. Otherwise the tunnel has been idle long enough.
+                idle_check = idle_timeout.map(|timeout| splice.last_active() + timeout);
+                if idle_check.is_some_and(|at| at <= Instant::now()) {
+                    debug!(timeout = ?idle_timeout, "tunnel idle: closing it");
+                    begin = Some(ClosedBy::IdleTimeout);
+                }
+            }
             changed = swaps.changed(), if !router_gone => {
                 // The router is gone: only the copy or shutdown can end us
                 // now. (A closed channel would answer at once, every time.)
@@ -123,6 +146,7 @@ where
             closed_by = Some(by);
             let (code, reason) = match by {
                 ClosedBy::Shutdown => (wsframe::CLOSE_GOING_AWAY, "proxy shutting down"),
+                ClosedBy::IdleTimeout => (wsframe::CLOSE_GOING_AWAY, "idle timeout"),
                 ClosedBy::Migration => (wsframe::CLOSE_SERVICE_RESTART, "moved to another backend: reconnect"),
                 ClosedBy::Drain => (wsframe::CLOSE_SERVICE_RESTART, "backend draining: reconnect"),
             };
@@ -217,7 +241,8 @@ mod tests {
         let splice = Splice::new(client, backend, b"", b"", Counter::default(), Counter::default(), registration);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (routing, routing_rx) = watch::channel(0);
-        let signals = Signals { shutdown: shutdown_rx, control, routing_changed: routing_rx, drain_deadline };
+        let signals =
+            Signals { shutdown: shutdown_rx, control, routing_changed: routing_rx, drain_deadline, idle_timeout: None };
         Parts { device, server, splice, shutdown, routing, signals }
     }
 
@@ -468,6 +493,94 @@ mod tests {
         // Both connections are gone.
         assert!(h.device.write_all(b"anyone?").await.is_err());
         assert!(h.server.write_all(b"anyone?").await.is_err());
+    }
+
+    /// A session with `server.tunnel_idle_timeout = idle`.
+    fn start_idle(idle: Option<Duration>) -> Harness {
+        let Parts { device, server, splice, shutdown, routing, mut signals } = parts(None, None, || None);
+        signals.idle_timeout = idle;
+        let session = tokio::spawn(run(splice, signals));
+        Harness { device, server, shutdown, routing, session }
+    }
+
+    /// Waits until just before `at` and checks that neither side has been
+    /// sent anything and the session still runs.
+    async fn still_open_just_before(h: &mut Harness, at: Instant) {
+        tokio::time::sleep_until(at - Duration::from_millis(1)).await;
+        assert_quiet(&mut h.server, "backend before the idle timeout").await;
+        assert_quiet(&mut h.device, "device before the idle timeout").await;
+        assert!(!h.session.is_finished(), "ended before the idle timeout");
+    }
+
+    /// The proxy's idle close as both sides see it, at `at`; the
+    /// backend answers, and the session ends clean.
+    async fn closed_for_idleness_at(mut h: Harness, at: Instant) -> Outcome {
+        let close = within("close to the backend", read_frame(&mut h.server)).await.expect("backend reads");
+        // The timer wheel counts whole milliseconds.
+        let now = Instant::now();
+        assert!(
+            (at..at + Duration::from_millis(2)).contains(&now),
+            "closed {:?} after {at:?}",
+            now.checked_duration_since(at)
+        );
+        assert_eq!(close.close_code(), Some(CLOSE_GOING_AWAY));
+        h.server.write_all(&close_reply()).await.expect("backend replies");
+        h.server.shutdown().await.expect("backend closes");
+        let (code, reason) = device_gets_its_close(&mut h.device).await;
+        assert_eq!((code, reason.as_str()), (Some(CLOSE_GOING_AWAY), "idle timeout"));
+        outcome(h.session).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_tunnel_is_closed_at_the_idle_timeout() {
+        let idle = Duration::from_secs(30);
+        let opened = Instant::now();
+        let mut h = start_idle(Some(idle));
+        still_open_just_before(&mut h, opened + idle).await;
+        let out = closed_for_idleness_at(h, opened + idle).await;
+        assert_eq!(out.closed_by, Some(ClosedBy::IdleTimeout));
+        assert!(out.copied.is_ok(), "{out:?}");
+        assert!(out.to_string().contains("idle for server.tunnel_idle_timeout"), "{out}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_either_way_postpone_the_idle_timeout() {
+        let idle = Duration::from_secs(30);
+        let mut h = start_idle(Some(idle));
+
+        // The device speaks two thirds of the way in: the timeout counts
+        // from then.
+        tokio::time::sleep(idle * 2 / 3).await;
+        let ping = client_frame(OP_TEXT, b"device");
+        h.device.write_all(&ping).await.expect("device writes");
+        let got = within("the device's message", read_n(&mut h.server, ping.len())).await;
+        assert_eq!(got.expect("backend reads"), ping);
+        let last = Instant::now();
+        still_open_just_before(&mut h, last + idle * 2 / 3).await;
+
+        // Then the backend alone, past when the first deadline was.
+        let pong = server_frame(OP_TEXT, b"backend");
+        h.server.write_all(&pong).await.expect("backend writes");
+        let got = within("the backend's message", read_n(&mut h.device, pong.len())).await;
+        assert_eq!(got.expect("device reads"), pong);
+        let last = Instant::now();
+        still_open_just_before(&mut h, last + idle).await;
+
+        let out = closed_for_idleness_at(h, last + idle).await;
+        assert_eq!(out.closed_by, Some(ClosedBy::IdleTimeout));
+        let (up, down) = out.copied.expect("a clean end");
+        assert_eq!(up, ping.len() as u64);
+        assert!(down > pong.len() as u64, "the backend's close reply counts too");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_idle_timeout_an_idle_tunnel_stays_open() {
+        let mut h = start_idle(None);
+        tokio::time::sleep(Duration::from_secs(10 * 3600)).await;
+        assert_quiet(&mut h.server, "backend of a tunnel idle for 10 h").await;
+        assert_quiet(&mut h.device, "device of a tunnel idle for 10 h").await;
+        assert!(!h.session.is_finished());
+        exchange(&mut h).await;
     }
 
     /// Counts how often a waker is woken.

@@ -31,6 +31,7 @@ use std::task::{ready, Context, Poll};
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 use super::registry::Registration;
 use super::wsframe::{self, FrameTracker, CLOSE_GOING_AWAY, OPCODE_CLOSE};
@@ -100,6 +101,9 @@ pub struct Splice<C, B> {
     ending: Ending,
     counted_up: Counter,
     counted_down: Counter,
+    /// When bytes last arrived from either side (or the splice was made):
+    /// stamped once per poll that read something, for the idle timeout.
+    last_active: Instant,
 }
 
 impl<C, B> Splice<C, B>
@@ -129,7 +133,13 @@ where
             counted.inc_by(early.len() as u64);
         }
         let ending = Ending { registration, ..Ending::default() };
-        Splice { client, backend, up, down, ending, counted_up, counted_down }
+        Splice { client, backend, up, down, ending, counted_up, counted_down, last_active: Instant::now() }
+    }
+
+    /// When bytes last arrived from the device or the backend (at first,
+    /// when the splice was made).
+    pub fn last_active(&self) -> Instant {
+        self.last_active
     }
 
     /// Starts a clean ending (see the module doc); `code` and `reason` go
@@ -168,16 +178,13 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let up = this.poll_dir(cx, Dir::Up)?;
-        let down = this.poll_dir(cx, Dir::Down)?;
-        // The down direction may have moved the ending on (the backend's
-        // reply arrived): give the up direction another look.
-        let up = if up.is_pending() { this.poll_dir(cx, Dir::Up)? } else { up };
-        if up.is_ready() && down.is_ready() {
-            Poll::Ready(Ok((this.up.bytes, this.down.bytes)))
-        } else {
-            Poll::Pending
+        let before = this.up.bytes + this.down.bytes;
+        let polled = this.poll_both(cx);
+        // One clock read per poll that moved bytes, not one per read.
+        if this.up.bytes + this.down.bytes != before {
+            this.last_active = Instant::now();
         }
+        polled
     }
 }
 
@@ -186,6 +193,19 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    fn poll_both(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(u64, u64)>> {
+        let up = self.poll_dir(cx, Dir::Up)?;
+        let down = self.poll_dir(cx, Dir::Down)?;
+        // The down direction may have moved the ending on (the backend's
+        // reply arrived): give the up direction another look.
+        let up = if up.is_pending() { self.poll_dir(cx, Dir::Up)? } else { up };
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok((self.up.bytes, self.down.bytes)))
+        } else {
+            Poll::Pending
+        }
+    }
+
     fn poll_dir(&mut self, cx: &mut Context<'_>, dir: Dir) -> Poll<io::Result<()>> {
         match dir {
             Dir::Up => poll_flow(

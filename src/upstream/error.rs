@@ -4,9 +4,10 @@
 
 use std::error::Error as StdError;
 use std::io;
+use std::time::Duration;
 
 use hyper::{Method, Response, StatusCode};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Observe;
 use crate::http::{text_response, ClientBodyError, ProxyBody};
@@ -37,6 +38,15 @@ pub enum UpstreamFailure {
     /// The TLS handshake with the backend failed (its certificate is not
     /// trusted or not for its name, or it doesn't speak TLS).
     Tls,
+    /// `max` connections (`upstream.max_connections`) were busy and none
+    /// came free within `waited` (`upstream.queue_timeout`). Nothing
+    /// reached the backend, which is only busy, not failing.
+    QueueTimeout {
+        /// `upstream.max_connections`.
+        max: usize,
+        /// `upstream.queue_timeout`.
+        waited: Duration,
+    },
 }
 
 impl UpstreamFailure {
@@ -70,7 +80,8 @@ impl UpstreamFailure {
     }
 
     /// The `kind` label of `sticky_proxy_upstream_errors_total`; `None`
-    /// for the client's own failures, never counted against a backend.
+    /// for the client's own failures and for a queue timeout (counted in
+    /// `sticky_proxy_limits_total`), never counted against a backend.
     pub fn metric_kind(self) -> Option<&'static str> {
         match self {
             UpstreamFailure::Refused
@@ -79,7 +90,10 @@ impl UpstreamFailure {
             | UpstreamFailure::Tls => Some("connect"),
             UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => Some("timeout"),
             UpstreamFailure::Broken => Some("reset"),
-            UpstreamFailure::ClientAborted | UpstreamFailure::ClientStalled | UpstreamFailure::ClientTooLarge => None,
+            UpstreamFailure::ClientAborted
+            | UpstreamFailure::ClientStalled
+            | UpstreamFailure::ClientTooLarge
+            | UpstreamFailure::QueueTimeout { .. } => None,
         }
     }
 
@@ -115,7 +129,8 @@ impl UpstreamFailure {
     }
 
     /// The client's answer: 502 or 504 (400 for a client that aborted its
-    /// upload) with the reason in plain text; logged as a warning.
+    /// upload, 503 for a queue timeout) with the reason in plain text;
+    /// logged as a warning.
     pub fn response(self, backend: &Backend) -> Response<ProxyBody> {
         let (id, addr) = (&backend.id, &backend.address);
         let (status, reason) = match self {
@@ -150,16 +165,36 @@ impl UpstreamFailure {
             UpstreamFailure::Tls => {
                 (StatusCode::BAD_GATEWAY, format!("backend {id} ({addr}): the TLS handshake failed"))
             }
+            UpstreamFailure::QueueTimeout { max, waited } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "backend {id} has upstream.max_connections = {max} connections busy; \
+                     no connection came free within upstream.queue_timeout ({waited:?})"
+                ),
+            ),
         };
-        if self.metric_kind().is_some() {
-            warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
-            return text_response(status, reason + "\n");
+        match self {
+            UpstreamFailure::ClientAborted | UpstreamFailure::ClientStalled | UpstreamFailure::ClientTooLarge => {
+                // The client's doing: not worth a warning, which a client
+                // could then write at will. Its connection is closed, the
+                // body unread.
+                debug!(backend = %id, status = status.as_u16(), "{reason}");
+                let mut response = text_response(status, reason + "\n");
+                response
+                    .headers_mut()
+                    .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+                response
+            }
+            // Load, not a fault (and clients holding slow requests could
+            // write it at will): counted in sticky_proxy_limits_total.
+            UpstreamFailure::QueueTimeout { .. } => {
+                info!(backend = %id, status = status.as_u16(), "{reason}");
+                text_response(status, reason + "\n")
+            }
+            _ => {
+                warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
+                text_response(status, reason + "\n")
+            }
         }
-        // The client's doing: not worth a warning, which a client could
-        // then write at will. Its connection is closed, the body unread.
-        debug!(backend = %id, status = status.as_u16(), "{reason}");
-        let mut response = text_response(status, reason + "\n");
-        response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
-        response
     }
 }

@@ -15,8 +15,18 @@
 //! about 4,500 instructions per request for its generic bookkeeping (a
 //! SipHash-keyed map of scheme and authority, a boxed future, checkout
 //! futures), a tenth of a proxied request (benches/load/profile.sh).
+//!
+//! With `upstream.max_connections`, at most that many connections are open
+//! per key at once, counted from the connect until the connection's task
+//! ends (a [`Slot`] lives in that task). A request that finds no idle
+//! connection and no free slot waits in a FIFO queue: a connection given
+//! back goes to the first waiter before the idle list, and a slot freed by
+//! a closing connection lets the first waiter connect. After
+//! `upstream.queue_timeout` it fails with
+//! [`UpstreamFailure::QueueTimeout`]. Without the limit none of this runs:
+//! no count, no queue, no extra lock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -24,18 +34,50 @@ use std::time::{Duration, Instant};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
+use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::connector::{Connector, Endpoint};
 use super::error::UpstreamFailure;
+use crate::config::UpstreamConfig;
 use crate::http::UpstreamBody;
 
-/// Idle connections by backend address.
+type Entries = HashMap<Box<str>, Entry, BuildHasherDefault<Fnv>>;
+
+/// Connections by backend address (and TLS settings).
 pub(crate) struct Pool {
-    idle: Mutex<HashMap<Box<str>, Vec<Idle>, BuildHasherDefault<Fnv>>>,
+    entries: Mutex<Entries>,
     max_idle: usize,
     idle_timeout: Duration,
+    /// `upstream.max_connections` and `upstream.queue_timeout`, if limited.
+    limit: Option<Limit>,
     connector: Connector,
+}
+
+/// Connections open to one key at once, and how long a request may wait
+/// for one.
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    max: usize,
+    queue_timeout: Duration,
+}
+
+/// One key's connections.
+#[derive(Default)]
+struct Entry {
+    idle: Vec<Idle>,
+    /// Open connections, idle, busy or connecting (counted only under a
+    /// limit).
+    open: usize,
+    /// Requests waiting for a connection, first come first served (only
+    /// under a limit).
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+}
+
+impl Entry {
+    fn is_unused(&self) -> bool {
+        self.idle.is_empty() && self.open == 0 && self.waiters.is_empty()
+    }
 }
 
 struct Idle {
@@ -43,11 +85,78 @@ struct Idle {
     since: Instant,
 }
 
+/// What a request waiting under the limit is given.
+enum Grant {
+    /// A connection given back by another request.
+    Idle(SendRequest<UpstreamBody>),
+    /// A freed slot: connect.
+    Slot(Slot),
+}
+
+/// One of a key's `max_connections`: held by a request while it connects,
+/// then by the connection's task until the connection ends. Dropping it
+/// hands it to the key's first waiter, or frees it.
+struct Slot {
+    pool: Weak<Pool>,
+    key: Box<str>,
+    /// False once the count has been settled (freed or handed on).
+    held: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.held {
+            return;
+        }
+        if let Some(pool) = self.pool.upgrade() {
+            let key = std::mem::take(&mut self.key);
+            pool.release(Slot { pool: Weak::clone(&self.pool), key, held: true });
+        }
+    }
+}
+
+/// Gives `grant` to the first waiter still waiting; returns it if none is.
+fn hand_over(waiters: &mut VecDeque<oneshot::Sender<Grant>>, mut grant: Grant) -> Option<Grant> {
+    while let Some(waiter) = waiters.pop_front() {
+        match waiter.send(grant) {
+            Ok(()) => return None,
+            Err(back) => grant = back,
+        }
+    }
+    Some(grant)
+}
+
+/// A request's place in a key's queue. Dropped before it was served (the
+/// client went away), it passes on a connection it was given meanwhile.
+struct Waiting<'a> {
+    pool: &'a Arc<Pool>,
+    key: &'a str,
+    grant: oneshot::Receiver<Grant>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.grant.close();
+        // A slot passes itself on as it drops.
+        if let Ok(Grant::Idle(sender)) = self.grant.try_recv() {
+            self.pool.put(self.key, sender);
+        }
+    }
+}
+
 impl Pool {
     /// A pool; its idle connections are swept every `idle_timeout` (within
     /// 0.1 to 30 s) by a task that ends with the pool. Call inside a runtime.
-    pub(crate) fn new(max_idle: usize, idle_timeout: Duration, connector: Connector) -> Arc<Pool> {
-        let pool = Arc::new(Pool { idle: Mutex::new(HashMap::default()), max_idle, idle_timeout, connector });
+    pub(crate) fn new(upstream: &UpstreamConfig, connector: Connector) -> Arc<Pool> {
+        let idle_timeout = upstream.pool_idle_timeout;
+        let limit = upstream.max_connections.map(|max| Limit { max, queue_timeout: upstream.queue_timeout });
+        let pool = Arc::new(Pool {
+            entries: Mutex::new(HashMap::default()),
+            max_idle: upstream.pool_max_idle,
+            idle_timeout,
+            limit,
+            connector,
+        });
         let every = idle_timeout.clamp(Duration::from_millis(100), Duration::from_secs(30));
         tokio::spawn(sweep(Arc::downgrade(&pool), every));
         pool
@@ -63,12 +172,20 @@ impl Pool {
         // A plain backend's key is its address as it is (no allocation).
         let key = crate::tls::authority(to.address, to.tls);
         let key: &str = &key;
+        // Under a limit: when waiting for a connection must end.
+        let mut deadline = None;
         loop {
-            let (mut sender, reused) = match self.checkout(key) {
-                Some(sender) => (sender, true),
-                // Boxed: connecting (TLS included) is a large future that
-                // every request would otherwise carry and copy around.
-                None => (Box::pin(self.connect(to)).await?, false),
+            let (mut sender, reused) = match self.limit {
+                None => match self.checkout(key) {
+                    Some(sender) => (sender, true),
+                    // Boxed: connecting (TLS included) is a large future that
+                    // every request would otherwise carry and copy around.
+                    None => (Box::pin(self.connect(to, None)).await?, false),
+                },
+                Some(limit) => match Box::pin(self.checkout_limited(key, limit, &mut deadline)).await? {
+                    Grant::Idle(sender) => (sender, true),
+                    Grant::Slot(slot) => (Box::pin(self.connect(to, Some(slot))).await?, false),
+                },
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -92,19 +209,87 @@ impl Pool {
     /// The most recently used idle connection to `address` that is still
     /// open and ready; closed and expired ones met on the way are dropped.
     fn checkout(&self, address: &str) -> Option<SendRequest<UpstreamBody>> {
-        let mut idle = self.lock();
-        let list = idle.get_mut(address)?;
-        while let Some(entry) = list.pop() {
-            if entry.sender.is_ready() && entry.since.elapsed() < self.idle_timeout {
-                return Some(entry.sender);
+        let mut entries = self.lock();
+        self.usable_idle(entries.get_mut(address)?)
+    }
+
+    /// Pops `entry`'s most recently used idle connection that is still open
+    /// and ready, dropping closed and expired ones met on the way.
+    fn usable_idle(&self, entry: &mut Entry) -> Option<SendRequest<UpstreamBody>> {
+        while let Some(idle) = entry.idle.pop() {
+            if idle.sender.is_ready() && idle.since.elapsed() < self.idle_timeout {
+                return Some(idle.sender);
             }
         }
         None
     }
 
+    /// Under `max_connections`: an idle connection, else a free slot to
+    /// connect with, else the first of either to come free, waiting in the
+    /// key's queue until `deadline` (set on the first wait, `queue_timeout`
+    /// from then).
+    async fn checkout_limited(
+        self: &Arc<Self>,
+        key: &str,
+        limit: Limit,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> Result<Grant, UpstreamFailure> {
+        let receiver = {
+            let mut entries = self.lock();
+            let entry = match entries.get_mut(key) {
+                Some(entry) => entry,
+                None => entries.entry(key.into()).or_default(),
+            };
+            if let Some(sender) = self.usable_idle(entry) {
+                return Ok(Grant::Idle(sender));
+            }
+            if entry.open < limit.max {
+                entry.open += 1;
+                return Ok(Grant::Slot(Slot { pool: Arc::downgrade(self), key: key.into(), held: true }));
+            }
+            // Requests that gave up waiting leave their place behind.
+            entry.waiters.retain(|waiter| !waiter.is_closed());
+            let (sender, receiver) = oneshot::channel();
+            entry.waiters.push_back(sender);
+            receiver
+        };
+        let mut waiting = Waiting { pool: self, key, grant: receiver };
+        let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + limit.queue_timeout);
+        match tokio::time::timeout_at(deadline, &mut waiting.grant).await {
+            Ok(Ok(grant)) => Ok(grant),
+            // The pool let go of the queue: only when it is dropped.
+            Ok(Err(_)) => Err(UpstreamFailure::Broken),
+            Err(_) => {
+                // One may have come free just as the time ran out.
+                waiting.grant.close();
+                match waiting.grant.try_recv() {
+                    Ok(grant) => Ok(grant),
+                    Err(_) => Err(UpstreamFailure::QueueTimeout { max: limit.max, waited: limit.queue_timeout }),
+                }
+            }
+        }
+    }
+
+    /// A slot's connection has ended (or never opened): the slot goes to
+    /// the key's first waiter, else the count goes down.
+    fn release(&self, mut slot: Slot) {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(&*slot.key) else {
+            // (Not met: an entry with open connections is kept.) Dropped
+            // held, the slot would come back here, under this lock.
+            slot.held = false;
+            return;
+        };
+        if let Some(Grant::Slot(mut slot)) = hand_over(&mut entry.waiters, Grant::Slot(slot)) {
+            slot.held = false;
+            entry.open = entry.open.saturating_sub(1);
+        }
+    }
+
     /// Returns a connection to the pool once it can take the next request.
     fn give_back(self: &Arc<Self>, address: &str, mut sender: SendRequest<UpstreamBody>) {
-        if self.max_idle == 0 || sender.is_closed() {
+        // Under a limit a waiter may want it even when none are kept idle.
+        if (self.max_idle == 0 && self.limit.is_none()) || sender.is_closed() {
             return;
         }
         if sender.is_ready() {
@@ -123,24 +308,43 @@ impl Pool {
         });
     }
 
+    /// Keeps a ready connection: for the key's first waiter if there is
+    /// one, else idle (if there is room).
     fn put(&self, address: &str, sender: SendRequest<UpstreamBody>) {
-        let entry = Idle { sender, since: Instant::now() };
-        let mut idle = self.lock();
-        match idle.get_mut(address) {
-            Some(list) if list.len() < self.max_idle => list.push(entry),
-            Some(_) => {} // full: the connection closes as `entry` drops
-            None => {
-                idle.insert(address.into(), vec![entry]);
+        let mut entries = self.lock();
+        match entries.get_mut(address) {
+            Some(entry) => {
+                let sender = if entry.waiters.is_empty() {
+                    sender
+                } else {
+                    match hand_over(&mut entry.waiters, Grant::Idle(sender)) {
+                        Some(Grant::Idle(sender)) => sender,
+                        _ => return,
+                    }
+                };
+                if entry.idle.len() < self.max_idle {
+                    entry.idle.push(Idle { sender, since: Instant::now() });
+                } // else full: the connection closes as `sender` drops
             }
+            None if self.max_idle > 0 => {
+                let idle = vec![Idle { sender, since: Instant::now() }];
+                entries.insert(address.into(), Entry { idle, ..Entry::default() });
+            }
+            None => {}
         }
     }
 
     /// A new connection from the connector; its connection task runs
-    /// until the last sender is gone.
-    async fn connect(&self, to: Endpoint<'_>) -> Result<SendRequest<UpstreamBody>, UpstreamFailure> {
+    /// until the last sender is gone, holding `slot` (under a limit).
+    async fn connect(
+        &self,
+        to: Endpoint<'_>,
+        slot: Option<Slot>,
+    ) -> Result<SendRequest<UpstreamBody>, UpstreamFailure> {
         let (sender, connection) = self.connector.http1(to).await?;
         let address = to.address.to_string();
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = connection.await {
                 debug!(address, "backend connection ended: {e}");
             }
@@ -150,22 +354,28 @@ impl Pool {
 
     /// Drops idle connections that expired or closed.
     fn sweep(&self) {
-        let mut idle = self.lock();
-        idle.retain(|_, list| {
-            list.retain(|entry| !entry.sender.is_closed() && entry.since.elapsed() < self.idle_timeout);
-            !list.is_empty()
+        let mut entries = self.lock();
+        entries.retain(|_, entry| {
+            entry.idle.retain(|idle| !idle.sender.is_closed() && idle.since.elapsed() < self.idle_timeout);
+            !entry.is_unused()
         });
     }
 
     /// Idle connections to `address` now (for tests).
     #[cfg(test)]
     fn idle_count(&self, address: &str) -> usize {
-        self.lock().get(address).map_or(0, Vec::len)
+        self.lock().get(address).map_or(0, |entry| entry.idle.len())
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Box<str>, Vec<Idle>, BuildHasherDefault<Fnv>>> {
+    /// Open connections to `address` now, under a limit (for tests).
+    #[cfg(test)]
+    fn open_count(&self, address: &str) -> usize {
+        self.lock().get(address).map_or(0, |entry| entry.open)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Entries> {
         // Every critical section leaves the map consistent.
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -203,9 +413,32 @@ impl Hasher for Fnv {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
     use bytes::Bytes;
     use http_body_util::{BodyExt, Either, Full};
+    use hyper::header::HeaderValue;
+    use tokio::sync::{watch, Semaphore};
+    use tokio::task::JoinHandle;
+
+    fn connector() -> Connector {
+        Connector::new(Duration::from_secs(3))
+    }
+
+    /// `[upstream]` with these pool settings; `limit`: `max_connections`
+    /// and `queue_timeout`.
+    fn upstream(max_idle: usize, idle_timeout: Duration, limit: Option<(usize, Duration)>) -> UpstreamConfig {
+        UpstreamConfig {
+            connect_timeout: Duration::from_secs(3),
+            response_timeout: Duration::from_secs(60),
+            pool_max_idle: max_idle,
+            pool_idle_timeout: idle_timeout,
+            max_connections: limit.map(|(max, _)| max),
+            queue_timeout: limit.map_or(Duration::from_secs(5), |(_, wait)| wait),
+            tls_ca: None,
+        }
+    }
 
     fn plain(address: &str) -> Endpoint<'_> {
         Endpoint { address, tls: None }
@@ -224,7 +457,7 @@ mod tests {
         let app = crate::tools::demo::DemoInstance::spawn("app", listener).expect("demo");
         let address = app.addr().to_string();
 
-        let pool = Pool::new(1, Duration::from_secs(60), Connector::new(Duration::from_secs(3)));
+        let pool = Pool::new(&upstream(1, Duration::from_secs(60), None), connector());
         for _ in 0..3 {
             let response = pool.send(plain(&address), get("/whoami")).await.expect("response");
             assert_eq!(response.status(), 200);
@@ -256,7 +489,7 @@ mod tests {
         assert_eq!(pool.idle_count(&address), 1);
 
         // With no idle time allowed, nothing is handed out again.
-        let short = Pool::new(4, Duration::ZERO, Connector::new(Duration::from_secs(3)));
+        let short = Pool::new(&upstream(4, Duration::ZERO, None), connector());
         let response = short.send(plain(&address), get("/whoami")).await.expect("response");
         response.into_body().collect().await.expect("body");
         assert!(short.checkout(&address).is_none(), "expired connections are not handed out");
@@ -267,8 +500,173 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
         drop(listener);
-        let pool = Pool::new(4, Duration::from_secs(60), Connector::new(Duration::from_secs(3)));
-        let failure = pool.send(plain(&address), get("/")).await.expect_err("nothing listens");
-        assert!(failure.is_connect(), "{failure:?}");
+        for limit in [None, Some((1, Duration::from_secs(5)))] {
+            let pool = Pool::new(&upstream(4, Duration::from_secs(60), limit), connector());
+            let failure = pool.send(plain(&address), get("/")).await.expect_err("nothing listens");
+            assert!(failure.is_connect(), "{failure:?}");
+            // Under a limit the failed connect gave its slot back.
+            assert_eq!(pool.open_count(&address), 0);
+        }
+    }
+
+    /// A backend that holds every request until the test releases it.
+    struct HeldBackend {
+        address: String,
+        /// One permit answers one request.
+        release: Arc<Semaphore>,
+        /// Requests that have arrived so far.
+        arrived: watch::Receiver<usize>,
+        /// Connections accepted so far.
+        accepted: Arc<AtomicUsize>,
+    }
+
+    impl HeldBackend {
+        /// `close`: each answer says `Connection: close`.
+        async fn start(close: bool) -> HeldBackend {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let address = listener.local_addr().expect("addr").to_string();
+            let release = Arc::new(Semaphore::new(0));
+            let (arrivals, arrived) = watch::channel(0);
+            let arrivals = Arc::new(arrivals);
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let (gate, count) = (Arc::clone(&release), Arc::clone(&accepted));
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let (gate, arrivals) = (Arc::clone(&gate), Arc::clone(&arrivals));
+                    let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        let (gate, arrivals) = (Arc::clone(&gate), Arc::clone(&arrivals));
+                        async move {
+                            arrivals.send_modify(|n| *n += 1);
+                            gate.acquire().await.expect("gate open").forget();
+                            let mut response = Response::new(Full::new(Bytes::from_static(b"ok")));
+                            if close {
+                                response.headers_mut().insert("connection", HeaderValue::from_static("close"));
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    tokio::spawn(
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                    );
+                }
+            });
+            HeldBackend { address, release, arrived, accepted }
+        }
+
+        async fn until_arrived(&mut self, n: usize) {
+            within(&format!("{n} requests at the backend"), self.arrived.wait_for(|&seen| seen >= n))
+                .await
+                .expect("the backend runs");
+        }
+    }
+
+    async fn within<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(20), work)
+            .await
+            .unwrap_or_else(|_| panic!("still waiting after 20 s: {what}"))
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        within(what, async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+    }
+
+    /// Sends a GET and reads its body.
+    fn spawn_get(pool: &Arc<Pool>, address: &str) -> JoinHandle<Result<Bytes, UpstreamFailure>> {
+        let (pool, address) = (Arc::clone(pool), address.to_string());
+        tokio::spawn(async move {
+            let response = pool.send(plain(&address), get("/")).await?;
+            Ok(response.into_body().collect().await.expect("body").to_bytes())
+        })
+    }
+
+    fn waiting(pool: &Pool, address: &str) -> usize {
+        pool.lock().get(address).map_or(0, |entry| entry.waiters.iter().filter(|w| !w.is_closed()).count())
+    }
+
+    #[tokio::test]
+    async fn at_the_limit_a_request_waits_for_a_connection_given_back() {
+        let mut backend = HeldBackend::start(false).await;
+        let address = backend.address.clone();
+        let pool = Pool::new(&upstream(4, Duration::from_secs(60), Some((2, Duration::from_secs(60)))), connector());
+
+        let first = [spawn_get(&pool, &address), spawn_get(&pool, &address)];
+        backend.until_arrived(2).await;
+        assert_eq!(pool.open_count(&address), 2);
+
+        // A third waits, and one that gives up leaves nothing behind.
+        let quitter = spawn_get(&pool, &address);
+        until("the quitter queues", || waiting(&pool, &address) == 1).await;
+        quitter.abort();
+        assert!(quitter.await.is_err_and(|e| e.is_cancelled()));
+        let third = spawn_get(&pool, &address);
+        until("the third queues", || waiting(&pool, &address) == 1).await;
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 2, "no connection past the limit");
+
+        // One answer frees a connection: the waiter gets it, no new one.
+        backend.release.add_permits(1);
+        backend.until_arrived(3).await;
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 2, "the waiter reused a connection");
+        backend.release.add_permits(2);
+        for request in first.into_iter().chain([third]) {
+            let body = within("an answer", request).await.expect("task").expect("response");
+            assert_eq!(body, "ok");
+        }
+        assert_eq!(pool.open_count(&address), 2);
+        assert_eq!(waiting(&pool, &address), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_closes_frees_its_slot_for_the_first_waiter() {
+        let mut backend = HeldBackend::start(true).await;
+        let address = backend.address.clone();
+        let pool = Pool::new(&upstream(4, Duration::from_secs(60), Some((1, Duration::from_secs(60)))), connector());
+
+        let first = spawn_get(&pool, &address);
+        backend.until_arrived(1).await;
+        let second = spawn_get(&pool, &address);
+        until("the second queues", || waiting(&pool, &address) == 1).await;
+
+        // The answer closes its connection: the waiter connects anew.
+        backend.release.add_permits(1);
+        backend.until_arrived(2).await;
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 2);
+        backend.release.add_permits(1);
+        for request in [first, second] {
+            assert_eq!(within("an answer", request).await.expect("task").expect("response"), "ok");
+        }
+        until("the last connection's slot is free", || pool.open_count(&address) == 0).await;
+    }
+
+    #[tokio::test]
+    async fn past_the_queue_timeout_the_request_fails_and_the_slot_stays_whole() {
+        let mut backend = HeldBackend::start(false).await;
+        let address = backend.address.clone();
+        let queue_timeout = Duration::from_millis(200);
+        let pool = Pool::new(&upstream(4, Duration::from_secs(60), Some((1, queue_timeout))), connector());
+
+        let held = spawn_get(&pool, &address);
+        backend.until_arrived(1).await;
+        let began = Instant::now();
+        let failure = within("the queue timeout", pool.send(plain(&address), get("/"))).await.expect_err("no slot");
+        assert!(began.elapsed() >= queue_timeout, "gave up after {:?}", began.elapsed());
+        assert_eq!(failure, UpstreamFailure::QueueTimeout { max: 1, waited: queue_timeout });
+        assert!(!failure.retryable(&hyper::Method::GET));
+        assert!(!failure.counts_against_backend(crate::config::Observe::Responses));
+        assert_eq!(failure.metric_kind(), None);
+
+        // The held request finishes; its connection serves the next one.
+        backend.release.add_permits(2);
+        assert_eq!(within("the held answer", held).await.expect("task").expect("response"), "ok");
+        let next = within("the next request", spawn_get(&pool, &address)).await.expect("task");
+        assert_eq!(next.expect("response"), "ok");
+        assert_eq!(backend.accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.open_count(&address), 1);
     }
 }
