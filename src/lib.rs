@@ -30,6 +30,8 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod http;
 pub mod metrics;
 pub mod ops;

@@ -29,6 +29,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("app", 10),
     ("tools", 11),
     ("cli", 12),
+    // Test-only (`#[cfg(test)] mod fuzz_tests`): drives every layer it fuzzes.
+    ("fuzz_tests", 13),
 ];
 
 fn layer_of(module: &str) -> Option<u8> {

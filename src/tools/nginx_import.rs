@@ -15,11 +15,11 @@
 //! read, at most 16 MiB each and 64 MiB and 2^20 words in all; includes nest
 //! at most 16 deep and blocks 256 deep; include masks match in
 //! `mask × name` steps however many stars they hold; ids are made unique in
-//! linear time.
+//! linear time; each hostname is looked up once, and at most 64 in all.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::io::Read;
+use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -39,6 +39,11 @@ const MAX_FILE_BYTES: u64 = 16 << 20;
 
 /// Most bytes read in all, the main file and every include together.
 const MAX_TOTAL_BYTES: u64 = 64 << 20;
+
+/// Most `server` hostnames looked up (each once; the `listen` is one more):
+/// a lookup may wait seconds on the resolver, and a config may name a
+/// host on every one of thousands of lines.
+const MAX_LOOKUPS: usize = 64;
 
 /// Most words (names and arguments) in all, the bound on memory: a word
 /// read takes up to some 160 bytes in the directive tree (`a;a;a;…`, 80
@@ -505,9 +510,21 @@ fn wildcard(mask: &[u8], name: &[u8]) -> bool {
 
 // ---- translating ------------------------------------------------------------
 
+/// Looks up a hostname: the system's resolver, or the tests' own.
+pub(crate) type Resolve<'a> = &'a dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>>;
+
+fn system_resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    (host, port).to_socket_addrs().map(Iterator::collect)
+}
+
 /// Reads `file` (following its includes) and translates the upstream
 /// `upstream`, or the only upstream that uses `hash`.
 pub(crate) fn import(file: &Path, upstream: Option<&str>) -> Result<Import, ImportError> {
+    import_with(file, upstream, &system_resolve)
+}
+
+/// [`import`], looking hostnames up with `resolve`.
+pub(crate) fn import_with(file: &Path, upstream: Option<&str>, resolve: Resolve<'_>) -> Result<Import, ImportError> {
     let prefix = file.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let top = Reader::new(prefix).file(file, 0, 0, None)?;
     // nginx.conf has an http block; a conf.d snippet is http context itself.
@@ -558,12 +575,17 @@ pub(crate) fn import(file: &Path, upstream: Option<&str>) -> Result<Import, Impo
             }
         }
     };
-    Translation { http: &http, notes: Vec::new() }.run(chosen, file)
+    Translation { http: &http, notes: Vec::new(), resolve, resolved: HashMap::new(), unchecked: 0 }.run(chosen, file)
 }
 
 struct Translation<'a> {
     http: &'a [&'a Directive],
     notes: Vec<Note>,
+    resolve: Resolve<'a>,
+    /// Lookups done, by host and port: each at most once.
+    resolved: HashMap<(String, u16), Result<Vec<SocketAddr>, String>>,
+    /// Hostnames not looked up, past [`MAX_LOOKUPS`].
+    unchecked: usize,
 }
 
 /// One `[[backends]]` entry.
@@ -628,6 +650,13 @@ impl Translation<'_> {
             );
         }
         assign_ids(&mut backends);
+        if self.unchecked > 0 {
+            let message = format!(
+                "{} more `server` hostnames not looked up (at most {MAX_LOOKUPS} are): whether they resolve to several addresses is not checked",
+                self.unchecked
+            );
+            self.note(&upstream.at, false, message);
+        }
         let listen = self.listen(&name, &upstream.at)?;
 
         let mut toml = format!(
@@ -826,9 +855,11 @@ impl Translation<'_> {
         if host.starts_with('[') || host.parse::<std::net::Ipv4Addr>().is_ok() {
             return;
         }
-        match (host, port).to_socket_addrs() {
-            Ok(addrs) => {
-                let mut addrs: Vec<SocketAddr> = addrs.collect();
+        let Some(result) = self.lookup(host, port) else {
+            return;
+        };
+        match result {
+            Ok(mut addrs) => {
                 addrs.sort();
                 addrs.dedup();
                 if addrs.len() > 1 {
@@ -840,6 +871,21 @@ impl Translation<'_> {
                 self.note(at, false, format!("{address} does not resolve here ({e}); nginx would not start with it"))
             }
         }
+    }
+
+    /// `host:port` looked up, once per import; `None` past [`MAX_LOOKUPS`].
+    fn lookup(&mut self, host: &str, port: u16) -> Option<Result<Vec<SocketAddr>, String>> {
+        let key = (host.to_string(), port);
+        if let Some(known) = self.resolved.get(&key) {
+            return Some(known.clone());
+        }
+        if self.resolved.len() >= MAX_LOOKUPS {
+            self.unchecked += 1;
+            return None;
+        }
+        let result = (self.resolve)(host, port).map_err(|e| e.to_string());
+        self.resolved.insert(key, result.clone());
+        Some(result)
     }
 
     /// The listen address of the first `server` block proxying to the
@@ -881,7 +927,9 @@ impl Translation<'_> {
             return error_at(&listen.at, "`listen` needs an address");
         };
         let addr = listen_address(spec).or_else(|| {
-            let resolved = spec.to_socket_addrs().ok().and_then(|mut a| a.next())?;
+            // `host:port`, as `ToSocketAddrs` for a str takes it.
+            let (host, port) = spec.rsplit_once(':')?;
+            let resolved = (self.resolve)(host, port.parse().ok()?).ok()?.into_iter().next()?;
             self.note(&listen.at, false, format!("listen {spec}: the name is resolved once, to {resolved}"));
             Some(resolved.to_string())
         });
@@ -1305,5 +1353,32 @@ mod tests {
         assert_eq!(nginx_duration("1m").as_deref(), Some("1m"));
         assert_eq!(nginx_duration("x"), None);
         assert_eq!(toml_str("a\"b\\c"), "\"a\\\"b\\\\c\"");
+    }
+
+    #[test]
+    fn hostnames_are_looked_up_once_each_and_64_at_most() {
+        // Found by the fuzz tests: 122 lines `server 10.0.0ver ...;` were
+        // 122 lookups of one name, 25 s on a resolver that drops queries.
+        let mut conf = String::from("upstream u {\n  hash $http_x consistent;\n");
+        for i in 0..500 {
+            conf.push_str(&format!("  server same.invalid weight=1;\n  server host-{i}.invalid;\n"));
+        }
+        conf.push_str("}\nserver { listen name.invalid:8080; location / { proxy_pass http://u; } }\n");
+        let dir = Dir::new("lookups", &[("nginx.conf", conf.as_bytes())]);
+        let asked = std::cell::RefCell::new(Vec::new());
+        let resolve = |host: &str, port: u16| {
+            asked.borrow_mut().push(format!("{host}:{port}"));
+            Ok(vec![SocketAddr::from(([127, 0, 0, 1], port))])
+        };
+        let import = import_with(&dir.0.join("nginx.conf"), None, &resolve).expect("imports");
+        let asked = asked.into_inner();
+        // `same.invalid` once, 63 others, and the listen.
+        assert_eq!(asked.len(), MAX_LOOKUPS + 1, "{asked:?}");
+        assert_eq!(asked.iter().filter(|a| *a == "same.invalid:80").count(), 1);
+        assert_eq!(asked.last().map(String::as_str), Some("name.invalid:8080"));
+        assert!(import.toml.contains("listen = \"127.0.0.1:8080\""), "{}", import.toml);
+        // The 500 distinct names past the first 63.
+        let unchecked = format!("{} more `server` hostnames not looked up", 500 - (MAX_LOOKUPS - 1));
+        assert!(import.notes.iter().any(|n| n.message.starts_with(&unchecked)), "{:?}", import.notes);
     }
 }
