@@ -93,7 +93,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         let first = lines.next().cloned();
         let more: Vec<HeaderValue> = lines.cloned().collect();
         for line in first.iter().chain(&more) {
-            for token in line.to_str().unwrap_or("").split(',').map(str::trim) {
+            // By bytes: a non-ASCII byte elsewhere on the line must not keep
+            // the names on it from being removed.
+            for token in line.as_bytes().split(|&b| b == b',') {
+                let Ok(token) = std::str::from_utf8(token.trim_ascii()) else { continue };
                 // `Connection: host` must not cost the backend the client's Host.
                 if !token.is_empty() && !token.eq_ignore_ascii_case("host") {
                     // Looked up by &str: no HeaderName is built; an invalid
@@ -152,7 +155,8 @@ pub fn settle_host(version: Version, uri: &Uri, headers: &mut HeaderMap) -> Resu
         return Err("more than one Host header");
     }
     match uri.authority() {
-        Some(authority) => match HeaderValue::from_str(authority.as_str()) {
+        // Host is the authority without user info (RFC 9112 §3.2.2).
+        Some(authority) => match HeaderValue::from_str(authority.as_str().rsplit('@').next().unwrap_or_default()) {
             Ok(host) => {
                 headers.insert(header::HOST, host);
             }
@@ -277,6 +281,43 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["host", "x-device-id"]);
+    }
+
+    #[test]
+    fn connection_names_are_removed_even_beside_non_ascii_bytes() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_bytes(b"x-secret, caf\xe9").expect("obs-text is allowed"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn host_from_an_absolute_target_drops_user_info() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("other.example"));
+        let uri: Uri = "http://user:pw@t.example:81/x".parse().expect("uri");
+        settle_host(Version::HTTP_11, &uri, &mut h).expect("settled");
+        assert_eq!(h[header::HOST], "t.example:81");
+    }
+
+    #[test]
+    fn transfer_encodings_other_than_one_chunked_are_refused() {
+        let with = |lines: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for line in lines {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(line));
+            }
+            check_transfer_encoding(&h).map_err(|(status, _)| status.as_u16())
+        };
+        assert_eq!(with(&[]), Ok(()));
+        assert_eq!(with(&["chunked"]), Ok(()));
+        assert_eq!(with(&["Chunked "]), Ok(()));
+        assert_eq!(with(&["identity, chunked"]), Err(501));
+        assert_eq!(with(&["gzip"]), Err(501));
+        assert_eq!(with(&["chunked, chunked"]), Err(400));
+        assert_eq!(with(&["chunked", "chunked"]), Err(400));
+        assert_eq!(with(&[" , "]), Err(400));
     }
 
     #[test]
