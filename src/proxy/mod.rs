@@ -38,6 +38,7 @@ use crate::tunnel::{h2ws, handshake, TunnelRegistry, Tunnels};
 use crate::upstream::pool::Pool;
 use crate::upstream::request::upstream_request;
 use crate::upstream::{Connector, Endpoint, Health, UpstreamFailure};
+use crate::util::throttle::Throttle;
 
 pub(crate) mod redeliver;
 
@@ -219,7 +220,10 @@ impl Proxy {
                         "no backend can take this request: all {} backends are down or draining\n",
                         table.backends().len()
                     );
-                    warn!(method = %req.method(), path = %req.uri().path(), status = 503, "every backend is down");
+                    static THROTTLE: Throttle = Throttle::new();
+                    if let Some(suppressed) = THROTTLE.allow() {
+                        warn!(method = %req.method(), path = %req.uri().path(), status = 503, suppressed, "every backend is down");
+                    }
                     return text_response(StatusCode::SERVICE_UNAVAILABLE, reason);
                 }
             }
@@ -326,7 +330,10 @@ impl Proxy {
                         };
                         self.health.upstream_failed(&backend, failure);
                         backend.stats.retried();
-                        warn!(from = %backend.id, to = %next.id, ?failure, "retrying once on the next candidate");
+                        static THROTTLE: Throttle = Throttle::new();
+                        if let Some(suppressed) = THROTTLE.allow() {
+                            warn!(from = %backend.id, to = %next.id, ?failure, suppressed, "retrying once on the next candidate");
+                        }
                         delivery.backend = next;
                         delivery.retried = true;
                         continue;

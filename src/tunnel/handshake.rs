@@ -27,6 +27,7 @@ use crate::metrics::Limit;
 use crate::routing::Backend;
 use crate::upstream::request::upstream_request;
 use crate::upstream::{Endpoint, UpstreamFailure};
+use crate::util::throttle::Throttle;
 
 /// Time allowed for both sides to complete the upgrade after a 101.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,7 +81,10 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
                 };
                 if let Some(next) = next {
                     backend.stats.retried();
-                    warn!(from = %backend.id, to = %next.id, ?failure, "websocket upgrade failed; retrying once on the next candidate");
+                    static THROTTLE: Throttle = Throttle::new();
+                    if let Some(suppressed) = THROTTLE.allow() {
+                        warn!(from = %backend.id, to = %next.id, ?failure, suppressed, "websocket upgrade failed; retrying once on the next candidate");
+                    }
                     backend = next;
                     retried = true;
                     continue;
@@ -109,7 +113,10 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
     *response.headers_mut() = std::mem::take(backend_response.headers_mut());
     if let Some(bridge) = &bridge {
         if let Err(e) = bridge.answer(&mut response) {
-            warn!(device, backend = %backend.id, path, "websocket over HTTP/2: {e}");
+            static THROTTLE: Throttle = Throttle::new();
+            if let Some(suppressed) = THROTTLE.allow() {
+                warn!(device, backend = %backend.id, path, suppressed, "websocket over HTTP/2: {e}");
+            }
             return text_response(
                 StatusCode::BAD_GATEWAY,
                 format!("backend {} answered the WebSocket upgrade wrongly\n", backend.id),

@@ -13,6 +13,7 @@ use crate::config::Observe;
 use crate::http::{text_response, ClientBodyError, ProxyBody};
 use crate::routing::Backend;
 use crate::tls::is_tls_error;
+use crate::util::throttle::Throttle;
 
 /// Why a backend gave no response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,7 +193,11 @@ impl UpstreamFailure {
                 text_response(status, reason + "\n")
             }
             _ => {
-                warn!(backend = %id, address = %addr, status = status.as_u16(), "{reason}");
+                // One line a second: a failing backend fails every request.
+                static THROTTLE: Throttle = Throttle::new();
+                if let Some(suppressed) = THROTTLE.allow() {
+                    warn!(backend = %id, address = %addr, status = status.as_u16(), suppressed, "{reason}");
+                }
                 text_response(status, reason + "\n")
             }
         }

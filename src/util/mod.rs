@@ -1,7 +1,8 @@
 //! Leaf helpers every layer may use: the shutdown signal, socket options,
-//! a small PRNG. Nothing here knows about requests or backends.
+//! a small PRNG, a log throttle. Nothing here knows about requests or backends.
 
 pub(crate) mod rng;
 pub(crate) mod shutdown;
 pub(crate) mod socket;
+pub(crate) mod throttle;
 pub(crate) mod time;
