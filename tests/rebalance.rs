@@ -47,10 +47,20 @@ struct Run {
 }
 
 /// 300 devices on apps 1–3; after about 2 s a reload adds app-4. Each device
-/// gets one POST a second for 10 s, and reconnects at once if closed.
+/// gets one POST a second for 10 s, and reconnects at once if closed. With
+/// `migrate`, the devices stay connected after their POSTs until the proxy
+/// reports no misplaced tunnel, so a slow machine can't end the run before
+/// the last move.
 async fn scenario(routing_extra: &str) -> Run {
+    // One scenario at a time: two at once are 600 devices and 8 apps on a
+    // 2-core machine, and every clock in them stretches.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let migrate = routing_extra.contains("\"migrate\"");
     let apps = start_apps(4).await;
-    let routing = format!("{ALL_KEYS}\n{routing_extra}");
+    // A POST that meets a device mid-move is held until the device is back;
+    // on a loaded machine reconnecting can take longer than the default 3 s.
+    let routing = format!("{ALL_KEYS}\n{routing_extra}\n[routing.not_here]\nretry_for = \"15s\"");
     let before = config_for(&apps[..3], &routing, "[reload]\nwatch = false");
     let after = config_for(&apps, &routing, "[reload]\nwatch = false");
     let file = ConfigFile::new("rebalance.toml", &before);
@@ -74,11 +84,12 @@ async fn scenario(routing_extra: &str) -> Run {
     let http = Http::default();
     let start = tokio::time::Instant::now();
     let logs = Arc::new(Mutex::new(HashMap::new()));
+    let (all_moved, moved) = tokio::sync::watch::channel(!migrate);
     let mut tasks = Vec::new();
     for (device, ws) in devices.iter().cloned().zip(sockets) {
-        let (http, logs) = (http.clone(), Arc::clone(&logs));
+        let (http, logs, moved) = (http.clone(), Arc::clone(&logs), moved.clone());
         tasks.push(tokio::spawn(async move {
-            let log = drive_device(&http, addr, admin, &device, ws, start).await;
+            let log = drive_device(&http, addr, admin, &device, ws, start, moved).await;
             logs.lock().expect("logs").insert(device, log);
         }));
     }
@@ -92,6 +103,19 @@ async fn scenario(routing_extra: &str) -> Run {
     let backends_json: serde_json::Value =
         serde_json::from_str(&http.get(&format!("http://{admin}/backends"), &[]).await.body).expect("json");
     let metrics_after_reload = parse_prometheus(&http.get(&format!("http://{admin}/metrics"), &[]).await.body);
+    if migrate {
+        within("every misplaced tunnel moved", async {
+            loop {
+                let text = http.get(&format!("http://{admin}/metrics"), &[]).await.body;
+                if metric_sum(&parse_prometheus(&text), "sticky_proxy_tunnels_misplaced", &[]) == 0.0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await;
+        let _ = all_moved.send(true);
+    }
 
     for task in tasks {
         within("device task", task).await.expect("device task");
@@ -113,6 +137,7 @@ async fn drive_device(
     device: &str,
     mut ws: Ws,
     start: tokio::time::Instant,
+    mut moved: tokio::sync::watch::Receiver<bool>,
 ) -> DeviceLog {
     let mut log = DeviceLog::default();
     let mut tick = tokio::time::interval_at(start, Duration::from_secs(1));
@@ -177,6 +202,22 @@ async fn drive_device(
                 (ws, _) = reconnect(addr, admin, device, &mut log).await;
             }
             other => panic!("{device}: expected {body:?}, got {other:?}"),
+        }
+    }
+    // Stay until every move is done: a close now is still a move.
+    loop {
+        tokio::select! {
+            done = async { moved.wait_for(|done| *done).await.is_ok() } => {
+                assert!(done, "the run ended before the moves did");
+                break;
+            }
+            incoming = ws.next() => match incoming {
+                Some(Ok(Message::Close(frame))) => {
+                    log.closes.push((Instant::now(), frame.map(|f| u16::from(f.code))));
+                    (ws, _) = reconnect(addr, admin, device, &mut log).await;
+                }
+                other => panic!("{device}: unexpected {other:?} after its messages"),
+            },
         }
     }
     let _ = within("close", ws.close(None)).await;
@@ -259,7 +300,9 @@ async fn with_migrate_misplaced_devices_move_at_the_rate_and_no_other_is_closed(
     // milliseconds.
     let expected = Duration::from_secs_f64(0.8 * (n - 2) as f64 / RATE);
     assert!(span >= expected, "{n} closes took {span:?}, faster than the rate allows ({expected:?})");
-    assert!(span <= Duration::from_secs_f64(3.0 * n as f64 / RATE + 2.0), "{n} closes took {span:?}: stalled");
+    // Stalled: much slower than the rate, beyond what a loaded machine's
+    // delays (a few seconds) explain.
+    assert!(span <= Duration::from_secs_f64(3.0 * n as f64 / RATE + 8.0), "{n} closes took {span:?}: stalled");
     for (i, t) in close_times.iter().enumerate() {
         let in_window = close_times[i..].iter().take_while(|u| **u - *t < Duration::from_secs(1)).count();
         assert!(in_window as f64 <= RATE * 1.5 + 2.0, "{in_window} closes within one second");
