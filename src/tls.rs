@@ -46,6 +46,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::warn;
 
+use crate::util::fs::read_capped;
 use crate::util::socket::keep_alive;
 
 /// ALPN protocol id of HTTP/2, offered to clients first.
@@ -141,7 +142,7 @@ pub(crate) fn load_server_certificates(pairs: &[(PathBuf, PathBuf)]) -> Result<C
 
 fn load_pair(cert_path: &Path, key_path: &Path) -> Result<Served, PairError> {
     let cert_pem =
-        std::fs::read(cert_path).map_err(|e| PairError::Cert(format!("cannot read {}: {e}", cert_path.display())))?;
+        read_capped(cert_path).map_err(|e| PairError::Cert(format!("cannot read {}: {e}", cert_path.display())))?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| PairError::Cert(format!("{}: bad PEM: {e}", cert_path.display())))?;
@@ -149,7 +150,7 @@ fn load_pair(cert_path: &Path, key_path: &Path) -> Result<Served, PairError> {
         return Err(PairError::Cert(format!("{} holds no PEM CERTIFICATE block", cert_path.display())));
     }
     let key_pem =
-        std::fs::read(key_path).map_err(|e| PairError::Key(format!("cannot read {}: {e}", key_path.display())))?;
+        read_capped(key_path).map_err(|e| PairError::Key(format!("cannot read {}: {e}", key_path.display())))?;
     // Never echo key material: errors name the file only.
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| {
         PairError::Key(format!(
@@ -319,7 +320,7 @@ impl ClientConfigs {
 }
 
 fn roots_from_file(path: &Path) -> Result<(RootCertStore, u64), String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let pem = read_capped(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut h = DefaultHasher::new();
     pem.hash(&mut h);
     let mut roots = RootCertStore::empty();

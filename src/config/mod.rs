@@ -20,6 +20,7 @@ use toml::Spanned;
 use crate::routing::key::KeySource;
 use crate::routing::ring;
 use crate::tls::{self, CertStore, ClientConfigs, PairError, UpstreamTls};
+use crate::util::fs::read_capped;
 
 /// Upper bound on ring points (sum of weight × replicas over all backends):
 /// 10 million points is 80 MB of ring, far beyond any sane deployment.
@@ -397,7 +398,7 @@ impl ConfigError {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = std::fs::read(path)
+        let bytes = read_capped(path)
             .map_err(|e| ConfigError::whole_file(Some(path), format!("cannot read config file: {e}")))?;
         Config::from_file_bytes(path, &bytes)
     }
@@ -723,7 +724,9 @@ impl Validator<'_> {
             (Some(token), None) => Some((token.get_ref().trim().to_string(), token.span(), "admin.token")),
             (None, Some(file)) => {
                 let path = self.base.join(file.get_ref().trim());
-                match std::fs::read_to_string(&path) {
+                match read_capped(&path).and_then(|t| {
+                    String::from_utf8(t).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))
+                }) {
                     Ok(t) => Some((t.trim().to_string(), file.span(), "admin.token_file")),
                     Err(e) => {
                         return self.err(
@@ -1440,6 +1443,14 @@ weight = 2
             );
             assert_eq!(e.field.as_deref(), Some(field), "{line}: {e}");
         }
+    }
+
+    #[test]
+    fn an_endless_token_file_is_an_error() {
+        let text = GOOD.replace("[routing]", "[admin]\ntoken_file = \"/dev/zero\"\n\n[routing]");
+        let e = error_for(&text);
+        assert_eq!(e.field.as_deref(), Some("admin.token_file"), "{e}");
+        assert!(e.message.contains("larger than 16 MiB"), "{e}");
     }
 
     #[test]

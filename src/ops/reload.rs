@@ -34,6 +34,7 @@ use tracing::{error, info, warn};
 use crate::config::{referenced_files, Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::routing::{Router, RoutingTable};
+use crate::util::fs::{read_capped, read_capped_async};
 use crate::util::shutdown::raised;
 
 /// After the watcher sees a change, the content must stay the same this
@@ -108,7 +109,7 @@ impl Reloader {
     /// `path` is the file the running config came from (`None` for an
     /// embedded config, which can't be reloaded).
     pub fn new(path: Option<PathBuf>, router: Router, metrics: Arc<Metrics>) -> Reloader {
-        let last_seen = path.as_ref().and_then(|p| std::fs::read(p).ok().map(|bytes| fingerprint(p, &bytes)));
+        let last_seen = path.as_ref().and_then(|p| read_capped(p).ok().map(|bytes| fingerprint(p, &bytes)));
         let generation = router.load().generation();
         let (status, _) = watch::channel(ReloadStatus { attempts: 0, generation, last_error: None });
         Reloader { path, router, metrics, last_seen: Mutex::new(last_seen), status }
@@ -198,7 +199,7 @@ impl Reloader {
                 "this proxy runs an embedded config (demo), there is no file to reload",
             ));
         };
-        let bytes = std::fs::read(path)
+        let bytes = read_capped(path)
             .map_err(|e| ConfigError::whole_file(Some(path), format!("cannot read config file: {e}")))?;
         // Before parsing: a file changed during the parse is seen as changed.
         *last_seen = Some(fingerprint(path, &bytes));
@@ -376,7 +377,7 @@ fn base_of(path: &Path) -> &Path {
 /// What the watcher compares, for config content `bytes` read from `path`.
 fn fingerprint(path: &Path, bytes: &[u8]) -> u64 {
     let files = referenced_files(&String::from_utf8_lossy(bytes), base_of(path));
-    let contents: Vec<(&Path, Option<Vec<u8>>)> = files.iter().map(|f| (f.as_path(), std::fs::read(f).ok())).collect();
+    let contents: Vec<(&Path, Option<Vec<u8>>)> = files.iter().map(|f| (f.as_path(), read_capped(f).ok())).collect();
     combine(hash(bytes), &contents)
 }
 
@@ -384,7 +385,7 @@ fn fingerprint(path: &Path, bytes: &[u8]) -> u64 {
 /// for the files it names only when its content changed (`referred` caches
 /// them by content hash).
 async fn content_hash(path: &Path, referred: &mut Option<(u64, Vec<PathBuf>)>) -> Option<u64> {
-    let bytes = tokio::fs::read(path).await.ok()?;
+    let bytes = read_capped_async(path).await.ok()?;
     let config = hash(&bytes);
     let files = match referred {
         Some((seen, files)) if *seen == config => files,
@@ -392,7 +393,7 @@ async fn content_hash(path: &Path, referred: &mut Option<(u64, Vec<PathBuf>)>) -
     };
     let mut contents = Vec::with_capacity(files.len());
     for file in files.iter() {
-        contents.push((file.as_path(), tokio::fs::read(file).await.ok()));
+        contents.push((file.as_path(), read_capped_async(file).await.ok()));
     }
     Some(combine(config, &contents))
 }
