@@ -369,3 +369,50 @@ async fn a_101_to_a_plain_request_is_a_502_and_folded_headers_are_unfolded() {
         proxy.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_get_with_data_of_unknown_length_reaches_the_backend_chunked() {
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let (backend, mut seen) = recording_backend(b"0\r\n\r\n").await;
+    let config = one_backend_config(backend).replacen("[server]\n", "[server]\nh2c = true\n", 1);
+    let proxy = start_proxy(&config).await;
+    let tcp = within("connect", tokio::net::TcpStream::connect(proxy.proxy_addr())).await.expect("connect");
+    let (mut sender, connection) = within(
+        "h2 handshake",
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(connection);
+    // A stream of frames: no length known up front, so no content-length.
+    let frames = futures_util::stream::iter([
+        Ok::<_, std::convert::Infallible>(Frame::data(bytes::Bytes::from_static(b"hel"))),
+        Ok(Frame::data(bytes::Bytes::from_static(b"lo"))),
+    ]);
+    let request = hyper::Request::get(format!("http://h.test:{}/x", proxy.proxy_addr().port()))
+        .header("x-device-id", "d1")
+        .body(StreamBody::new(frames))
+        .expect("request");
+    let response = within("h2 GET", sender.send_request(request)).await.expect("response");
+    assert_eq!(response.status(), 200);
+    let body = within("body", response.into_body().collect()).await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"ok");
+    let got = within("the backend's copy", seen.recv()).await.expect("a request");
+    let got = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(got.starts_with("get /x http/1.1\r\n"), "{got}");
+    assert!(got.contains("transfer-encoding: chunked\r\n"), "{got}");
+    // However the DATA frames were cut into chunks, they carry "hello".
+    let (_, chunked) = got.split_once("\r\n\r\n").expect("a head");
+    let (mut rest, mut body) = (chunked, String::new());
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size, 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+    assert_eq!(body, "hello", "the DATA went upstream: {got}");
+    proxy.shutdown().await;
+}
