@@ -41,6 +41,19 @@ async fn scrape_with_traffic() -> (String, String) {
     within("send", ws.send(Message::text("hello"))).await.expect("send");
     assert_eq!(next_text(&mut ws).await, "hello");
 
+    // Every request is done (the tunnel's upgrade included), so none is in
+    // flight; the response body may end a moment after the client has it.
+    within("requests_in_flight returns to 0", async {
+        loop {
+            let m = parse_prometheus(&http.get(&format!("http://{admin}/metrics"), &[]).await.body);
+            if metric(&m, "sticky_proxy_requests_in_flight", &[]) == Some(0.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
     let classic = http.get(&format!("http://{admin}/metrics"), &[]).await;
     assert_eq!(classic.status, 200);
     let content_type = classic.headers.get("content-type").and_then(|v| v.to_str().ok());
