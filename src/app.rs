@@ -79,7 +79,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     let config = Arc::new(config);
     let router = RoutingTable::new(Arc::clone(&config), 1, &metrics).into_router();
     metrics.loaded_now();
-    metrics.set_backend_states(router.load().state_counts());
+    router.load().publish_states(&metrics);
     let reloader = Arc::new(Reloader::new(path, router.clone(), Arc::clone(&metrics)));
     let (drain, _) = watch::channel(false);
     let (close, _) = watch::channel(false);
@@ -115,6 +115,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         drain: running.drain.subscribe(),
         close: running.close.subscribe(),
         slots: config.server.max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+        in_flight: None,
     };
     tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
     tokio::spawn(health.run(running.drain.subscribe()));
@@ -142,6 +143,9 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
             }
         }
     };
+    // Every handshake failure series exists at 0, with or without a TLS
+    // listener (one may come with a restart), so dashboards need no `or`.
+    metrics.tls_listener_started(&crate::tls::HANDSHAKE_FAILURE_REASONS);
     if let (Some(listener), Some(addr)) = (tls_listener, running.tls_addr) {
         // Each handshake's certificate comes from the config in use, so a
         // reload swaps certificates with everything else.
@@ -149,7 +153,6 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         let pick: PickCertificate =
             Box::new(move |name| live.load().config().server.tls.as_ref()?.certificates.pick(name));
         let acceptor = crate::tls::acceptor(pick).map_err(io::Error::other)?;
-        metrics.tls_listener_started(&crate::tls::HANDSHAKE_FAILURE_REASONS);
         tokio::spawn(connections.clone().accept_loop(listener, Transport::Tls(acceptor), proxy_service("https")));
         info!(tls_listen = %addr, "TLS listener serving (HTTP/1.1 and HTTP/2)");
     }

@@ -65,7 +65,25 @@ struct OutcomeTries {
 }
 
 /// The `tries` label of `redeliveries_total`, up to 4 (then `5+`).
-const TRIES: [&str; 5] = ["0", "1", "2", "3", "4"];
+const TRIES: [&str; 6] = ["0", "1", "2", "3", "4", "5+"];
+
+/// The `outcome` label of `redeliveries_total`.
+const REDELIVERY_OUTCOMES: [&str; 3] = ["delivered", "gave_up", "refused"];
+
+/// The `backend` label of `requests_total` for the proxy's own answers that
+/// no backend was chosen for: 400 (no device ID), 503 (every backend down
+/// or draining), 405 (CONNECT), 413 (body too large).
+pub const NO_BACKEND: &str = "-";
+
+/// Codes the proxy answers by itself, before any backend is chosen: each
+/// `requests_total{backend="-",code}` exists from the start at 0.
+const NO_BACKEND_CODES: [u16; 4] = [400, 405, 413, 503];
+
+/// The `kind` label of `accept_errors_total` (every series exists at 0).
+pub(crate) const ACCEPT_ERROR_KINDS: [&str; 4] = ["fd_limit", "no_memory", "connection", "other"];
+
+/// The `result` label of `config_reloads_total`.
+const RELOAD_RESULTS: [&str; 2] = ["success", "failure"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
@@ -155,9 +173,14 @@ struct VersionLabel {
 
 const ERROR_KINDS: [&str; 3] = ["connect", "timeout", "reset"];
 
+/// Upper bounds past the doubling buckets, up to twice the default
+/// `upstream.response_timeout` (60 s).
+const SLOW_BUCKETS: [f64; 4] = [15.0, 30.0, 60.0, 120.0];
+
 fn latency_histogram() -> Histogram {
-    // 0.25 ms … ~8 s, doubling.
-    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+    // 0.25 ms … 8.192 s doubling (fine resolution for fast requests),
+    // then 15, 30, 60 and 120 s.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16).chain(SLOW_BUCKETS))
 }
 
 /// Every metric the proxy exports.
@@ -171,8 +194,14 @@ pub struct Metrics {
     ws_open: Family<BackendLabel, Gauge>,
     ws_total: Family<BackendLabel, Counter>,
     ws_bytes: Family<BackendDirection, Counter>,
+    /// `requests_total{backend="-",code}` for [`NO_BACKEND_CODES`].
+    no_backend: [(u16, Counter); NO_BACKEND_CODES.len()],
+    in_flight: Gauge,
+    client_connections: Gauge,
     reloads: Family<ResultLabel, Counter>,
     last_reload_success: Gauge<f64, AtomicU64>,
+    last_reload_ok: Gauge,
+    backend_draining: Family<BackendLabel, Gauge>,
     backends: Family<StateLabel, Gauge>,
     admin_unauthorized: Counter,
     accept_errors: Family<KindLabel, Counter>,
@@ -218,8 +247,13 @@ impl Metrics {
             ws_open: Family::default(),
             ws_total: Family::default(),
             ws_bytes: Family::default(),
+            no_backend: NO_BACKEND_CODES.map(|code| (code, Counter::default())),
+            in_flight: Gauge::default(),
+            client_connections: Gauge::default(),
             reloads: Family::default(),
             last_reload_success: Gauge::default(),
+            last_reload_ok: Gauge::default(),
+            backend_draining: Family::default(),
             backends: Family::default(),
             admin_unauthorized: Counter::default(),
             accept_errors: Family::default(),
@@ -243,7 +277,24 @@ impl Metrics {
         };
         m.registry.register_collector(Box::new(ProcessCollector));
         let r = m.registry.sub_registry_with_prefix("sticky_proxy");
-        r.register("requests", "HTTP responses sent, by backend and status code", m.requests.clone());
+        for (code, counter) in &mut m.no_backend {
+            *counter = m.requests.get_or_create_owned(&BackendCode { backend: NO_BACKEND.to_string(), code: *code });
+        }
+        r.register(
+            "requests",
+            "HTTP responses sent, by backend and status code (backend \"-\": answered by the proxy, no backend chosen)",
+            m.requests.clone(),
+        );
+        r.register(
+            "requests_in_flight",
+            "HTTP requests on the proxy's listeners from arrival until their response body is sent",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "client_connections",
+            "Open client connections on the proxy's listeners (cleartext and TLS; not the admin's)",
+            m.client_connections.clone(),
+        );
         r.register("request_duration_seconds", "Time from request to response headers, by backend", m.duration.clone());
         r.register(
             "upstream_errors",
@@ -251,27 +302,43 @@ impl Metrics {
             m.upstream_errors.clone(),
         );
         r.register("missing_key", "Requests that carried no device ID", m.missing_key.clone());
-        r.register("websocket_connections", "Open WebSocket tunnels, by backend", m.ws_open.clone());
-        // The same base name as the gauge: the counter is exposed as
-        // `websocket_connections_total` (see `encode`).
+        // Not `websocket_connections`: that base name is the counter's
+        // (`websocket_connections_total`), and one name is one family.
+        r.register("websockets_open", "Open WebSocket tunnels, by backend", m.ws_open.clone());
         r.register("websocket_connections", "WebSocket tunnels opened, by backend", m.ws_total.clone());
         r.register(
             "websocket_bytes",
             "Bytes carried by WebSocket tunnels, by backend and direction (up: device to backend)",
             m.ws_bytes.clone(),
         );
+        for result in RELOAD_RESULTS {
+            let _ = m.reloads.get_or_create(&ResultLabel { result });
+        }
         r.register("config_reloads", "Config reloads, by result", m.reloads.clone());
+        r.register(
+            "config_last_reload_successful",
+            "1 if the last config load or reload succeeded, 0 if it failed (the previous config still runs)",
+            m.last_reload_ok.clone(),
+        );
         r.register(
             "config_last_reload_success_timestamp_seconds",
             "Unix time of the last successful config load",
             m.last_reload_success.clone(),
         );
-        r.register("backends", "Configured backends, by state", m.backends.clone());
+        r.register("backends", "Configured backends, by state (up, down, draining)", m.backends.clone());
+        r.register(
+            "backend_draining",
+            "1 while the backend is draining (no new requests; backend_up may still say 1), else 0",
+            m.backend_draining.clone(),
+        );
         r.register(
             "admin_unauthorized",
             "Admin API calls refused for a missing or wrong token",
             m.admin_unauthorized.clone(),
         );
+        for kind in ACCEPT_ERROR_KINDS {
+            let _ = m.accept_errors.get_or_create(&KindLabel { kind });
+        }
         r.register(
             "accept_errors",
             "Failed accepts on the proxy and admin listeners, by kind (fd_limit, no_memory, connection, other)",
@@ -335,6 +402,11 @@ impl Metrics {
             "Answers meaning \"this instance does not hold the device\" (routing.not_here.status), by backend",
             m.not_here.clone(),
         );
+        for outcome in REDELIVERY_OUTCOMES {
+            for tries in TRIES {
+                let _ = m.redeliveries.get_or_create(&OutcomeTries { outcome, tries });
+            }
+        }
         r.register(
             "redeliveries",
             "Requests that met a not-here answer, by outcome (delivered, gave_up, refused: too many held) and tries",
@@ -352,21 +424,35 @@ impl Metrics {
     }
 
     /// The exposition in Prometheus' text format 0.0.4
-    /// (`text/plain; version=0.0.4`).
+    /// ([`CLASSIC_CONTENT_TYPE`]).
     ///
     /// prometheus-client writes OpenMetrics, where a counter family `x`
-    /// owns the sample name `x_total`; that would collide with the gauge
-    /// `websocket_connections` next to the counter
-    /// `websocket_connections_total`. In the classic format the two are
-    /// separate families, so counter families are named with their
-    /// `_total` suffix, and the OpenMetrics-only `# UNIT` and `# EOF` lines
-    /// are dropped.
+    /// owns the sample name `x_total`; in the classic format counter
+    /// families are named with their `_total` suffix, and the
+    /// OpenMetrics-only `# UNIT` and `# EOF` lines are dropped.
     pub(crate) fn encode(&self) -> String {
+        to_classic_text(&self.encode_openmetrics())
+    }
+
+    /// The exposition in OpenMetrics 1.0 text ([`OPENMETRICS_CONTENT_TYPE`]),
+    /// ending in `# EOF`.
+    pub(crate) fn encode_openmetrics(&self) -> String {
         let mut openmetrics = String::with_capacity(16 * 1024);
         if prometheus_client::encoding::text::encode(&mut openmetrics, &self.registry).is_err() {
             return "# metrics encoding failed\n".to_string();
         }
-        to_classic_text(&openmetrics)
+        openmetrics
+    }
+
+    /// The exposition a scraper asked for with `accept` (its `Accept`
+    /// header), and its content type: OpenMetrics when it names
+    /// `application/openmetrics-text` (with a q above 0), else 0.0.4 text.
+    pub(crate) fn encode_for(&self, accept: Option<&str>) -> (String, &'static str) {
+        if accept.is_some_and(wants_openmetrics) {
+            (self.encode_openmetrics(), OPENMETRICS_CONTENT_TYPE)
+        } else {
+            (self.encode(), CLASSIC_CONTENT_TYPE)
+        }
     }
 
     /// Handles for one backend's series (created if new).
@@ -382,6 +468,16 @@ impl Metrics {
             |direction| self.ws_bytes.get_or_create_owned(&BackendDirection { backend: id.to_string(), direction });
         let retired =
             Arc::clone(self.retired.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_string()).or_default());
+        // Every series of a backend exists from when it is added, at 0.
+        for result in ["success", "failure"] {
+            let _ = self.health_checks.get_or_create(&BackendResult { backend: id.to_string(), result });
+        }
+        for to in ["up", "down"] {
+            let _ = self.health_transitions.get_or_create(&BackendTo { backend: id.to_string(), to });
+        }
+        let _ = self.health_check_duration.get_or_create(&label());
+        let _ = self.migrations.get_or_create(&label());
+        let _ = self.not_here.get_or_create(&label());
         BackendStats {
             retired,
             registry: Arc::clone(&self.retired),
@@ -398,6 +494,7 @@ impl Metrics {
             ws_total: self.ws_total.get_or_create_owned(&label()),
             bytes_up: bytes("up"),
             bytes_down: bytes("down"),
+            draining: self.backend_draining.get_or_create_owned(&label()),
         }
     }
 
@@ -422,6 +519,7 @@ impl Metrics {
         self.duration.remove(&label);
         self.served.remove(&label);
         self.backend_up.remove(&label);
+        self.backend_draining.remove(&label);
         self.health_check_duration.remove(&label);
         self.failovers.remove(&label);
         self.retries.remove(&label);
@@ -448,10 +546,7 @@ impl Metrics {
     /// `delivered`, `gave_up` or `refused`, after `tries` sends, `held` after
     /// it arrived.
     pub(crate) fn redelivery(&self, outcome: &'static str, tries: u32, held: Duration) {
-        let tries = match tries {
-            0..=4 => TRIES[tries as usize],
-            _ => "5+",
-        };
+        let tries = TRIES[(tries as usize).min(TRIES.len() - 1)];
         self.redeliveries.get_or_create(&OutcomeTries { outcome, tries }).inc();
         self.redelivery_held.observe(held.as_secs_f64());
     }
@@ -512,6 +607,33 @@ impl Metrics {
         self.missing_key.inc();
     }
 
+    /// The proxy answered `code` itself, before any backend was chosen:
+    /// counted as `requests_total{backend="-",code}`.
+    pub(crate) fn no_backend_response(&self, code: u16) {
+        match self.no_backend.iter().find(|(c, _)| *c == code) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                self.requests.get_or_create(&BackendCode { backend: NO_BACKEND.to_string(), code }).inc();
+            }
+        }
+    }
+
+    /// The gauge of requests in flight on the proxy's listeners, for a
+    /// connection to count its requests on: one atomic add per request and
+    /// one per response done.
+    pub(crate) fn requests_in_flight(&self) -> LiveGauge {
+        LiveGauge(self.in_flight.clone())
+    }
+
+    /// A client connection on a proxy listener opened; it counts as open
+    /// until the returned guard is dropped.
+    pub(crate) fn client_connection(&self) -> GaugeGuard {
+        self.client_connections.inc();
+        GaugeGuard(self.client_connections.clone())
+    }
+
     /// An admin API call was refused for a missing or wrong token.
     pub(crate) fn admin_unauthorized(&self) {
         self.admin_unauthorized.inc();
@@ -533,6 +655,8 @@ impl Metrics {
         self.reloads.get_or_create(&ResultLabel { result }).inc();
         if success {
             self.loaded_now();
+        } else {
+            self.last_reload_ok.set(0);
         }
     }
 
@@ -540,6 +664,7 @@ impl Metrics {
     pub(crate) fn loaded_now(&self) {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         self.last_reload_success.set(now.as_secs_f64());
+        self.last_reload_ok.set(1);
     }
 
     /// Sets `sticky_proxy_backends{state}`: how many backends are in each state.
@@ -570,6 +695,7 @@ pub struct BackendStats {
     ws_total: Counter,
     pub(crate) bytes_up: Counter,
     pub(crate) bytes_down: Counter,
+    draining: Gauge,
 }
 
 impl BackendStats {
@@ -628,6 +754,35 @@ impl BackendStats {
     /// Tunnels open now.
     pub(crate) fn open_tunnels(&self) -> i64 {
         self.ws_open.get()
+    }
+
+    /// Sets `backend_draining` (1 while draining).
+    pub(crate) fn set_draining(&self, draining: bool) {
+        self.draining.set(i64::from(draining));
+    }
+}
+
+/// A gauge counted up and down by its holder (requests in flight).
+#[derive(Debug, Clone)]
+pub(crate) struct LiveGauge(Gauge);
+
+impl LiveGauge {
+    pub(crate) fn inc(&self) {
+        self.0.inc();
+    }
+
+    pub(crate) fn dec(&self) {
+        self.0.dec();
+    }
+}
+
+/// Decrements a gauge when dropped (an open connection).
+#[derive(Debug)]
+pub(crate) struct GaugeGuard(Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -716,6 +871,31 @@ impl ProcessStats {
     }
 }
 
+/// The content type of [`Metrics::encode`].
+pub(crate) const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The content type of [`Metrics::encode_openmetrics`].
+pub(crate) const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Whether an `Accept` header names OpenMetrics text with a q above 0, as
+/// Prometheus sends (`application/openmetrics-text;version=1.0.0;q=0.5,
+/// text/plain;version=0.0.4;q=0.4,*/*;q=0.1`). A version other than 1.0.0
+/// (or none) is served 1.0.0, the only one there is.
+fn wants_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut params = range.split(';').map(str::trim);
+        let media = params.next().unwrap_or("");
+        if !media.eq_ignore_ascii_case("application/openmetrics-text") {
+            return false;
+        }
+        let q = params
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(Some(1.0), |(_, v)| v.trim().parse::<f64>().ok());
+        q.is_some_and(|q| q > 0.0)
+    })
+}
+
 /// Rewrites OpenMetrics text as Prometheus text format 0.0.4 (see
 /// [`Metrics::encode`]).
 fn to_classic_text(openmetrics: &str) -> String {
@@ -772,7 +952,7 @@ mod tests {
         let text = m.encode();
         assert!(text.contains("sticky_proxy_requests_total{backend=\"app-9\",code=\"200\"} 1"), "{text}");
         assert!(text.contains("sticky_proxy_requests_total{backend=\"app-9\",code=\"418\"} 1"), "{text}");
-        assert!(text.contains("sticky_proxy_websocket_connections{backend=\"app-9\"} 1"), "{text}");
+        assert!(text.contains("sticky_proxy_websockets_open{backend=\"app-9\"} 1"), "{text}");
         assert!(text.contains("sticky_proxy_websocket_connections_total{backend=\"app-9\"} 1"), "{text}");
         assert!(text.contains("# TYPE sticky_proxy_websocket_connections_total counter"), "{text}");
         assert_eq!(stats.served(), 2);
@@ -789,7 +969,7 @@ mod tests {
         let tunnel = stats.tunnel_opened();
         m.remove_backend("gone");
         let text = m.encode();
-        assert!(text.contains("sticky_proxy_websocket_connections{backend=\"gone\"} 1"), "{text}");
+        assert!(text.contains("sticky_proxy_websockets_open{backend=\"gone\"} 1"), "{text}");
         assert!(!text.contains("sticky_proxy_requests_total{backend=\"gone\""), "{text}");
         // An in-flight request finishing with an uncommon code: no resurrection.
         stats.response(206, Duration::from_millis(1));
@@ -804,7 +984,7 @@ mod tests {
         let second = m.backend("back");
         drop(old_tunnel);
         let _new_tunnel = second.tunnel_opened();
-        assert!(m.encode().contains("sticky_proxy_websocket_connections{backend=\"back\"} 1"));
+        assert!(m.encode().contains("sticky_proxy_websockets_open{backend=\"back\"} 1"));
     }
 
     #[test]
@@ -818,5 +998,96 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing:\n{text}");
         }
+    }
+
+    #[test]
+    fn openmetrics_is_served_when_asked_for() {
+        let prometheus = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1";
+        for (accept, openmetrics) in [
+            (None, false),
+            (Some("*/*"), false),
+            (Some("text/plain"), false),
+            (Some(prometheus), true),
+            (Some("application/openmetrics-text"), true),
+            (Some("Application/OpenMetrics-Text; version=0.0.1"), true),
+            (Some("application/openmetrics-text;q=0, text/plain"), false),
+            (Some("application/openmetrics-text;q=x"), false),
+        ] {
+            let (text, content_type) = Metrics::new().encode_for(accept);
+            assert_eq!(content_type == OPENMETRICS_CONTENT_TYPE, openmetrics, "{accept:?}");
+            assert_eq!(text.ends_with("# EOF\n"), openmetrics, "{accept:?}");
+            if !openmetrics {
+                assert_eq!(content_type, CLASSIC_CONTENT_TYPE);
+            }
+        }
+    }
+
+    #[test]
+    fn latency_buckets_reach_past_the_default_response_timeout() {
+        let m = Metrics::new();
+        m.backend("b").response(200, Duration::from_secs(45));
+        let text = m.encode();
+        for le in ["0.00025", "0.0005", "0.001", "8.192", "15.0", "30.0", "60.0", "120.0", "+Inf"] {
+            assert!(
+                text.contains(&format!("sticky_proxy_request_duration_seconds_bucket{{le=\"{le}\",backend=\"b\"}}")),
+                "{le}:\n{text}"
+            );
+        }
+        assert!(text.contains("sticky_proxy_request_duration_seconds_bucket{le=\"30.0\",backend=\"b\"} 0"), "{text}");
+        assert!(text.contains("sticky_proxy_request_duration_seconds_bucket{le=\"60.0\",backend=\"b\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn every_finite_series_exists_from_the_start() {
+        let m = Metrics::new();
+        let _stats = m.backend("b");
+        let text = m.encode();
+        for series in [
+            "sticky_proxy_config_reloads_total{result=\"success\"} 0",
+            "sticky_proxy_config_reloads_total{result=\"failure\"} 0",
+            "sticky_proxy_accept_errors_total{kind=\"fd_limit\"} 0",
+            "sticky_proxy_accept_errors_total{kind=\"other\"} 0",
+            "sticky_proxy_redeliveries_total{outcome=\"gave_up\",tries=\"5+\"} 0",
+            "sticky_proxy_requests_total{backend=\"-\",code=\"400\"} 0",
+            "sticky_proxy_requests_total{backend=\"-\",code=\"503\"} 0",
+            "sticky_proxy_health_transitions_total{backend=\"b\",to=\"down\"} 0",
+            "sticky_proxy_health_checks_total{backend=\"b\",result=\"failure\"} 0",
+            "sticky_proxy_tunnel_migrations_total{backend=\"b\"} 0",
+            "sticky_proxy_not_here_total{backend=\"b\"} 0",
+            "sticky_proxy_backend_draining{backend=\"b\"} 0",
+            "sticky_proxy_requests_in_flight 0",
+            "sticky_proxy_client_connections 0",
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
+        m.remove_backend("b");
+        assert!(!m.encode().contains("backend=\"b\""), "a removed backend's series are gone");
+    }
+
+    #[test]
+    fn reload_results_and_gauges() {
+        let m = Metrics::new();
+        m.loaded_now();
+        assert!(m.encode().contains("sticky_proxy_config_last_reload_successful 1"));
+        m.reload(false);
+        assert!(m.encode().contains("sticky_proxy_config_last_reload_successful 0"));
+        m.reload(true);
+        assert!(m.encode().contains("sticky_proxy_config_last_reload_successful 1"));
+        let requests = m.requests_in_flight();
+        requests.inc();
+        let connection = m.client_connection();
+        let text = m.encode();
+        assert!(text.contains("sticky_proxy_requests_in_flight 1"), "{text}");
+        assert!(text.contains("sticky_proxy_client_connections 1"), "{text}");
+        requests.dec();
+        drop(connection);
+        let text = m.encode();
+        assert!(text.contains("sticky_proxy_requests_in_flight 0"), "{text}");
+        assert!(text.contains("sticky_proxy_client_connections 0"), "{text}");
+        m.no_backend_response(400);
+        m.no_backend_response(418);
+        let text = m.encode();
+        assert!(text.contains("sticky_proxy_requests_total{backend=\"-\",code=\"400\"} 1"), "{text}");
+        assert!(text.contains("sticky_proxy_requests_total{backend=\"-\",code=\"418\"} 1"), "{text}");
     }
 }

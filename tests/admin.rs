@@ -118,7 +118,7 @@ async fn metrics_parse_and_match_what_the_test_did() {
         let open = tunnels.get(b).copied().unwrap_or(0.0);
         assert_eq!(metric(&m, "sticky_proxy_requests_total", &[("backend", b), ("code", "200")]), Some(sent), "{b}");
         assert_eq!(metric(&m, "sticky_proxy_requests_total", &[("backend", b), ("code", "101")]), Some(open), "{b}");
-        assert_eq!(metric(&m, "sticky_proxy_websocket_connections", &[("backend", b)]), Some(open), "{b}");
+        assert_eq!(metric(&m, "sticky_proxy_websockets_open", &[("backend", b)]), Some(open), "{b}");
         assert_eq!(metric(&m, "sticky_proxy_websocket_connections_total", &[("backend", b)]), Some(open), "{b}");
         assert_eq!(
             metric(&m, "sticky_proxy_request_duration_seconds_count", &[("backend", b)]),
@@ -133,6 +133,12 @@ async fn metrics_parse_and_match_what_the_test_did() {
         }
     }
     assert_eq!(metric(&m, "sticky_proxy_missing_key_total", &[]), Some(4.0));
+    // The 400s had no backend: counted as backend "-".
+    assert_eq!(metric(&m, "sticky_proxy_requests_total", &[("backend", "-"), ("code", "400")]), Some(4.0));
+    assert_eq!(metric(&m, "sticky_proxy_config_last_reload_successful", &[]), Some(1.0));
+    for b in ["app-1", "app-2", "app-3"] {
+        assert_eq!(metric(&m, "sticky_proxy_backend_draining", &[("backend", b)]), Some(0.0), "{b}");
+    }
     assert_eq!(metric(&m, "sticky_proxy_backends", &[("state", "up")]), Some(3.0));
     assert_eq!(metric(&m, "sticky_proxy_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
     assert!(metric(&m, "sticky_proxy_config_last_reload_success_timestamp_seconds", &[]).unwrap_or(0.0) > 1.7e9);
@@ -150,7 +156,7 @@ async fn metrics_parse_and_match_what_the_test_did() {
     within("gauge returns to zero", async {
         loop {
             let m = parse_prometheus(&http.get(&format!("http://{admin}/metrics"), &[]).await.body);
-            if metric_sum(&m, "sticky_proxy_websocket_connections", &[]) == 0.0 {
+            if metric_sum(&m, "sticky_proxy_websockets_open", &[]) == 0.0 {
                 break;
             }
             tokio::task::yield_now().await;

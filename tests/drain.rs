@@ -63,6 +63,10 @@ async fn an_admin_drain_moves_new_traffic_and_keeps_tunnels_until_the_timeout() 
     let m = parse_prometheus(&http.get(&format!("http://{admin}/metrics"), &[]).await.body);
     assert_eq!(metric(&m, "sticky_proxy_backends", &[("state", "draining")]), Some(1.0));
     assert_eq!(metric(&m, "sticky_proxy_backends", &[("state", "up")]), Some(2.0));
+    assert_eq!(metric(&m, "sticky_proxy_backend_draining", &[("backend", "app-2")]), Some(1.0));
+    assert_eq!(metric(&m, "sticky_proxy_backend_draining", &[("backend", "app-1")]), Some(0.0));
+    // Draining is not down: backend_up alone would not tell.
+    assert_eq!(metric(&m, "sticky_proxy_backend_up", &[("backend", "app-2")]), Some(1.0));
 
     // A drain survives a reload.
     let reply = http.send(Method::POST, &format!("http://{admin}/reload"), &[], "").await;

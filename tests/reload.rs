@@ -127,7 +127,13 @@ async fn a_bad_file_by_post_reload_keeps_the_old_config_and_says_why() {
 
     let metrics = parse_prometheus(&http.get(&format!("http://{}/metrics", proxy.admin_addr()), &[]).await.body);
     assert_eq!(metric(&metrics, "sticky_proxy_config_reloads_total", &[("result", "failure")]), Some(2.0));
-    assert_eq!(metric(&metrics, "sticky_proxy_config_reloads_total", &[("result", "success")]), None);
+    // Every series exists from the start, at 0 until it happens.
+    assert_eq!(metric(&metrics, "sticky_proxy_config_reloads_total", &[("result", "success")]), Some(0.0));
+    assert_eq!(
+        metric(&metrics, "sticky_proxy_config_last_reload_successful", &[]),
+        Some(0.0),
+        "the last reload failed"
+    );
     proxy.shutdown().await;
 }
 

@@ -75,10 +75,11 @@ pub(crate) async fn handle(req: Request<Incoming>, state: &AdminState) -> Respon
             let table = state.router.load();
             let misplaced = misplaced_by_backend(state, &table);
             state.metrics.set_misplaced(table.backends().iter().map(|b| b.id.as_str()).zip(misplaced));
-            let mut response = text_response(StatusCode::OK, state.metrics.encode());
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            // OpenMetrics when the scraper asks for it, else text 0.0.4.
+            let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok());
+            let (text, content_type) = state.metrics.encode_for(accept);
+            let mut response = text_response(StatusCode::OK, text);
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
             response
         }
         ("/backends", true) => backends(state),
@@ -164,7 +165,7 @@ fn drain(path: &str, state: &AdminState) -> Response<ProxyBody> {
     let id = String::from_utf8_lossy(&percent_decode(id.as_bytes(), false)).into_owned();
     match state.router.update(|t| t.with_drain(&id, drain).map(|next| (next, ())).ok_or(())) {
         Ok(_) => {
-            state.metrics.set_backend_states(state.router.load().state_counts());
+            state.router.load().publish_states(&state.metrics);
             tracing::info!(backend = %id, drain, "backend drain set on the admin API");
             json_response(StatusCode::OK, &json!({ "id": id, "state": if drain { "draining" } else { "active" } }))
         }

@@ -162,7 +162,7 @@ impl Reloader {
         match &result {
             Ok(applied) => {
                 self.metrics.reload(true);
-                self.metrics.set_backend_states(self.router.load().state_counts());
+                self.router.load().publish_states(&self.metrics);
                 info!(
                     trigger = trigger.as_str(),
                     generation = applied.generation,

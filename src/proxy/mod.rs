@@ -166,6 +166,7 @@ impl Proxy {
             response
                 .headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"));
+            self.metrics.no_backend_response(405);
             return response;
         }
         let upgrade = is_websocket_upgrade(req.headers()) || h2ws::is_extended_connect(&req);
@@ -180,6 +181,7 @@ impl Proxy {
                 let reason = format!("the request body is larger than server.client_max_body_size ({max} bytes)\n");
                 let mut response = text_response(StatusCode::PAYLOAD_TOO_LARGE, reason);
                 response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                self.metrics.no_backend_response(413);
                 return response;
             }
             let response_timeout = table.config().upstream.response_timeout;
@@ -213,6 +215,7 @@ impl Proxy {
                     self.metrics.missing_key();
                     let reason = format!("no device ID in request: looked for {}\n", table.keys().describe());
                     info!(method = %req.method(), path = %req.uri().path(), status = 400, "rejected: no device ID");
+                    self.metrics.no_backend_response(400);
                     return text_response(StatusCode::BAD_REQUEST, reason);
                 }
                 Decision::AllDown => {
@@ -224,6 +227,7 @@ impl Proxy {
                     if let Some(suppressed) = THROTTLE.allow() {
                         warn!(method = %req.method(), path = %req.uri().path(), status = 503, suppressed, "every backend is down");
                     }
+                    self.metrics.no_backend_response(503);
                     return text_response(StatusCode::SERVICE_UNAVAILABLE, reason);
                 }
             }

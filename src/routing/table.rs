@@ -332,6 +332,14 @@ impl RoutingTable {
         self.up.iter().filter(|u| **u).count()
     }
 
+    /// Publishes `backends{state}` and each backend's `backend_draining`.
+    pub fn publish_states(&self, metrics: &Metrics) {
+        metrics.set_backend_states(self.state_counts());
+        for (backend, draining) in self.backends.iter().zip(&self.draining) {
+            backend.stats.set_draining(draining.is_some());
+        }
+    }
+
     /// How many backends are `up`, `down` and `draining` (a draining
     /// backend counts as draining whatever its health).
     pub fn state_counts(&self) -> [(&'static str, usize); 3] {

@@ -38,7 +38,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{Limit, LiveGauge, Metrics};
 
 /// What a connection's requests tell its I/O.
 #[derive(Debug, Default)]
@@ -53,13 +53,23 @@ pub(crate) struct ConnState {
     /// A read that found the connection busy: woken when the last request
     /// in flight is done, so that the idle clock starts.
     reader: AtomicWaker,
+    /// `requests_in_flight`, on the proxy's listeners (not the admin's).
+    gauge: Option<LiveGauge>,
 }
 
 impl ConnState {
+    /// The state of a new connection; `gauge` counts its requests in flight.
+    pub(crate) fn new(gauge: Option<LiveGauge>) -> ConnState {
+        ConnState { gauge, ..ConnState::default() }
+    }
+
     /// A request starts; returns its guard and how many requests this
     /// connection has started, this one included.
     pub(crate) fn begin(self: &Arc<Self>) -> (InFlight, u64) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if let Some(gauge) = &self.gauge {
+            gauge.inc();
+        }
         let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
         (InFlight(Arc::clone(self)), n)
     }
@@ -88,6 +98,9 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.reader.wake();
+        }
+        if let Some(gauge) = &self.0.gauge {
+            gauge.dec();
         }
     }
 }

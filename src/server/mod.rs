@@ -29,7 +29,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use crate::metrics::{Limit, Metrics};
+use crate::metrics::{Limit, LiveGauge, Metrics};
 use crate::routing::Router;
 use crate::util::shutdown::raised;
 use crate::util::socket::{fd_limit, set_nodelay_and_keepalive};
@@ -79,6 +79,9 @@ pub(crate) struct Connections {
     /// `server.max_connections` over the proxy's listeners (not the
     /// admin's); `None`: no limit.
     pub slots: Option<Arc<Semaphore>>,
+    /// `requests_in_flight`: set by `accept_loop` on the proxy's listeners
+    /// (`None` on the admin's, whose requests are not counted).
+    pub in_flight: Option<LiveGauge>,
 }
 
 impl Connections {
@@ -94,6 +97,10 @@ impl Connections {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let mut errors = AcceptErrors::default();
+        self.in_flight = match transport {
+            Transport::Http1 => None,
+            Transport::Plain | Transport::Tls(_) => Some(self.metrics.requests_in_flight()),
+        };
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -173,6 +180,11 @@ impl Connections {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         client_socket_options(&stream);
+        // Open until this task ends, however the connection ends.
+        let _open = match transport {
+            Transport::Http1 => None,
+            Transport::Plain | Transport::Tls(_) => Some(self.metrics.client_connection()),
+        };
         match transport {
             Transport::Http1 => self.serve_http1(stream, peer, service).await,
             Transport::Plain => {
@@ -252,7 +264,7 @@ impl Connections {
             }
             (builder, self.clocks(false), server.keepalive_requests)
         };
-        let state = Arc::new(ConnState::default());
+        let state = Arc::new(ConnState::new(self.in_flight.clone()));
         let io = ClientIo::new(io, Arc::clone(&state), clocks, Arc::clone(&self.metrics));
         let service = tracked(state, service, keepalive_requests);
         // The clocks are ClientIo's: hyper's own header timer can't tell
@@ -289,7 +301,7 @@ impl Connections {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let streams = self.router.load().config().server.h2_max_concurrent_streams;
-        let state = Arc::new(ConnState::default());
+        let state = Arc::new(ConnState::new(self.in_flight.clone()));
         let io = ClientIo::new(io, Arc::clone(&state), self.clocks(true), Arc::clone(&self.metrics));
         // keepalive_requests is HTTP/1.1's: streams are cheap to start.
         let service = tracked(state, service, u64::MAX);
@@ -550,6 +562,14 @@ impl AsyncWrite for Prefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each kind's series is created at 0 from that list.
+    #[test]
+    fn accept_error_kinds_are_the_metrics_list() {
+        let kinds =
+            [AcceptErrorKind::FdLimit, AcceptErrorKind::Memory, AcceptErrorKind::Connection, AcceptErrorKind::Other];
+        assert_eq!(kinds.map(AcceptErrorKind::label), crate::metrics::ACCEPT_ERROR_KINDS);
+    }
 
     /// The saving in `client_socket_options` rests on this: an accepted
     /// socket has the listener's TCP_NODELAY and keepalive settings.

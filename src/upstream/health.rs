@@ -132,7 +132,7 @@ impl Health {
         }
         let table = self.router.load();
         self.metrics.health_transition(id, now_up);
-        self.metrics.set_backend_states(table.state_counts());
+        table.publish_states(&self.metrics);
         self.transitions.send_modify(|n| *n += 1);
         if now_up {
             info!(backend = id, ?source, successes = oks, "backend is up again; its devices come back to it");
