@@ -63,7 +63,7 @@ impl AccessLine {
             bytes_in = self.received.bytes(),
             bytes_out,
             complete,
-            request_id,
+            request_id = %request_id,
             "proxied"
         );
     }

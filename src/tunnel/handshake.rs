@@ -97,7 +97,7 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
                 }
                 let response = failure.response(&backend);
                 backend.stats.response(response.status().as_u16(), started.elapsed());
-                info!(device, backend = %backend.id, path, status = response.status().as_u16(), request_id = id, "websocket upgrade failed");
+                info!(device, backend = %backend.id, path, status = response.status().as_u16(), request_id = %id, "websocket upgrade failed");
                 return response;
             }
         }
@@ -106,7 +106,7 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
     let status = backend_response.status();
     backend.stats.response(status.as_u16(), started.elapsed());
     if status != StatusCode::SWITCHING_PROTOCOLS {
-        info!(device, backend = %backend.id, path, status = status.as_u16(), request_id = id, "websocket upgrade refused by backend");
+        info!(device, backend = %backend.id, path, status = status.as_u16(), request_id = %id, "websocket upgrade refused by backend");
         let mut response = backend_response.map(Either::Left);
         strip_hop_by_hop(response.headers_mut());
         return response;
@@ -158,7 +158,7 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
         drop((early_up, early_down));
         // Whatever `server.access_log` says, like the line that closes it:
         // one line per tunnel, not per request.
-        info!(device, backend = %backend.id, path, client = %client.ip(), request_id = id, setup = ?started.elapsed(), "tunnel open");
+        info!(device, backend = %backend.id, path, client = %client.ip(), request_id = %id, setup = ?started.elapsed(), "tunnel open");
         let opened = Instant::now();
         let router = Arc::clone(&tunnels.router);
         // Read as the tunnel opens: a reload applies to new tunnels.
@@ -174,7 +174,7 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
         if outcome.closed_by == Some(ClosedBy::IdleTimeout) {
             tunnels.metrics.limit_hit(Limit::TunnelIdleTimeout);
         }
-        info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), request_id = id, "tunnel {outcome}");
+        info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), request_id = %id, "tunnel {outcome}");
     });
     response
 }
