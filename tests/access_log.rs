@@ -133,3 +133,17 @@ async fn the_tunnel_open_line_is_info_even_without_the_access_log() {
         assert!(line.contains(part), "{part} missing: {line}");
     }
 }
+
+#[test]
+fn log_format_is_text_or_json() {
+    let base = config_for(&[], ALL_KEYS, "") + "\n[[backends]]\nid = \"a\"\naddress = \"127.0.0.1:9\"\n";
+    let with = |value: &str| base.replace("[server]\n", &format!("[server]\nlog_format = {value}\n"));
+    use sticky_proxy::config::{Config, LogFormat};
+    assert_eq!(Config::parse(&base).expect("valid").server.log_format, LogFormat::Text, "the default");
+    assert_eq!(Config::parse(&with("\"text\"")).expect("valid").server.log_format, LogFormat::Text);
+    assert_eq!(Config::parse(&with("\"json\"")).expect("valid").server.log_format, LogFormat::Json);
+    let e = Config::parse(&with("\"xml\"")).expect_err("not a format").to_string();
+    // The line and the values allowed (naming the field is the config
+    // errors' work, done for every enum field at once).
+    assert!(e.contains("line 2") && e.contains("`text` or `json`"), "{e}");
+}
