@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::app;
-use crate::config::Config;
+use crate::config::{Config, LogFormat};
 use crate::routing::RoutingTable;
 use crate::tools::demo::DemoInstance;
 use crate::tools::nginx_import;
@@ -130,12 +130,12 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(e),
             };
-            init_logging();
+            init_logging(config.server.log_format);
             let workers = config.server.workers;
             block_on(workers, app::run(config, path))
         }
         Command::Demo { listen, admin, first_backend_port, instances } => {
-            init_logging();
+            init_logging(LogFormat::Text);
             block_on(crate::config::default_workers(), demo(listen, admin, first_backend_port, instances))
         }
     }
@@ -189,11 +189,23 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
     ExitCode::FAILURE
 }
 
-fn init_logging() {
+/// Installs the one tracing subscriber (`server.log_format` is read here,
+/// so changing it takes a restart).
+fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only on a terminal, so piped and collected logs stay plain.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => {
+            // Colours only on a terminal, so piped and collected logs stay plain.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            subscriber.with_ansi(ansi).init();
+        }
+        // One object a line, the event's fields beside `message` at the
+        // top level; no span fields (the proxy logs events, not spans).
+        LogFormat::Json => {
+            subscriber.json().flatten_event(true).with_current_span(false).with_span_list(false).init();
+        }
+    }
 }
 
 /// Runs `work` on a runtime of `workers` threads; the proxy,

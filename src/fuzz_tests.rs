@@ -595,6 +595,7 @@ fn config_line(g: &mut Gen) -> Vec<u8> {
         "header_read_timeout",
         "workers",
         "access_log",
+        "log_format",
         "h2c",
         "cert",
         "key",

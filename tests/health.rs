@@ -192,3 +192,20 @@ async fn without_active_checks_the_first_request_after_a_death_is_retried() {
     assert_eq!(metric(&m, "sticky_proxy_backend_up", &[("backend", "app-3")]), Some(0.0));
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_down_warning_names_the_last_failures_reason() {
+    let apps = start_apps(1).await;
+    // A port nothing listens on: connections are refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+    let text = format!(
+        "{}\n[[backends]]\nid = \"dead\"\naddress = \"{dead}\"\n",
+        config_for(&apps, ALL_KEYS, &format!("{HEALTH}\n\n[reload]\nwatch = false"))
+    );
+    let file = ConfigFile::new("dead.toml", &text);
+    let mut proxy = ChildProxy::spawn(&file.path);
+    let line = proxy.wait_for_log("backend is down");
+    for part in ["WARN", "backend=\"dead\"", "failures=2", "last_failure=\"GET /health: connection refused\""] {
+        assert!(line.contains(part), "{part} missing: {line}");
+    }
+}

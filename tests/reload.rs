@@ -206,16 +206,21 @@ async fn settings_that_need_a_restart_are_reported_and_the_rest_applies() {
     let http = Http::default();
 
     let changed = config_with(&[&apps[0], &apps[1]], "[upstream]\nresponse_timeout = \"5s\"\npool_max_idle = 7")
-        .replacen("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"", 1);
+        .replacen("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:1\"\nlog_format = \"json\"", 1);
     file.write(&changed);
     let reply = admin_reload(&http, proxy.admin_addr()).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let applied: serde_json::Value = serde_json::from_str(&reply.body).expect("json");
-    assert_eq!(applied["needs_restart"], serde_json::json!(["server.listen", "upstream.pool_max_idle"]), "{applied}");
+    assert_eq!(
+        applied["needs_restart"],
+        serde_json::json!(["server.listen", "server.log_format", "upstream.pool_max_idle"]),
+        "{applied}"
+    );
     assert_eq!(applied["added"], serde_json::json!(["app-2"]));
     let table = proxy.router().load();
     assert_eq!(table.config().upstream.response_timeout, std::time::Duration::from_secs(5), "live setting applied");
     assert_eq!(table.config().server.listen.port(), 0, "the running listen address is what the snapshot says");
+    assert_eq!(table.config().server.log_format, sticky_proxy::config::LogFormat::Text, "the running format stays");
     proxy.shutdown().await;
 }
 

@@ -55,6 +55,18 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
 }
 
+/// `server.log_format`: how log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// tracing's human-readable lines: `time LEVEL target: message key=value…`.
+    #[default]
+    Text,
+    /// One JSON object a line: `timestamp`, `level`, `target`, `message`
+    /// and the event's fields at the top level.
+    Json,
+}
+
 /// `[server]`: where proxied traffic is accepted and how connections are run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -114,6 +126,9 @@ pub struct ServerConfig {
     /// `access_log` (default true): one `info` line per proxied request
     /// (device, backend, status, time).
     pub access_log: bool,
+    /// `log_format` (default `"text"`): how log lines are written to
+    /// stderr. Read at start only.
+    pub log_format: LogFormat,
     /// `h2c` (default false): serve cleartext HTTP/2 with prior knowledge
     /// (h2c) on `listen` too.
     pub h2c: bool,
@@ -470,6 +485,7 @@ struct RawServer {
     h2_max_concurrent_streams: Option<Spanned<i64>>,
     workers: Option<Spanned<i64>>,
     access_log: Option<bool>,
+    log_format: Option<LogFormat>,
     h2c: Option<bool>,
     tls: Option<RawTls>,
 }
@@ -660,6 +676,7 @@ impl Validator<'_> {
             )? as u32,
             workers: self.workers(raw.server.workers.as_ref())?,
             access_log: raw.server.access_log.unwrap_or(true),
+            log_format: raw.server.log_format.unwrap_or_default(),
             h2c: raw.server.h2c.unwrap_or(false),
             tls: match &raw.server.tls {
                 Some(raw) => Some(self.tls(raw)?),

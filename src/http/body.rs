@@ -3,6 +3,7 @@
 use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,7 +29,7 @@ pub type UpstreamBody = Either<ClientBody, Full<Bytes>>;
 /// starts.
 pub struct ClientBody {
     inner: Incoming,
-    sent: Option<Arc<Notify>>,
+    upload: Option<Arc<Upload>>,
     limits: BodyLimits,
     read: u64,
     /// Armed while waiting for the next frame.
@@ -45,11 +46,27 @@ pub struct BodyLimits {
     pub stall_timeout: Duration,
 }
 
+/// A streamed request body's progress, shared with those who wait on it
+/// (the response clock) and count it (the access line).
+#[derive(Debug, Default)]
+pub struct Upload {
+    /// Notified once the body has been read whole.
+    pub done: Notify,
+    read: AtomicU64,
+}
+
+impl Upload {
+    /// Body bytes read from the client so far.
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
+    }
+}
+
 impl ClientBody {
-    /// Wraps `inner`; `sent`, if any, is notified once the body has been
-    /// read whole.
-    pub fn new(inner: Incoming, sent: Option<Arc<Notify>>, limits: BodyLimits) -> ClientBody {
-        ClientBody { inner, sent, limits, read: 0, stall: None, stall_armed: false }
+    /// Wraps `inner`; `upload`, if any, counts the bytes read and is
+    /// notified once the body has been read whole.
+    pub fn new(inner: Incoming, upload: Option<Arc<Upload>>, limits: BodyLimits) -> ClientBody {
+        ClientBody { inner, upload, limits, read: 0, stall: None, stall_armed: false }
     }
 }
 
@@ -99,8 +116,8 @@ impl hyper::body::Body for ClientBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 this.stall_armed = false;
-                if let Some(sent) = &this.sent {
-                    sent.notify_one();
+                if let Some(upload) = &this.upload {
+                    upload.done.notify_one();
                 }
                 Poll::Ready(None)
             }
@@ -109,6 +126,9 @@ impl hyper::body::Body for ClientBody {
                 this.stall_armed = false;
                 if let Some(data) = frame.data_ref() {
                     this.read += data.len() as u64;
+                    if let Some(upload) = &this.upload {
+                        upload.read.store(this.read, Ordering::Relaxed);
+                    }
                     if let Some(max) = this.limits.max_size.filter(|max| this.read > *max) {
                         return Poll::Ready(Some(Err(ClientBodyError::TooLarge(max))));
                     }

@@ -211,6 +211,12 @@ impl Client {
         element
     }
 
+    /// The client's IP, as text.
+    pub fn ip(&self) -> &str {
+        // Made from an IP's text, so always ASCII.
+        self.forwarded_for.to_str().unwrap_or("-")
+    }
+
     /// A client at `addr` that came over `proto`.
     pub fn new(addr: SocketAddr, proto: &'static str) -> Client {
         // An IP's text is always a valid header value.

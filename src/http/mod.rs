@@ -3,7 +3,8 @@
 
 pub mod body;
 pub mod headers;
+pub mod request_id;
 pub mod response;
 
-pub use body::{BodyLimits, ClientBody, ClientBodyError, ProxyBody, UpstreamBody};
+pub use body::{BodyLimits, ClientBody, ClientBodyError, ProxyBody, Upload, UpstreamBody};
 pub use response::{json_response, text_response};

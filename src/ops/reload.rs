@@ -8,8 +8,8 @@
 //! in flight finish with the backend they already chose; WebSocket tunnels
 //! stay open on theirs. A file that fails validation changes nothing.
 //!
-//! Listen addresses and the upstream connection pool's settings (including
-//! `upstream.connect_timeout`) are fixed
+//! Listen addresses, `server.workers`, `server.log_format` and the upstream
+//! connection pool's settings (including `upstream.connect_timeout`) are fixed
 //! at start: a reload that changes them reports them as needing a restart,
 //! keeps the running values, and applies everything else.
 //!
@@ -279,6 +279,11 @@ fn keep_fixed_settings(running: &Config, new: &mut Config) -> Vec<&'static str> 
     if new.server.workers != running.server.workers {
         changed.push("server.workers");
         new.server.workers = running.server.workers;
+    }
+    if new.server.log_format != running.server.log_format {
+        // The tracing subscriber is installed once, at start.
+        changed.push("server.log_format");
+        new.server.log_format = running.server.log_format;
     }
     if new.admin.listen != running.admin.listen {
         changed.push("admin.listen");

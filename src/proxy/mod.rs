@@ -23,7 +23,7 @@ use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{Config, UpstreamConfig};
@@ -31,7 +31,8 @@ use crate::http::headers::{
     add_forwarded_headers, check_transfer_encoding, from_http2, is_websocket_upgrade, settle_host, strip_hop_by_hop,
     Client,
 };
-use crate::http::{text_response, BodyLimits, ClientBody, ProxyBody, UpstreamBody};
+use crate::http::request_id::{self, X_REQUEST_ID};
+use crate::http::{text_response, BodyLimits, ClientBody, ProxyBody, Upload, UpstreamBody};
 use crate::metrics::{Limit, Metrics};
 use crate::routing::{Backend, Decision, Reason, Router};
 use crate::tunnel::{h2ws, handshake, TunnelRegistry, Tunnels};
@@ -40,7 +41,11 @@ use crate::upstream::request::upstream_request;
 use crate::upstream::{Connector, Endpoint, Health, UpstreamFailure};
 use crate::util::throttle::Throttle;
 
+mod access;
 pub(crate) mod redeliver;
+
+pub(crate) use access::LoggedBody;
+use access::{AccessLine, Received};
 
 pub(crate) use redeliver::DeliveryLog;
 
@@ -59,6 +64,8 @@ struct Sent<'k> {
     redelivery: Option<Arc<Config>>,
     /// What the request body may take.
     body_limits: BodyLimits,
+    /// The request's ID, sent upstream.
+    id: &'k HeaderValue,
 }
 
 /// Where one request stands on its way to the instance holding its
@@ -132,11 +139,24 @@ impl Proxy {
     }
 
     /// Serves one request from `client`. Never fails: every
-    /// problem becomes a response with a status and a reason.
-    pub(crate) async fn handle(
-        self: Arc<Self>,
+    /// problem becomes a response with a status and a reason. The
+    /// request's ID ([`request_id`]) goes upstream and back on the
+    /// response; the access line is written as the response body ends.
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>, client: Arc<Client>) -> Response<LoggedBody> {
+        let id = request_id::of(req.headers());
+        let mut line = None;
+        let mut response = self.serve(req, client, &id, &mut line).await;
+        response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+        response.map(|body| LoggedBody::new(body, line))
+    }
+
+    /// [`Proxy::handle`]'s work; fills `line` when the access line is due.
+    async fn serve(
+        &self,
         mut req: Request<Incoming>,
         client: Arc<Client>,
+        id: &HeaderValue,
+        line: &mut Option<Box<AccessLine>>,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
         {
@@ -237,20 +257,34 @@ impl Proxy {
 
         if upgrade {
             let device = device(&key);
-            let tunnel = handshake::Request { client, backend, key, device, started, response_timeout };
+            let request_id = id.clone();
+            let tunnel = handshake::Request { client, backend, key, device, started, response_timeout, request_id };
             return Box::pin(handshake::open(Arc::clone(&self.tunnels), req, tunnel)).await;
         }
 
         // Copied only when the access log will be written.
         let logged = (access_log && tracing::enabled!(tracing::Level::INFO))
             .then(|| (req.method().clone(), req.uri().path().to_string()));
-        let sent = Sent { key: key.as_deref(), arrived: started, response_timeout, redelivery, body_limits };
-        let (backend, response) = self.forward(req, &client, backend, sent).await;
+        let sent = Sent { key: key.as_deref(), arrived: started, response_timeout, redelivery, body_limits, id };
+        let mut received = Received::Known(0);
+        let (backend, response) = self.forward(req, &client, backend, sent, &mut received).await;
         let elapsed = started.elapsed();
-        backend.stats.response(response.status().as_u16(), elapsed);
+        let status = response.status().as_u16();
+        backend.stats.response(status, elapsed);
         if let Some((method, path)) = logged {
             let device = device(&key);
-            info!(device, backend = %backend.id, %method, path, status = response.status().as_u16(), ?elapsed, "proxied");
+            let request_id = id.clone();
+            *line = Some(Box::new(AccessLine {
+                device,
+                backend,
+                method,
+                path,
+                status,
+                elapsed,
+                client,
+                request_id,
+                received,
+            }));
         }
         response
     }
@@ -259,24 +293,32 @@ impl Proxy {
     /// [`UpstreamFailure::retryable`] allows and the body can be sent again
     /// (none, or buffered because small), retries once on the device's next
     /// candidate. If the backend answers "not here" ([`redeliver`]), walks
-    /// the device's redelivery candidates. Returns who answered.
+    /// the device's redelivery candidates. Returns who answered; `received`
+    /// counts the request body bytes read from the client.
     async fn forward(
         &self,
         req: Request<Incoming>,
         client: &Client,
         backend: Arc<Backend>,
         sent: Sent<'_>,
+        received: &mut Received,
     ) -> (Arc<Backend>, Response<ProxyBody>) {
-        let Sent { key, arrived, response_timeout, redelivery, body_limits } = sent;
+        let Sent { key, arrived, response_timeout, redelivery, body_limits, id } = sent;
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         add_forwarded_headers(&mut parts.headers, client);
+        // After the hop-by-hop headers: a client's `Connection` can't drop it.
+        parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
         let replay = match body.size_hint().exact() {
             Some(0) => Bytes::new(),
             Some(n) if n <= REPLAYABLE_BODY => {
                 let body = ClientBody::new(body, None, body_limits);
                 match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
-                    Ok(collected) => collected.to_bytes(),
+                    Ok(collected) => {
+                        let bytes = collected.to_bytes();
+                        *received = Received::Known(bytes.len() as u64);
+                        bytes
+                    }
                     Err(e) => {
                         let failure = UpstreamFailure::classify(e.as_ref(), false);
                         return (Arc::clone(&backend), self.failed(&backend, failure));
@@ -290,10 +332,11 @@ impl Proxy {
                     // or a GET's body would be dropped.
                     parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
                 }
-                let sent = Arc::new(Notify::new());
-                let body = ClientBody::new(body, Some(Arc::clone(&sent)), body_limits);
+                let upload = Arc::new(Upload::default());
+                *received = Received::Streamed(Arc::clone(&upload));
+                let body = ClientBody::new(body, Some(Arc::clone(&upload)), body_limits);
                 let request = upstream_request(&parts, &backend.address, Either::Left(body));
-                return match self.send(&backend, request, response_timeout, Some(sent)).await {
+                return match self.send(&backend, request, response_timeout, Some(upload)).await {
                     Ok(response) => (backend, response),
                     Err(failure) => {
                         let response = self.failed(&backend, failure);
@@ -476,7 +519,7 @@ impl Proxy {
         backend: &Backend,
         request: Result<Request<UpstreamBody>, UpstreamFailure>,
         response_timeout: Duration,
-        uploaded: Option<Arc<Notify>>,
+        uploaded: Option<Arc<Upload>>,
     ) -> Result<Response<ProxyBody>, UpstreamFailure> {
         let request = request?;
         let exchange = self.pool.send(Endpoint { address: &backend.address, tls: backend.tls.as_ref() }, request);
@@ -484,7 +527,7 @@ impl Proxy {
         if let Some(uploaded) = uploaded {
             let early = tokio::select! {
                 answer = &mut exchange => Some(answer),
-                _ = uploaded.notified() => None,
+                _ = uploaded.done.notified() => None,
             };
             if let Some(answer) = early {
                 return answer_of(answer, &self.metrics);

@@ -22,6 +22,7 @@ use super::session::{self, ClosedBy, Signals};
 use super::splice::Splice;
 use super::{h2ws, Tunnels};
 use crate::http::headers::{add_forwarded_headers, strip_hop_by_hop, Client};
+use crate::http::request_id::X_REQUEST_ID;
 use crate::http::{text_response, ProxyBody};
 use crate::metrics::Limit;
 use crate::routing::Backend;
@@ -46,11 +47,14 @@ pub struct Request {
     pub started: Instant,
     /// How long the backend may take to answer the upgrade.
     pub response_timeout: Duration,
+    /// The request's ID (`X-Request-Id`), sent to the backend and logged.
+    pub request_id: HeaderValue,
 }
 
 /// Sends a WebSocket upgrade to its backend and, on 101, starts the tunnel.
 pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel: Request) -> Response<ProxyBody> {
-    let Request { client, mut backend, key, device, started, response_timeout } = tunnel;
+    let Request { client, mut backend, key, device, started, response_timeout, request_id } = tunnel;
+    let id = request_id.to_str().unwrap_or("-").to_string();
     // HTTP/2 (RFC 8441): the stream is the client's side of the tunnel, and
     // the backend gets an HTTP/1.1 upgrade made from the CONNECT.
     let extended_connect = h2ws::is_extended_connect(&req);
@@ -65,6 +69,8 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
         parts.headers.insert(header::UPGRADE, upgrade);
     }
     add_forwarded_headers(&mut parts.headers, &client);
+    // After the hop-by-hop headers: a client's `Connection` can't drop it.
+    parts.headers.insert(X_REQUEST_ID.clone(), request_id);
     let bridge = extended_connect.then(|| h2ws::to_http1_upgrade(&mut parts));
 
     let mut retried = false;
@@ -91,7 +97,7 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
                 }
                 let response = failure.response(&backend);
                 backend.stats.response(response.status().as_u16(), started.elapsed());
-                info!(device, backend = %backend.id, path, status = response.status().as_u16(), "websocket upgrade failed");
+                info!(device, backend = %backend.id, path, status = response.status().as_u16(), request_id = %id, "websocket upgrade failed");
                 return response;
             }
         }
@@ -100,7 +106,7 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
     let status = backend_response.status();
     backend.stats.response(status.as_u16(), started.elapsed());
     if status != StatusCode::SWITCHING_PROTOCOLS {
-        info!(device, backend = %backend.id, path, status = status.as_u16(), "websocket upgrade refused by backend");
+        info!(device, backend = %backend.id, path, status = status.as_u16(), request_id = %id, "websocket upgrade refused by backend");
         let mut response = backend_response.map(Either::Left);
         strip_hop_by_hop(response.headers_mut());
         return response;
@@ -150,7 +156,9 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
             registration,
         );
         drop((early_up, early_down));
-        debug!(device, backend = %backend.id, path, setup = ?started.elapsed(), "tunnel open");
+        // Whatever `server.access_log` says, like the line that closes it:
+        // one line per tunnel, not per request.
+        info!(device, backend = %backend.id, path, client = %client.ip(), request_id = %id, setup = ?started.elapsed(), "tunnel open");
         let opened = Instant::now();
         let router = Arc::clone(&tunnels.router);
         // Read as the tunnel opens: a reload applies to new tunnels.
@@ -166,7 +174,7 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
         if outcome.closed_by == Some(ClosedBy::IdleTimeout) {
             tunnels.metrics.limit_hit(Limit::TunnelIdleTimeout);
         }
-        info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), "tunnel {outcome}");
+        info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), request_id = %id, "tunnel {outcome}");
     });
     response
 }

@@ -50,6 +50,27 @@ pub enum UpstreamFailure {
     },
 }
 
+/// A short reason, for logs (the health warning names the last one).
+impl std::fmt::Display for UpstreamFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamFailure::Refused => f.write_str("connection refused"),
+            UpstreamFailure::Unreachable => f.write_str("unreachable"),
+            UpstreamFailure::ConnectTimeout => f.write_str("connect timed out"),
+            UpstreamFailure::Timeout => f.write_str("no response in time"),
+            UpstreamFailure::Broken => f.write_str("connection closed without a response"),
+            UpstreamFailure::BadAddress => f.write_str("unusable address"),
+            UpstreamFailure::ClientAborted => f.write_str("the client aborted its request body"),
+            UpstreamFailure::ClientStalled => f.write_str("the client's request body stalled"),
+            UpstreamFailure::ClientTooLarge => f.write_str("the client's request body was too large"),
+            UpstreamFailure::Tls => f.write_str("TLS handshake failed"),
+            UpstreamFailure::QueueTimeout { max, waited } => {
+                write!(f, "all {max} connections busy for {waited:?}")
+            }
+        }
+    }
+}
+
 impl UpstreamFailure {
     /// The connection was never made, so nothing reached the backend.
     pub fn is_connect(self) -> bool {

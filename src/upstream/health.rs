@@ -14,6 +14,7 @@
 //! flipped (the ring is shared, not rebuilt) and swaps it in.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,13 +90,15 @@ impl Health {
             i.and_then(|i| table.config().backends.get(i)).map_or(Observe::Connect, |b| b.health.observe)
         };
         if failure.counts_against_backend(observe) {
-            self.observe(&backend.id, false, Source::Traffic);
+            self.observe(&backend.id, Err(&failure), Source::Traffic);
         }
     }
 
-    /// Counts one observation and flips the backend's health when a streak
-    /// reaches `fall` (down) or `rise` (up).
-    pub fn observe(&self, id: &str, ok: bool, source: Source) {
+    /// Counts one observation, `Ok` or failed with its reason, and flips
+    /// the backend's health when a streak reaches `fall` (down, logged with
+    /// the reason of the failure that made it) or `rise` (up).
+    pub fn observe(&self, id: &str, outcome: Result<(), &dyn fmt::Display>, source: Source) {
+        let ok = outcome.is_ok();
         let table = self.router.load_full();
         let Some(index) = table.position(id) else { return };
         let Some(config) = table.config().backends.get(index).map(|b| b.health.clone()) else { return };
@@ -106,9 +109,9 @@ impl Health {
         if flip.is_none() && !ok && source == Source::Check && track.streak.fails >= config.fall {
             // Down by traffic alone so far; now the checks agree, and the
             // backend's tunnels move too.
-            if table.is_down_by_traffic(id) {
+            if let (true, Err(why)) = (table.is_down_by_traffic(id), outcome) {
                 drop(tracks);
-                self.confirm_down(id);
+                self.confirm_down(id, why);
             }
             return;
         }
@@ -137,10 +140,12 @@ impl Health {
         if now_up {
             info!(backend = id, ?source, successes = oks, "backend is up again; its devices come back to it");
         } else {
+            let last_failure = outcome.err().map(|why| why.to_string());
             warn!(
                 backend = id,
                 ?source,
                 failures = fails,
+                last_failure,
                 "backend is down; its devices fail over to the next backend up"
             );
         }
@@ -148,7 +153,7 @@ impl Health {
 
     /// Turns a backend that is down by traffic alone into one that active
     /// checks found down, so that its tunnels move.
-    fn confirm_down(&self, id: &str) {
+    fn confirm_down(&self, id: &str, why: &dyn fmt::Display) {
         let updated = self.router.update(|current| match current.is_down_by_traffic(id) {
             true => Ok((current.with_health(id, false), ())),
             false => Err(()),
@@ -156,7 +161,7 @@ impl Health {
         if updated.is_ok() {
             // Not a transition (it was down already); the swap itself wakes
             // the rebalancer.
-            warn!(backend = id, "active checks confirm the backend is down; its tunnels move");
+            warn!(backend = id, last_failure = %why, "active checks confirm the backend is down; its tunnels move");
         }
     }
 
@@ -200,10 +205,14 @@ impl Health {
 
     async fn check(&self, backend: Arc<Backend>, config: HealthConfig) {
         let started = Instant::now();
-        let (ok, source) = match &config.path {
+        let (outcome, source) = match &config.path {
             Some(path) => (self.http_check(&backend, path, config.timeout).await, Source::Check),
-            None => (Connector::new(config.timeout).stream(endpoint(&backend)).await.is_ok(), Source::Probe),
+            None => {
+                let probe = Connector::new(config.timeout).stream(endpoint(&backend)).await;
+                (probe.map(drop).map_err(|failure| failure.to_string()), Source::Probe)
+            }
         };
+        let ok = outcome.is_ok();
         self.metrics.health_check(&backend.id, ok, started.elapsed());
         {
             let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
@@ -215,30 +224,39 @@ impl Health {
                 }
             }
         }
-        self.observe(&backend.id, ok, source);
+        self.observe(&backend.id, outcome.as_ref().map(|_| ()).map_err(|why| why as &dyn fmt::Display), source);
     }
 
     /// `GET path` on a fresh connection (a check must see a dead listener),
     /// over TLS for a TLS backend with the same verification as traffic;
     /// healthy if answered 2xx or 3xx within `timeout`, handshakes included.
-    async fn http_check(&self, backend: &Backend, path: &str, timeout: Duration) -> bool {
-        let status = tokio::time::timeout(timeout, get_status(backend, path, timeout)).await;
-        matches!(status, Ok(Some(s)) if s.is_success() || s.is_redirection())
+    /// The error says why not.
+    async fn http_check(&self, backend: &Backend, path: &str, timeout: Duration) -> Result<(), String> {
+        match tokio::time::timeout(timeout, get_status(backend, path, timeout)).await {
+            Ok(Ok(s)) if s.is_success() || s.is_redirection() => Ok(()),
+            Ok(Ok(s)) => Err(format!("GET {path} answered {}", s.as_u16())),
+            Ok(Err(why)) => Err(format!("GET {path}: {why}")),
+            Err(_) => Err(format!("GET {path}: no answer within {timeout:?}")),
+        }
     }
 }
 
-/// The status of `GET path` on a new connection to `backend`; `None` when
-/// it can't connect or the exchange breaks.
-async fn get_status(backend: &Backend, path: &str, timeout: Duration) -> Option<StatusCode> {
-    let (mut sender, connection) = Connector::new(timeout).http1::<Empty<Bytes>>(endpoint(backend)).await.ok()?;
-    let host = HeaderValue::from_str(&backend.address).ok()?;
-    let request = Request::get(path).header(HOST, host).body(Empty::new()).ok()?;
+/// The status of `GET path` on a new connection to `backend`, or why there
+/// is none.
+async fn get_status(backend: &Backend, path: &str, timeout: Duration) -> Result<StatusCode, String> {
+    let connect = Connector::new(timeout).http1::<Empty<Bytes>>(endpoint(backend)).await;
+    let (mut sender, connection) = connect.map_err(|failure| failure.to_string())?;
+    let host = HeaderValue::from_str(&backend.address).map_err(|_| "the address is not a valid Host".to_string())?;
+    let request = Request::get(path).header(HOST, host).body(Empty::new()).map_err(|e| e.to_string())?;
     let mut connection = std::pin::pin!(connection);
     // Driven here, not spawned: the connection ends with the check.
     tokio::select! {
         biased; // a response that came with the close still counts
-        response = sender.send_request(request) => response.ok().map(|r| r.status()),
-        _ = &mut connection => None,
+        response = sender.send_request(request) => match response {
+            Ok(r) => Ok(r.status()),
+            Err(e) => Err(UpstreamFailure::classify(&e, false).to_string()),
+        },
+        _ = &mut connection => Err(UpstreamFailure::Broken.to_string()),
     }
 }
 

@@ -283,6 +283,18 @@ impl ChildProxy {
                 Err(e) => panic!("the proxy did not log \"sticky-proxy serving\" within {STEP:?}: {e}"),
             }
         };
+        // `server.log_format = "json"`: one object a line, fields at the top.
+        if let Ok(serde_json::Value::Object(json)) = serde_json::from_str::<serde_json::Value>(&serving) {
+            let field = |name: &str| {
+                json.get(name)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_else(|| panic!("no {name} in {serving:?}"))
+                    .to_string()
+            };
+            proxy.addr = field("listen");
+            proxy.admin = field("admin");
+            return proxy;
+        }
         let field = |name: &str| {
             serving
                 .split(&format!("{name}="))
