@@ -6,6 +6,8 @@
 //! positive. Every error names the file, line and field, so an operator can go
 //! straight to the mistake. Nothing here touches the network.
 
+mod toml_error;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -422,12 +424,7 @@ impl Config {
 
     /// Parses and validates config text whose relative paths start at `base`.
     pub fn parse_in(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-            file: None,
-            line: e.span().map(|s| line_of(text, s.start)),
-            field: None,
-            message: e.message().trim().to_string(),
-        })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error::convert(text, &e))?;
         Validator { text, base }.config(raw)
     }
 }
@@ -1657,7 +1654,7 @@ weight = 2
             ("not_here = { status = [200] }", "routing.not_here.status"),
             ("not_here = { retry_for = \"forever\" }", "routing.not_here.retry_for"),
             ("not_here = { candidates = 0 }", "routing.not_here.candidates"),
-            ("not_here = { tries = 3 }", "unknown field `tries`"),
+            ("not_here = { tries = 3 }", "routing.not_here.tries: unknown field"),
         ] {
             let e = error_for(&GOOD.replace("[routing]\n", &format!("[routing]\n{bad}\n")));
             assert!(e.to_string().contains(field), "{bad}: {e}");
