@@ -149,8 +149,8 @@ fn unknown_field(name: &str, expected: &[&str]) -> String {
 
 /// A key or table given twice; `at` is the repeated key's text.
 fn duplicate(text: &str, document: &DeTable<'_>, span: std::ops::Range<usize>, at: &str) -> (Option<String>, String) {
-    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let line_start = text.get(..span.start).and_then(|t| t.rfind('\n')).map_or(0, |i| i + 1);
+    let line = text.get(line_start..).and_then(|t| t.lines().next()).unwrap_or("").trim();
     if let Some(header) = line.strip_prefix('[') {
         // A table header: `[backends]` beside `[[backends]]`, or a table twice.
         let name: String =
@@ -410,6 +410,26 @@ mod tests {
         assert!(e.message.contains("must be quoted"), "{e}");
         let e = error_for("[server\nlisten =");
         assert_eq!(e.line, Some(1), "{e}");
+    }
+
+    #[test]
+    fn no_text_makes_the_error_mapping_panic() {
+        let example = include_str!("../../config.toml.example");
+        let cuts = example.char_indices().map(|(i, _)| i).step_by(9);
+        for text in cuts.map(|i| example[..i].to_string()).chain(example.lines().enumerate().flat_map(|(n, _)| {
+            let lines: Vec<&str> = example.lines().collect();
+            let mut doubled = lines.clone();
+            doubled.insert(n, lines[n]);
+            let mut bracketed = lines.clone();
+            let single = format!("[{}", lines[n]);
+            bracketed[n] = &single;
+            [doubled.join("\n"), bracketed.join("\n")]
+        })) {
+            if let Err(e) = Config::parse(&text) {
+                assert!(!e.message.is_empty(), "{e}");
+                assert!(e.line.is_some() || e.field.is_some(), "located: {e}");
+            }
+        }
     }
 
     #[test]
