@@ -166,9 +166,11 @@ pub fn main() -> ExitCode {
             block_on(crate::config::default_workers(), demo(listen, admin, first_backend_port, instances))
         }
         Command::Completions { shell } => {
-            let mut out = std::io::stdout().lock();
-            clap_complete::generate(shell, &mut Cli::command(), "sticky-proxy", &mut out);
-            ExitCode::SUCCESS
+            // Into memory first: clap_complete panics on a failed write
+            // (e.g. a closed pipe); write_stdout reports it instead.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sticky-proxy", &mut script);
+            write_stdout(&script)
         }
         Command::Man => {
             let mut page = Vec::new();
