@@ -1,22 +1,32 @@
-//! The command line: `run`, `check`, `route`, `import-nginx` and `demo`.
+//! The command line: `run`, `check`, `route`, `import-nginx` and `demo`,
+//! and for packagers the hidden `completions` and `man`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use tracing::warn;
 use tracing_subscriber::EnvFilter;
 
 use crate::app;
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, LogFormat, MissingKey};
 use crate::routing::RoutingTable;
 use crate::tools::demo::DemoInstance;
 use crate::tools::nginx_import;
 
+/// `0.1.0 (1a2b3c4)`: the package version and the git commit it was built
+/// from (`unknown` outside a git checkout; see build.rs).
+const VERSION: &str = match option_env!("STICKY_PROXY_VERSION") {
+    Some(version) => version,
+    // Built without build.rs (e.g. only src/ copied somewhere).
+    None => concat!(env!("CARGO_PKG_VERSION"), " (unknown)"),
+};
+
 /// Routes every request about a device, WebSocket and HTTP alike, to the one
 /// backend that owns it, by consistent hashing of the device ID.
 #[derive(Parser, Debug)]
-#[command(name = "sticky-proxy", version, about, long_about = None)]
+#[command(name = "sticky-proxy", version = VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,10 +40,15 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Validate a config file: exit 0 if it is good, 1 with the problem if not.
+    /// Validate a config file: exit 0 if it is good, 1 with the problem if
+    /// not. Warnings (accepted, but probably not meant) go to stderr.
     Check {
+        /// The TOML config file (or give it with -c).
+        #[arg(value_name = "FILE", required_unless_present = "config", conflicts_with = "config")]
+        file: Option<PathBuf>,
+        /// The TOML config file.
         #[arg(short, long, value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
     },
     /// Print which backend owns a device (offline: reads only the config).
     Route {
@@ -43,10 +58,15 @@ enum Command {
         /// `routing.hash = "nginx"`).
         #[arg(required_unless_present = "stdin")]
         device_id: Option<String>,
-        /// Read device IDs from stdin, one a line, and print `ID<TAB>address`
-        /// for each, e.g. to compare with an nginx access log.
+        /// Read device IDs from stdin, one a line, and print a line for
+        /// each (`ID<TAB>address` as text), e.g. to compare with an nginx
+        /// access log.
         #[arg(long, conflicts_with = "device_id")]
         stdin: bool,
+        /// What to print: `text` (`ID -> backend (address)`), `json` (an
+        /// object a line) or `id` (the backend id alone).
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
     },
     /// Print the sticky-proxy config equivalent to an nginx upstream that uses
     /// `hash … consistent`. Exit 0: it routes like nginx; 2: it is printed,
@@ -73,36 +93,40 @@ enum Command {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=50))]
         instances: u16,
     },
+    /// Print a shell completion script, e.g. `sticky-proxy completions bash
+    /// > /usr/share/bash-completion/completions/sticky-proxy`.
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff), e.g. `sticky-proxy man > sticky-proxy.1`.
+    #[command(hide = true)]
+    Man,
+}
+
+/// `route --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// `ID -> backend (address)`; with --stdin `ID<TAB>address`.
+    Text,
+    /// One JSON object a line: `device_id`, `backend`, `address`, `ring_owner`.
+    Json,
+    /// The backend id alone (`-` for none with --stdin).
+    Id,
 }
 
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
-            Ok(c) => {
-                let tls = c.server.tls.as_ref().map_or_else(String::new, |tls| {
-                    let names: Vec<String> = tls.certificates.names().map(|n| n.join(" ")).collect();
-                    format!(", TLS on {} (certificates for: {})", tls.listen, names.join("; "))
-                });
-                println!(
-                    "{}: OK ({} backends, proxy on {}{tls}, admin on {}, device ID from {})",
-                    config.display(),
-                    c.backends.len(),
-                    c.server.listen,
-                    c.admin.listen,
-                    RoutingTable::offline(&c).keys().describe()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => fail(e),
-        },
-        Command::Route { config, device_id, stdin } => match Config::load(&config) {
+        Command::Check { file, config } => {
+            let Some(config) = file.or(config) else { return fail("give the config file: check FILE") };
+            check(&config)
+        }
+        Command::Route { config, device_id, stdin, format } => match Config::load(&config) {
             Ok(c) => {
                 let table = RoutingTable::offline(&c);
                 match device_id {
-                    _ if stdin => route_lines(&table),
-                    Some(id) => route_one(&table, &id),
+                    _ if stdin => route_lines(&table, format),
+                    Some(id) => route_one(&table, &id, format),
                     None => fail("give a device ID or --stdin"),
                 }
             }
@@ -131,6 +155,9 @@ pub fn main() -> ExitCode {
                 Err(e) => return fail(e),
             };
             init_logging(config.server.log_format);
+            for warning in &config.warnings {
+                warn!("config: {warning}");
+            }
             let workers = config.server.workers;
             block_on(workers, app::run(config, path))
         }
@@ -138,28 +165,101 @@ pub fn main() -> ExitCode {
             init_logging(LogFormat::Text);
             block_on(crate::config::default_workers(), demo(listen, admin, first_backend_port, instances))
         }
+        Command::Completions { shell } => {
+            // Into memory first: clap_complete panics on a failed write
+            // (e.g. a closed pipe); write_stdout reports it instead.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "sticky-proxy", &mut script);
+            write_stdout(&script)
+        }
+        Command::Man => {
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => write_stdout(&page),
+                Err(e) => fail(format!("cannot render the man page: {e}")),
+            }
+        }
     }
+}
+
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(format!("writing stdout: {e}")),
+    }
+}
+
+/// `check FILE`: the summary on stdout, warnings on stderr.
+fn check(path: &std::path::Path) -> ExitCode {
+    let c = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    for warning in &c.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let tls = c.server.tls.as_ref().map_or_else(String::new, |tls| {
+        let names: Vec<String> = tls.certificates.names().map(|n| n.join(" ")).collect();
+        format!(", TLS on {} (certificates for: {})", tls.listen, names.join("; "))
+    });
+    let warnings = match c.warnings.len() {
+        0 => String::new(),
+        1 => ", 1 warning".to_string(),
+        n => format!(", {n} warnings"),
+    };
+    println!(
+        "{}: OK ({} backends, proxy on {}{tls}, admin on {}, device ID from {}{warnings})",
+        path.display(),
+        c.backends.len(),
+        c.server.listen,
+        c.admin.listen,
+        RoutingTable::offline(&c).keys().describe()
+    );
+    ExitCode::SUCCESS
 }
 
 /// `route ID`: the backend serving the device with every backend up.
-fn route_one(table: &RoutingTable, id: &str) -> ExitCode {
-    let first = table.candidates(id.as_bytes(), None).next().map(|c| c.backend);
-    match (table.owner(id.as_bytes()), first) {
-        (Some(owner), Some(b)) if b.id == owner.id => {
-            println!("{id} -> {} ({})", b.id, b.address);
-            ExitCode::SUCCESS
-        }
-        (Some(owner), Some(b)) => {
-            println!("{id} -> {} ({}) [ring owner {} is draining]", b.id, b.address, owner.id);
-            ExitCode::SUCCESS
-        }
-        (Some(_), None) => fail("every backend is draining"),
-        (None, _) => fail("the ring is empty"),
+fn route_one(table: &RoutingTable, id: &str, format: Format) -> ExitCode {
+    if id.is_empty() {
+        // What the proxy does with a request whose ID is empty: it has none.
+        let what = match table.config().routing.missing_key {
+            MissingKey::Reject => format!(
+                "the proxy answers such a request 400 \"no device ID in request: looked for {}\"",
+                table.keys().describe()
+            ),
+            MissingKey::Spread => "the proxy sends such a request to any backend, round robin \
+                                   (routing.missing_key = \"spread\")"
+                .to_string(),
+        };
+        return fail(format!("an empty device ID is no device ID: {what}"));
     }
+    let first = table.candidates(id.as_bytes(), None).next().map(|c| c.backend);
+    let (owner, b) = match (table.owner(id.as_bytes()), first) {
+        (Some(owner), Some(b)) => (owner, b),
+        (Some(_), None) => return fail("every backend is draining"),
+        (None, _) => return fail("the ring is empty"),
+    };
+    let line = match format {
+        Format::Text if b.id == owner.id => format!("{id} -> {} ({})", b.id, b.address),
+        Format::Text => format!("{id} -> {} ({}) [ring owner {} is draining]", b.id, b.address, owner.id),
+        Format::Json => json_line(id, Some((&b.id, &b.address, &owner.id))),
+        Format::Id => b.id.clone(),
+    };
+    println!("{line}");
+    ExitCode::SUCCESS
 }
 
-/// `route --stdin`: `ID<TAB>address` per line read.
-fn route_lines(table: &RoutingTable) -> ExitCode {
+/// One `route --format json` line; `None`: the proxy would pick no backend
+/// by the ID (there is none).
+fn json_line(id: &str, routed: Option<(&str, &str, &str)>) -> String {
+    let (backend, address, owner) = routed.map_or((None, None, None), |(b, a, o)| (Some(b), Some(a), Some(o)));
+    serde_json::json!({ "device_id": id, "backend": backend, "address": address, "ring_owner": owner }).to_string()
+}
+
+/// `route --stdin`: a line per line read (`ID<TAB>address` as text).
+fn route_lines(table: &RoutingTable, format: Format) -> ExitCode {
     use std::io::{BufRead, Write};
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for line in std::io::stdin().lock().split(b'\n') {
@@ -169,11 +269,23 @@ fn route_lines(table: &RoutingTable) -> ExitCode {
         };
         let id = line.strip_suffix(b"\r").unwrap_or(&line);
         // nginx logs an empty variable as "-": no device ID, round robin.
-        let address = match id {
-            b"" | b"-" => "-".to_string(),
-            id => table.candidates(id, None).next().map_or("-".to_string(), |c| c.backend.address.clone()),
+        let backend = match id {
+            b"" | b"-" => None,
+            id => table.candidates(id, None).next().map(|c| c.backend),
         };
-        let written = out.write_all(id).and_then(|()| writeln!(out, "\t{address}"));
+        let written = match format {
+            Format::Text => out
+                .write_all(id)
+                .and_then(|()| writeln!(out, "\t{}", backend.as_ref().map_or("-", |b| b.address.as_str()))),
+            Format::Id => writeln!(out, "{}", backend.as_ref().map_or("-", |b| b.id.as_str())),
+            Format::Json => {
+                // JSON holds text: bytes that are not UTF-8 become U+FFFD.
+                let id = String::from_utf8_lossy(id);
+                let owner = table.owner(id.as_bytes()).map(|o| o.id.as_str());
+                let routed = backend.as_ref().map(|b| (b.id.as_str(), b.address.as_str(), owner.unwrap_or("")));
+                writeln!(out, "{}", json_line(&id, routed))
+            }
+        };
         if let Err(e) = written {
             return fail(format!("writing stdout: {e}"));
         }

@@ -1025,7 +1025,7 @@ fn frame_case(g: &mut Gen) -> FrameCase {
             stream.extend(frame_header(g.one_in(2), g.byte(), len, g.below(3), mask));
             // The payload's bytes don't matter: only its length.
             let fill = g.byte();
-            stream.extend(std::iter::repeat(fill).take(len as usize));
+            stream.extend(std::iter::repeat_n(fill, len as usize));
             ends.push(stream.len());
         }
         if g.one_in(3) {

@@ -531,7 +531,7 @@ impl Metrics {
         for to in ["up", "down"] {
             self.health_transitions.remove(&BackendTo { backend: label.backend.clone(), to });
         }
-        if self.ws_open.get(&label).map_or(true, |open| open.get() <= 0) {
+        if self.ws_open.get(&label).is_none_or(|open| open.get() <= 0) {
             self.ws_open.remove(&label);
         }
         self.ws_total.remove(&label);

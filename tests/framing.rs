@@ -96,7 +96,7 @@ fn unescape(text: &str) -> Result<Vec<u8>, String> {
                 let count: usize = count.parse().map_err(|_| format!("bad \\{{{count}}}"))?;
                 let byte = chars.next().ok_or("\\{N} without a character")?;
                 let byte = u8::try_from(byte).map_err(|_| "\\{N} repeats ASCII only")?;
-                out.extend(std::iter::repeat(byte).take(count));
+                out.extend(std::iter::repeat_n(byte, count));
             }
             other => return Err(format!("unknown escape \\{other:?}")),
         }

@@ -138,7 +138,7 @@ fn find_use(code: &str) -> Option<usize> {
     while let Some(found) = code[from..].find("use ") {
         let at = from + found;
         let before = code[..at].chars().last();
-        if before.map_or(true, |c| c.is_whitespace() || c == ';' || c == '{' || c == '}') {
+        if before.is_none_or(|c| c.is_whitespace() || c == ';' || c == '{' || c == '}') {
             return Some(at + 4);
         }
         from = at + 4;

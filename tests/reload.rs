@@ -251,3 +251,27 @@ async fn a_save_in_several_writes_reloads_once_with_the_final_content() {
     assert_eq!(status.borrow_and_update().attempts, 2);
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reports_the_new_configs_warnings() {
+    let apps = start_apps(1).await;
+    let file = ConfigFile::new("warnings.toml", &config_with(&[&apps[0]], ""));
+    let proxy = start_proxy_from(&file).await;
+    let http = Http::default();
+
+    // A second backend at the first one's address: accepted, with a warning.
+    let shared = format!("\n[[backends]]\nid = \"again\"\naddress = \"{}\"\n", apps[0].addr());
+    file.write(&(config_with(&[&apps[0]], "") + &shared));
+    let reply = admin_reload(&http, proxy.admin_addr()).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let applied: serde_json::Value = serde_json::from_str(&reply.body).expect("json");
+    let warnings = applied["warnings"].as_array().expect("warnings");
+    assert_eq!(warnings.len(), 1, "{applied}");
+    let warning = warnings[0].as_str().expect("text");
+    assert!(
+        warning.contains("warnings.toml:") && warning.contains("backends[1].address: 2 backends share"),
+        "{warning}"
+    );
+    assert_eq!(proxy.router().load().backends().len(), 2, "applied all the same");
+    proxy.shutdown().await;
+}

@@ -6,6 +6,9 @@
 //! positive. Every error names the file, line and field, so an operator can go
 //! straight to the mistake. Nothing here touches the network.
 
+mod toml_error;
+
+use std::cell::RefCell;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -53,6 +56,10 @@ pub struct Config {
     pub reload: ReloadConfig,
     /// `[[backends]]`, in file order (at least one).
     pub backends: Vec<BackendConfig>,
+    /// What is accepted but probably not meant (two backends at one
+    /// address, health checks slower than their interval): printed by
+    /// `check`, logged at start and on reload.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// `server.log_format`: how log lines are written (to stderr).
@@ -424,10 +431,18 @@ impl Config {
         let text =
             std::str::from_utf8(bytes).map_err(|_| ConfigError::whole_file(Some(path), "the file is not UTF-8"))?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse_in(text, base).map_err(|mut e| {
-            e.file = Some(path.to_path_buf());
-            e
-        })
+        match Config::parse_in(text, base) {
+            Ok(mut config) => {
+                for warning in &mut config.warnings {
+                    warning.file = Some(path.to_path_buf());
+                }
+                Ok(config)
+            }
+            Err(mut e) => {
+                e.file = Some(path.to_path_buf());
+                Err(e)
+            }
+        }
     }
 
     /// Parses and validates config text; relative paths in it (such as
@@ -438,13 +453,11 @@ impl Config {
 
     /// Parses and validates config text whose relative paths start at `base`.
     pub fn parse_in(text: &str, base: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-            file: None,
-            line: e.span().map(|s| line_of(text, s.start)),
-            field: None,
-            message: e.message().trim().to_string(),
-        })?;
-        Validator { text, base }.config(raw)
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error::convert(text, &e))?;
+        let validator = Validator { text, base, warnings: RefCell::default() };
+        let mut config = validator.config(raw)?;
+        config.warnings = validator.warnings.into_inner();
+        Ok(config)
     }
 }
 
@@ -588,6 +601,7 @@ struct RawHealth {
 struct Validator<'t> {
     text: &'t str,
     base: &'t Path,
+    warnings: RefCell<Vec<ConfigError>>,
 }
 
 impl Validator<'_> {
@@ -598,6 +612,15 @@ impl Validator<'_> {
             field: Some(field.to_string()),
             message,
         })
+    }
+
+    fn warn(&self, span: std::ops::Range<usize>, field: &str, message: String) {
+        self.warnings.borrow_mut().push(ConfigError {
+            file: None,
+            line: Some(line_of(self.text, span.start)),
+            field: Some(field.to_string()),
+            message,
+        });
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -708,7 +731,7 @@ impl Validator<'_> {
             interval: self.duration(raw.reload.interval.as_ref(), "reload.interval", Duration::from_secs(1))?,
         };
         let backends = self.backends(raw.backends, &routing, raw.health.as_ref(), &raw.upstream)?;
-        Ok(Config { server, admin, routing, upstream, reload, backends })
+        Ok(Config { server, admin, routing, upstream, reload, backends, warnings: Vec::new() })
     }
 
     fn workers(&self, raw: Option<&Spanned<i64>>) -> Result<usize, ConfigError> {
@@ -1058,6 +1081,9 @@ impl Validator<'_> {
         // quadratic: seconds at tens of thousands of backends).
         let mut seen: std::collections::HashMap<String, usize> =
             std::collections::HashMap::with_capacity(out.capacity());
+        // Address (lower case) → the backends at it, for the warning.
+        let mut at_address: std::collections::HashMap<String, Vec<usize>> =
+            std::collections::HashMap::with_capacity(out.capacity());
         let mut clients = ClientConfigs::default();
         let mut points: u64 = 0;
         for (i, b) in raw.get_ref().iter().enumerate() {
@@ -1129,6 +1155,7 @@ impl Validator<'_> {
                 }
             };
             let tls = self.backend_tls(b, &field, &address, upstream, &mut clients)?;
+            at_address.entry(address.to_ascii_lowercase()).or_default().push(i);
             out.push(BackendConfig {
                 id: id.to_string(),
                 address,
@@ -1138,6 +1165,28 @@ impl Validator<'_> {
                 draining,
                 tls,
             });
+        }
+        // One warning per shared address, at its second backend, in file order.
+        let mut shared: Vec<&Vec<usize>> = at_address.values().filter(|at| at.len() > 1).collect();
+        shared.sort_unstable_by_key(|at| at[1]);
+        for at in shared {
+            let (first, second) = (&out[at[0]], at[1]);
+            let mut ids: Vec<&str> = at.iter().take(4).map(|&i| out[i].id.as_str()).collect();
+            if at.len() > ids.len() {
+                ids.push("…");
+            }
+            self.warn(
+                raw.get_ref()[second].address.span(),
+                &format!("backends[{second}].address"),
+                format!(
+                    "{} backends share the address {} ({}): one instance gets the devices of each, and \
+                     failover from one to the other lands on the same instance; give each instance one \
+                     backend (a larger weight gives it more devices)",
+                    at.len(),
+                    first.address,
+                    ids.join(", ")
+                ),
+            );
         }
         Ok(out)
     }
@@ -1162,7 +1211,7 @@ impl Validator<'_> {
             Some(p) => Some(p.get_ref().clone()),
             None => base.path,
         };
-        Ok(HealthConfig {
+        let health = HealthConfig {
             interval: self.duration(raw.interval.as_ref(), &name("interval"), base.interval)?,
             timeout: self.duration(raw.timeout.as_ref(), &name("timeout"), base.timeout)?,
             fall: count(&raw.fall, "fall", base.fall)?,
@@ -1170,7 +1219,25 @@ impl Validator<'_> {
             fail_timeout: self.duration(raw.fail_timeout.as_ref(), &name("fail_timeout"), base.fail_timeout)?,
             observe: raw.observe.unwrap_or(base.observe),
             path,
-        })
+        };
+        // Checks never overlap: one that may last as long as the interval
+        // sets the pace instead. Said where timeout or interval is written.
+        let written = raw.timeout.as_ref().or(raw.interval.as_ref());
+        if let (Some(_), Some(at)) = (&health.path, written) {
+            if health.timeout >= health.interval {
+                self.warn(
+                    at.span(),
+                    &name("timeout"),
+                    format!(
+                        "{:?} is not shorter than the interval ({:?}): a check starts only when the last one \
+                         has ended, so a backend that hangs is checked every {:?} and marked down after \
+                         fall × {:?}; make the timeout shorter than the interval",
+                        health.timeout, health.interval, health.timeout, health.timeout
+                    ),
+                );
+            }
+        }
+        Ok(health)
     }
 
     fn socket_addr(&self, value: &Spanned<String>, field: &str) -> Result<SocketAddr, ConfigError> {
@@ -1497,6 +1564,41 @@ weight = 2
     }
 
     #[test]
+    fn backends_sharing_an_address_are_a_warning() {
+        assert!(Config::parse(GOOD).expect("valid").warnings.is_empty());
+        let text = GOOD.replace("app-2.internal:9002", "127.0.0.1:9001")
+            + "\n[[backends]]\nid = \"app-3\"\naddress = \"APP-2.internal:9002\"\n\
+               \n[[backends]]\nid = \"app-4\"\naddress = \"app-2.internal:9002\"\n";
+        let c = Config::parse(&text).expect("accepted");
+        let fields: Vec<_> = c.warnings.iter().map(|w| (w.field.as_deref(), w.line)).collect();
+        assert_eq!(fields, [(Some("backends[1].address"), Some(14)), (Some("backends[3].address"), Some(23))]);
+        assert!(c.warnings[0].message.contains("2 backends share the address 127.0.0.1:9001 (app-1, app-2)"));
+        // Same under nginx's hash, where nginx accepts it too.
+        let c = Config::parse(&text.replace("[routing]", "[routing]\nhash = \"nginx\"")).expect("accepted");
+        assert_eq!(c.warnings.len(), 2);
+    }
+
+    #[test]
+    fn a_health_timeout_as_long_as_the_interval_is_a_warning() {
+        let with = |health: &str| Config::parse(&format!("{GOOD}\n{health}")).expect("accepted").warnings;
+        assert!(with("[health]\npath = \"/h\"\ninterval = \"5s\"\ntimeout = \"2s\"\n").is_empty());
+        // Without `path` there are no active checks to pace.
+        assert!(with("[health]\ninterval = \"1s\"\ntimeout = \"1s\"\n").is_empty());
+        let w = with("[health]\npath = \"/h\"\ninterval = \"1s\"\n");
+        assert_eq!((w.len(), w[0].field.as_deref(), w[0].line), (1, Some("health.timeout"), Some(19)), "{w:?}");
+        assert!(w[0].message.contains("1s is not shorter than the interval (1s)"), "{}", w[0]);
+        let own = GOOD.to_string() + "health = { path = \"/h\", timeout = \"3s\" }\n";
+        let w = Config::parse(&own).expect("accepted").warnings;
+        assert_eq!(w.iter().map(|w| w.field.as_deref()).collect::<Vec<_>>(), [Some("backends[1].health.timeout")]);
+        let dir = std::env::temp_dir().join(format!("sticky-proxy-warn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("warn.toml");
+        std::fs::write(&file, &own).expect("write");
+        let w = Config::load(&file).expect("accepted").warnings;
+        assert_eq!(w[0].file.as_deref(), Some(file.as_path()), "warnings name the file");
+    }
+
+    #[test]
     fn zero_and_negative_weights_are_rejected() {
         for w in ["0", "-1"] {
             let e = error_for(&GOOD.replace("weight = 2", &format!("weight = {w}")));
@@ -1685,7 +1787,7 @@ weight = 2
             ("not_here = { status = [200] }", "routing.not_here.status"),
             ("not_here = { retry_for = \"forever\" }", "routing.not_here.retry_for"),
             ("not_here = { candidates = 0 }", "routing.not_here.candidates"),
-            ("not_here = { tries = 3 }", "unknown field `tries`"),
+            ("not_here = { tries = 3 }", "routing.not_here.tries: unknown field"),
         ] {
             let e = error_for(&GOOD.replace("[routing]\n", &format!("[routing]\n{bad}\n")));
             assert!(e.to_string().contains(field), "{bad}: {e}");

@@ -294,6 +294,7 @@ async fn reload(state: &AdminState) -> Response<ProxyBody> {
                 "added": applied.added,
                 "removed": applied.removed,
                 "needs_restart": applied.needs_restart,
+                "warnings": applied.warnings,
                 "took_ms": applied.took.as_secs_f64() * 1000.0,
             }),
         ),

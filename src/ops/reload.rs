@@ -79,6 +79,9 @@ pub struct Applied {
     pub needs_restart: Vec<&'static str>,
     /// How long the reload took (read, validate, build, swap).
     pub took: Duration,
+    /// What the new config has that is accepted but probably not meant
+    /// (see [`Config::warnings`]), each logged as a warning.
+    pub warnings: Vec<String>,
 }
 
 /// Reload progress, published for anyone waiting on it (tests, mostly).
@@ -172,6 +175,9 @@ impl Reloader {
                     took = ?applied.took,
                     "config reloaded"
                 );
+                for warning in &applied.warnings {
+                    warn!("config: {warning}");
+                }
                 if !applied.needs_restart.is_empty() {
                     warn!(
                         settings = ?applied.needs_restart,
@@ -204,6 +210,7 @@ impl Reloader {
         // Before parsing: a file changed during the parse is seen as changed.
         *last_seen = Some(fingerprint(path, &bytes));
         let mut new = Config::from_file_bytes(path, &bytes)?;
+        let warnings = new.warnings.iter().map(ToString::to_string).collect();
 
         let metrics = &self.metrics;
         let (old, (generation, backends, added, removed, needs_restart)) = self.router.update(|old| {
@@ -223,7 +230,7 @@ impl Reloader {
             self.metrics.remove_backend(id);
         }
         free_here(old);
-        Ok(Applied { generation, backends, added, removed, needs_restart, took: started.elapsed() })
+        Ok(Applied { generation, backends, added, removed, needs_restart, took: started.elapsed(), warnings })
     }
 
     /// Polls the config file and reloads when its content changes, until

@@ -163,7 +163,7 @@ pub(crate) mod tests {
 
     fn frame(fin: bool, opcode: u8, payload_len: usize, mask: bool) -> Vec<u8> {
         let mut f = header(fin, opcode, payload_len, mask.then_some([1, 2, 3, 4]));
-        f.extend(std::iter::repeat(7u8).take(payload_len));
+        f.extend(std::iter::repeat_n(7u8, payload_len));
         f
     }
 

@@ -189,7 +189,7 @@ impl Health {
             }
             let config = config.health.clone();
             let due = match &config.path {
-                Some(_) => track.next_check.map_or(true, |at| at <= now),
+                Some(_) => track.next_check.is_none_or(|at| at <= now),
                 // Passive only: probe a down backend once fail_timeout has passed.
                 None => !up && track.down_since.is_some_and(|since| now >= since + config.fail_timeout),
             };
