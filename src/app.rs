@@ -118,6 +118,12 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         in_flight: None,
     };
     tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
+    tokio::spawn(crate::ops::discovery::run(
+        Arc::clone(&reloader),
+        router.clone(),
+        Arc::clone(&metrics),
+        running.drain.subscribe(),
+    ));
     tokio::spawn(health.run(running.drain.subscribe()));
     let rebalancer = Rebalancer::new(router.clone(), Arc::clone(&tunnels), Arc::clone(&metrics));
     tokio::spawn(rebalancer.run(running.drain.subscribe()));

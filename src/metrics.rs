@@ -91,6 +91,12 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DnsResult {
+    dns: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -220,6 +226,7 @@ pub struct Metrics {
     not_here: Family<BackendLabel, Counter>,
     redeliveries: Family<OutcomeTries, Counter>,
     redelivery_held: Histogram,
+    discovery: Family<DnsResult, Counter>,
     /// Per backend id: set when the backend leaves the config, so handles
     /// still held by requests and tunnels in flight stop creating series.
     retired: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
@@ -274,6 +281,7 @@ impl Metrics {
             not_here: Family::default(),
             redeliveries: Family::default(),
             redelivery_held: latency_histogram(),
+            discovery: Family::default(),
         };
         m.registry.register_collector(Box::new(ProcessCollector));
         let r = m.registry.sub_registry_with_prefix("sticky_proxy");
@@ -358,6 +366,11 @@ impl Metrics {
             "health_check_duration_seconds",
             "Time an active health check or probe took, by backend",
             m.health_check_duration.clone(),
+        );
+        r.register(
+            "discovery_resolutions",
+            "DNS lookups of [[discovery]] names, by name and result (ok, empty, error)",
+            m.discovery.clone(),
         );
         r.register(
             "health_transitions",
@@ -647,6 +660,12 @@ impl Metrics {
     /// A limit or timeout ended a connection or refused a request.
     pub(crate) fn limit_hit(&self, limit: Limit) {
         self.limits.get_or_create(&LimitLabel { limit: limit.name() }).inc();
+    }
+
+    /// One lookup of a `[[discovery]]` name: `result` is `ok`, `empty`
+    /// (NXDOMAIN or no records) or `error` (timeout, SERVFAIL, no server).
+    pub(crate) fn discovery_resolution(&self, dns: &str, result: &'static str) {
+        self.discovery.get_or_create(&DnsResult { dns: dns.to_string(), result }).inc();
     }
 
     /// Counts a reload attempt; a success also stamps the time.

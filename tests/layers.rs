@@ -26,6 +26,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("server", 8),
     ("proxy", 8),
     ("ops", 9),
+    // `[[discovery]]`: resolves names and applies them through `ops::reload`.
+    ("ops::discovery", 9),
     ("app", 10),
     ("tools", 11),
     ("cli", 12),

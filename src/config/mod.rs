@@ -25,6 +25,9 @@ use crate::routing::ring;
 use crate::tls::{self, CertStore, ClientConfigs, PairError, UpstreamTls};
 use crate::util::fs::read_capped;
 
+mod discovery;
+pub use discovery::{BackendSource, DiscoveryConfig, RecordKind};
+
 /// Upper bound on ring points (sum of weight × replicas over all backends):
 /// 10 million points is 80 MB of ring, far beyond any sane deployment.
 const MAX_RING_POINTS: u64 = 10_000_000;
@@ -54,12 +57,16 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// `[reload]`: watching the config file.
     pub reload: ReloadConfig,
-    /// `[[backends]]`, in file order (at least one).
+    /// `[[backends]]`, in file order, then the backends last found by
+    /// `[[discovery]]` (see [`Config::with_discovered`]). At least one
+    /// static backend unless there is discovery.
     pub backends: Vec<BackendConfig>,
     /// What is accepted but probably not meant (two backends at one
     /// address, health checks slower than their interval): printed by
     /// `check`, logged at start and on reload.
     pub warnings: Vec<ConfigError>,
+    /// `[[discovery]]`: DNS names whose records are backends.
+    pub discovery: Vec<DiscoveryConfig>,
 }
 
 /// `server.log_format`: how log lines are written (to stderr).
@@ -321,6 +328,8 @@ pub struct BackendConfig {
     pub draining: bool,
     /// `tls = true`: connect with TLS, verifying the backend's certificate.
     pub tls: Option<UpstreamTls>,
+    /// Where the backend came from: the file, or a `[[discovery]]` name.
+    pub source: BackendSource,
 }
 
 /// How a backend's health is judged (`[health]`, per-backend overrides).
@@ -378,6 +387,17 @@ impl HealthConfig {
             observe: Observe::Connect,
         }
     }
+
+    /// With a `[health]` section, HAProxy-like defaults (fall 3, rise 2).
+    fn active_defaults() -> HealthConfig {
+        HealthConfig { fall: 3, rise: 2, ..HealthConfig::passive_only() }
+    }
+}
+
+/// Ids appear in metric labels, logs and JSON: 1 to 256 plain characters.
+fn plain_id(id: &str) -> bool {
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '/' | '-');
+    !id.is_empty() && id.len() <= 256 && id.chars().all(plain)
 }
 
 /// A configuration problem, located as precisely as the input allows.
@@ -477,6 +497,8 @@ struct RawConfig {
     health: Option<RawHealth>,
     #[serde(default)]
     backends: Option<Spanned<Vec<RawBackend>>>,
+    #[serde(default)]
+    discovery: Vec<discovery::RawDiscovery>,
 }
 
 #[derive(Deserialize)]
@@ -730,8 +752,10 @@ impl Validator<'_> {
             watch: raw.reload.watch.unwrap_or(true),
             interval: self.duration(raw.reload.interval.as_ref(), "reload.interval", Duration::from_secs(1))?,
         };
-        let backends = self.backends(raw.backends, &routing, raw.health.as_ref(), &raw.upstream)?;
-        Ok(Config { server, admin, routing, upstream, reload, backends, warnings: Vec::new() })
+        let discovery = self.discovery(&raw.discovery, raw.health.as_ref())?;
+        let backends =
+            self.backends(raw.backends, &routing, raw.health.as_ref(), &raw.upstream, !discovery.is_empty())?;
+        Ok(Config { server, admin, routing, upstream, reload, backends, warnings: Vec::new(), discovery })
     }
 
     fn workers(&self, raw: Option<&Spanned<i64>>) -> Result<usize, ConfigError> {
@@ -1047,7 +1071,12 @@ impl Validator<'_> {
         routing: &RoutingConfig,
         global_health: Option<&RawHealth>,
         upstream: &RawUpstream,
+        discovery: bool,
     ) -> Result<Vec<BackendConfig>, ConfigError> {
+        // With [[discovery]], the static list may be empty: DNS fills it.
+        if discovery && raw.as_ref().map_or(0, |r| r.get_ref().len()) == 0 {
+            return Ok(Vec::new());
+        }
         let Some(raw) = raw else {
             return Err(ConfigError {
                 file: None,
@@ -1070,12 +1099,8 @@ impl Validator<'_> {
                 format!("at most {} backends are supported, got {}", ring::MAX_MEMBERS, raw.get_ref().len()),
             );
         }
-        // With a [health] section, HAProxy-like defaults (fall 3, rise 2).
-        let active_defaults = HealthConfig { fall: 3, rise: 2, ..HealthConfig::passive_only() };
-        let health = match global_health {
-            Some(raw) => self.health(raw, active_defaults.clone(), "health")?,
-            None => HealthConfig::passive_only(),
-        };
+        let health = self.global_health(global_health)?;
+        let active_defaults = HealthConfig::active_defaults();
         let mut out: Vec<BackendConfig> = Vec::with_capacity(raw.get_ref().len());
         // Id → index, for the duplicate check (a scan per backend was
         // quadratic: seconds at tens of thousands of backends).
@@ -1090,8 +1115,7 @@ impl Validator<'_> {
             let field = |name: &str| format!("backends[{i}].{name}");
             let id = b.id.get_ref().trim();
             // Ids appear in metric labels, logs and JSON: keep them plain.
-            let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '@' | '/' | '-');
-            if id.is_empty() || id.len() > 256 || !id.chars().all(plain) {
+            if !plain_id(id) {
                 return self.err(
                     b.id.span(),
                     &field("id"),
@@ -1164,6 +1188,7 @@ impl Validator<'_> {
                 health,
                 draining,
                 tls,
+                source: BackendSource::Config,
             });
         }
         // One warning per shared address, at its second backend, in file order.
@@ -1189,6 +1214,14 @@ impl Validator<'_> {
             );
         }
         Ok(out)
+    }
+
+    /// `[health]` as every backend without its own section gets it.
+    fn global_health(&self, raw: Option<&RawHealth>) -> Result<HealthConfig, ConfigError> {
+        match raw {
+            Some(raw) => self.health(raw, HealthConfig::active_defaults(), "health"),
+            None => Ok(HealthConfig::passive_only()),
+        }
     }
 
     /// Overlays the fields present in `raw` onto `base`; errors name

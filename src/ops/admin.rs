@@ -7,7 +7,7 @@
 //! | `GET /readyz` | 200 when a config is loaded and a backend is usable, else 503 |
 //! | `GET /metrics` | Prometheus text format |
 //! | `POST /reload` | re-reads the config file: 200 JSON, or 400 with the error |
-//! | `GET /backends` | JSON: each backend's address, weight, state, tunnels, requests, ring share |
+//! | `GET /backends` | JSON: each backend's address, source (`config` or `dns:NAME`), weight, state, tunnels, requests, ring share |
 //! | `GET /route?key=ID` | JSON: the backend that owns a device, and why |
 //! | `GET /devices/{id}` | JSON: the device's open tunnels, and where its HTTP goes now and why |
 //!
@@ -135,6 +135,7 @@ fn backends(state: &AdminState) -> Response<ProxyBody> {
             json!({
                 "id": b.id,
                 "address": b.address,
+                "source": table.config().backends.get(i).map_or_else(|| "config".to_string(), |c| c.source.to_string()),
                 "weight": b.weight,
                 "state": if table.draining_since(&b.id).is_some() {
                     "draining"

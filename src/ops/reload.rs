@@ -20,9 +20,16 @@
 //! files the config refers to (TLS certificates and keys, CA files, the
 //! admin token file) are polled with it, so a renewed certificate reloads
 //! even though the config itself did not change.
+//!
+//! Backends found by `[[discovery]]` (`ops::discovery`) take the same path:
+//! the running config with its discovered backends replaced
+//! ([`Config::with_discovered`]) is swapped in by the same code as a reload
+//! (one swap, health carried over by id, metrics of removed backends
+//! retired, tunnels rebalanced by the rebalancer that watches swaps). A
+//! reload keeps the backends last discovered.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -31,7 +38,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::config::{referenced_files, Config, ConfigError};
+use crate::config::{referenced_files, BackendConfig, Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::routing::{Router, RoutingTable};
 use crate::util::fs::{read_capped, read_capped_async};
@@ -106,6 +113,9 @@ pub struct Reloader {
     /// reloads unchanged content nor retries a bad file every second.
     last_seen: Mutex<Option<u64>>,
     status: watch::Sender<ReloadStatus>,
+    /// The backends each `[[discovery]]` name last resolved to (by name),
+    /// merged into every config this reloader swaps in.
+    discovered: Mutex<BTreeMap<String, Vec<BackendConfig>>>,
 }
 
 impl Reloader {
@@ -115,7 +125,14 @@ impl Reloader {
         let last_seen = path.as_ref().and_then(|p| read_capped(p).ok().map(|bytes| fingerprint(p, &bytes)));
         let generation = router.load().generation();
         let (status, _) = watch::channel(ReloadStatus { attempts: 0, generation, last_error: None });
-        Reloader { path, router, metrics, last_seen: Mutex::new(last_seen), status }
+        Reloader {
+            path,
+            router,
+            metrics,
+            last_seen: Mutex::new(last_seen),
+            status,
+            discovered: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// Reload progress; `changed()` fires after every attempt.
@@ -209,9 +226,47 @@ impl Reloader {
             .map_err(|e| ConfigError::whole_file(Some(path), format!("cannot read config file: {e}")))?;
         // Before parsing: a file changed during the parse is seen as changed.
         *last_seen = Some(fingerprint(path, &bytes));
-        let mut new = Config::from_file_bytes(path, &bytes)?;
-        let warnings = new.warnings.iter().map(ToString::to_string).collect();
+        let new = Config::from_file_bytes(path, &bytes)?;
+        let new = new.with_discovered(&self.discovered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        self.swap(new, started)
+    }
 
+    /// Swaps in the running config with its discovered backends replaced
+    /// by `found` (every `[[discovery]]` name's last good set), through
+    /// the same code as a reload. `None` when the backends are unchanged
+    /// (nothing is swapped). Blocking (ring build): call it off the async
+    /// workers.
+    pub(crate) fn apply_discovered(
+        &self,
+        found: BTreeMap<String, Vec<BackendConfig>>,
+    ) -> Result<Option<Applied>, ConfigError> {
+        // Serialised with reloads: a reload merges what is stored here.
+        let _turn = self.last_seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let started = Instant::now();
+        let new = self.router.load().config().with_discovered(&found);
+        *self.discovered.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = found;
+        if new.backends == self.router.load().config().backends {
+            return Ok(None);
+        }
+        let applied = self.swap(new, started)?;
+        self.metrics.set_backend_states(self.router.load().state_counts());
+        info!(
+            generation = applied.generation,
+            backends = applied.backends,
+            added = ?applied.added,
+            removed = ?applied.removed,
+            took = ?applied.took,
+            "backends changed by DNS discovery"
+        );
+        self.status.send_modify(|s| s.generation = applied.generation);
+        Ok(Some(applied))
+    }
+
+    /// One atomic swap to a table built from `new`: health carried over by
+    /// backend id, settings only a restart applies kept, removed backends'
+    /// metrics retired.
+    fn swap(&self, mut new: Config, started: Instant) -> Result<Applied, ConfigError> {
+        let warnings = new.warnings.iter().map(ToString::to_string).collect();
         let metrics = &self.metrics;
         let (old, (generation, backends, added, removed, needs_restart)) = self.router.update(|old| {
             let needs_restart = keep_fixed_settings(old.config(), &mut new);
