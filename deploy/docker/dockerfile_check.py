@@ -277,7 +277,9 @@ def replay(root, context, target):
     root, context, target = (os.path.abspath(p) for p in (root, context, target))
     host = lambda p: os.path.join(root, p.lstrip("/"))  # noqa: E731
     final_bin = None
-    for s in stages():
+    all_stages = stages()
+    for s in all_stages:
+        last = s is all_stages[-1]
         workdir = "/"
         for n, word, rest in s["instrs"]:
             if word == "WORKDIR":
@@ -300,7 +302,7 @@ def replay(root, context, target):
                         shutil.copy2(origin, to)
                     else:
                         sys.exit(f"replay {DOCKERFILE}:{n}: {src} does not exist")
-                    if src_stage and s is stages()[-1] and os.access(to, os.X_OK):
+                    if src_stage and last and os.access(to, os.X_OK):
                         final_bin = to
             elif word == "RUN":
                 fl, _ = flags(rest)
@@ -308,7 +310,7 @@ def replay(root, context, target):
                 for f in fl:
                     command = command.replace(f, "", 1)
                 command = command.strip()
-                if s is stages()[-1]:
+                if last:
                     # The runtime stage's packages and users are the image's, not this host's.
                     print(f"replay {DOCKERFILE}:{n}: (runtime stage, not run) RUN {command[:60]}…", file=sys.stderr)
                     continue
