@@ -1,5 +1,5 @@
-//! The command line: `run`, `check`, `route`, `import-nginx` and `demo`,
-//! and for packagers the hidden `completions` and `man`.
+//! The command line: `run`, `check`, `route`, `import-nginx`, `demo` and
+//! `probe`, and for packagers the hidden `completions` and `man`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -92,6 +92,22 @@ enum Command {
         /// Number of demo app instances.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=50))]
         instances: u16,
+        /// Play the demo by itself on free loopback ports and print a transcript:
+        /// exit 0 if every step did what it promises.
+        #[arg(long, conflicts_with = "app")]
+        tour: bool,
+        /// Run only one demo app instance, named NAME, on --listen (no proxy),
+        /// e.g. one container each (deploy/docker/compose.yaml).
+        #[arg(long, value_name = "NAME")]
+        app: Option<String>,
+    },
+    /// GET an http:// URL: exit 0 on a 2xx answer, 1 otherwise. The container
+    /// image's HEALTHCHECK, e.g. `sticky-proxy probe http://127.0.0.1:9901/readyz`.
+    Probe {
+        url: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        timeout_ms: u64,
     },
     /// Print a shell completion script, e.g. `sticky-proxy completions bash
     /// > /usr/share/bash-completion/completions/sticky-proxy`.
@@ -161,7 +177,15 @@ pub fn main() -> ExitCode {
             let workers = config.server.workers;
             block_on(workers, app::run(config, path))
         }
-        Command::Demo { listen, admin, first_backend_port, instances } => {
+        Command::Probe { url, timeout_ms } => {
+            block_on(1, crate::tools::probe::probe(&url, std::time::Duration::from_millis(timeout_ms)))
+        }
+        Command::Demo { tour: true, .. } => block_on(crate::config::default_workers(), crate::tools::tour::tour()),
+        Command::Demo { app: Some(name), listen, .. } => {
+            init_logging(LogFormat::Text);
+            block_on(1, crate::tools::tour::app_only(name, listen))
+        }
+        Command::Demo { listen, admin, first_backend_port, instances, .. } => {
             init_logging(LogFormat::Text);
             block_on(crate::config::default_workers(), demo(listen, admin, first_backend_port, instances))
         }
