@@ -12,8 +12,12 @@
 # daemon: deploy/docker/check.sh lints it and replays the build stage.
 
 FROM rust:1.95-bookworm AS build
+# --version names the commit: docker build --build-arg
+# STICKY_PROXY_GIT_COMMIT=$(git rev-parse --short HEAD) . (build.rs reads it;
+# the context has no .git).
+ARG STICKY_PROXY_GIT_COMMIT=unknown
 WORKDIR /build
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY benches ./benches
 # Cache mounts keep the registry and the target directory between builds,
