@@ -13,14 +13,7 @@ set -euo pipefail
 dnsmasq_bin=$(command -v dnsmasq || true)
 [ -z "$dnsmasq_bin" ] && [ -x /usr/sbin/dnsmasq ] && dnsmasq_bin=/usr/sbin/dnsmasq
 if [ -z "$dnsmasq_bin" ]; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "dnsmasq is not installed; as root: apt-get install -y dnsmasq-base" >&2
-    exit 1
-  fi
-  echo "--- installing dnsmasq-base (Debian package)" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  timeout 600 apt-get update -qq && timeout 600 apt-get install -y -qq --no-install-recommends dnsmasq-base >/dev/null \
-    || { echo "apt-get install dnsmasq-base failed" >&2; exit 1; }
+  "$(dirname "$0")/../apt-install.sh" dnsmasq-base
   dnsmasq_bin=/usr/sbin/dnsmasq
 fi
 echo "$dnsmasq_bin"

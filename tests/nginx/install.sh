@@ -14,25 +14,7 @@ set -euo pipefail
 nginx_bin=$(command -v nginx || true)
 [ -z "$nginx_bin" ] && [ -x /usr/sbin/nginx ] && nginx_bin=/usr/sbin/nginx
 if [ -z "$nginx_bin" ]; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "nginx is not installed; as root: apt-get install -y nginx" >&2
-    exit 1
-  fi
-  echo "--- installing nginx (Debian package)" >&2
-  # Keep the package from starting its own service: policy-rc.d is Debian's
-  # switch for that.
-  own_policy=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-    own_policy=1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  install_ok=1
-  timeout 600 apt-get update -qq && timeout 600 apt-get install -y -qq --no-install-recommends nginx >/dev/null \
-    || install_ok=0
-  [ "$own_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
-  [ "$install_ok" = 1 ] || { echo "apt-get install nginx failed" >&2; exit 1; }
+  "$(dirname "$0")/../apt-install.sh" nginx
   nginx_bin=/usr/sbin/nginx
 fi
 echo "$nginx_bin"

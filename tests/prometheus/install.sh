@@ -22,26 +22,7 @@ python3 -c 'import prometheus_client' 2>/dev/null \
   || /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null \
   || packages+=(python3-prometheus-client)
 if [ "${#packages[@]}" -gt 0 ]; then
-  if [ "$(id -u)" != 0 ]; then
-    echo "missing ${packages[*]}; as root: apt-get install -y --no-install-recommends ${packages[*]}" >&2
-    exit 1
-  fi
-  echo "--- installing ${packages[*]} (Debian packages)" >&2
-  # Keep the package from starting its own service (port 9090): policy-rc.d
-  # is Debian's switch for that.
-  own_policy=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-    chmod +x /usr/sbin/policy-rc.d
-    own_policy=1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  install_ok=1
-  timeout 600 apt-get update -qq \
-    && timeout 600 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null \
-    || install_ok=0
-  [ "$own_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
-  [ "$install_ok" = 1 ] || { echo "apt-get install ${packages[*]} failed" >&2; exit 1; }
+  "$(dirname "$0")/../apt-install.sh" "${packages[@]}"
   promtool_bin=/usr/bin/promtool
 fi
 echo "$promtool_bin"
