@@ -636,13 +636,19 @@ impl Validator<'_> {
         })
     }
 
+    /// Notes a warning once: a section read twice (`[health]` is, for
+    /// backends and for discovery) says it once.
     fn warn(&self, span: std::ops::Range<usize>, field: &str, message: String) {
-        self.warnings.borrow_mut().push(ConfigError {
+        let warning = ConfigError {
             file: None,
             line: Some(line_of(self.text, span.start)),
             field: Some(field.to_string()),
             message,
-        });
+        };
+        let mut warnings = self.warnings.borrow_mut();
+        if !warnings.contains(&warning) {
+            warnings.push(warning);
+        }
     }
 
     fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
