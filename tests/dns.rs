@@ -1,6 +1,7 @@
 //! `[[discovery]]` against a real DNS server: dnsmasq on a free loopback
-//! port (tests/dns/install.sh installs it; CI runs that first). Without
-//! dnsmasq these tests fail, saying so: they are not skipped.
+//! port (tests/dns/install.sh installs it: CI runs that first, and these
+//! tests run it when dnsmasq is missing). Without dnsmasq they fail, saying
+//! so: they are not skipped.
 
 mod common;
 
@@ -32,15 +33,30 @@ impl Drop for Dnsmasq {
 }
 
 fn dnsmasq_bin() -> PathBuf {
-    for candidate in ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq", "/usr/local/sbin/dnsmasq"] {
-        if std::path::Path::new(candidate).exists() {
-            return candidate.into();
+    // Found, or installed once by tests/dns/install.sh (Debian's
+    // dnsmasq-base, as root), so that `cargo test` on a fresh machine sets
+    // up what it needs, as the README promises.
+    static FOUND: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let found = FOUND.get_or_init(|| {
+        for candidate in ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq", "/usr/local/sbin/dnsmasq"] {
+            if std::path::Path::new(candidate).exists() {
+                return Ok(candidate.into());
+            }
         }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/dns/install.sh");
+        match std::process::Command::new("bash").arg(script).output() {
+            Ok(out) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).trim().into()),
+            Ok(out) => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+            Err(e) => Err(e.to_string()),
+        }
+    });
+    match found {
+        Ok(path) => path.clone(),
+        Err(why) => panic!(
+            "dnsmasq is not installed and tests/dns/install.sh could not install it ({why}): the [[discovery]] \
+             tests need a real DNS server. As root: apt-get install -y dnsmasq-base; CI installs it."
+        ),
     }
-    panic!(
-        "dnsmasq is not installed: the [[discovery]] tests need a real DNS server. \
-         Run tests/dns/install.sh (as root: apt-get install -y dnsmasq-base); CI installs it."
-    );
 }
 
 impl Dnsmasq {
