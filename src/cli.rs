@@ -10,7 +10,7 @@ use tracing::warn;
 use tracing_subscriber::EnvFilter;
 
 use crate::app;
-use crate::config::{Config, LogFormat, MissingKey};
+use crate::config::{Config, LogFormat, MissingKey, RecordKind};
 use crate::routing::RoutingTable;
 use crate::tools::demo::DemoInstance;
 use crate::tools::nginx_import;
@@ -233,8 +233,22 @@ fn check(path: &std::path::Path) -> ExitCode {
         1 => ", 1 warning".to_string(),
         n => format!(", {n} warnings"),
     };
+    // Discovered backends are not looked up here (check must pass with the
+    // DNS server down), so the names are listed instead of a count.
+    let discovery: Vec<String> = c
+        .discovery
+        .iter()
+        .map(|d| match d.kind {
+            RecordKind::Srv => format!("SRV {}", d.dns),
+            RecordKind::A => format!("A/AAAA {}:{}", d.dns, d.port.unwrap_or_default()),
+        })
+        .collect();
+    let discovery = match discovery.len() {
+        0 => String::new(),
+        _ => format!(" and those found in DNS ({})", discovery.join(", ")),
+    };
     println!(
-        "{}: OK ({} backends, proxy on {}{tls}, admin on {}, device ID from {}{warnings})",
+        "{}: OK ({} backends{discovery}, proxy on {}{tls}, admin on {}, device ID from {}{warnings})",
         path.display(),
         c.backends.len(),
         c.server.listen,

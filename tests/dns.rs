@@ -370,4 +370,6 @@ fn check_accepts_discovery_without_asking_the_server() {
         .output()
         .expect("run check");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("found in DNS (SRV _http._tcp.app.test)"), "check names the discovery: {said}");
 }
