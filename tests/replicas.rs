@@ -106,6 +106,11 @@ impl Tally {
         (total, lost, examples)
     }
 
+    /// Messages received, over all devices.
+    fn received_total(&self) -> usize {
+        self.received.lock().expect("tally").values().map(HashSet::len).sum()
+    }
+
     /// Whether every message answered 200 has arrived.
     fn all_200_arrived(&self) -> bool {
         let sent = self.sent.lock().expect("tally");
@@ -248,6 +253,22 @@ impl Fleet {
         Fleet { tally, stop_sending, stop_devices, senders, devices }
     }
 
+    /// Waits (bounded) until `more` messages have arrived beyond those
+    /// already received: traffic is flowing, whatever the machine's load.
+    async fn wait_for_traffic(&self, what: &str, more: usize) {
+        let goal = self.tally.received_total() + more;
+        within(what, async {
+            loop {
+                let changed = self.tally.changed.notified();
+                if self.tally.received_total() >= goal {
+                    return;
+                }
+                changed.await;
+            }
+        })
+        .await;
+    }
+
     /// Stops sending, waits (bounded) for the messages answered 200 to
     /// arrive, stops the devices, and returns the tally.
     async fn finish(self) -> Arc<Tally> {
@@ -340,19 +361,26 @@ async fn a_rolling_ring_change_loses_no_message_with_keep() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_restart_loses_no_message() {
     let apps = start_apps(3).await;
-    let delay = "shutdown_delay = \"500ms\"";
+    // shutdown_delay covers the balancer's reaction, as it covers endpoint
+    // removal on Kubernetes; retry_for covers a device's reconnect
+    // (100-300 ms, stretched on a loaded machine) for messages posted while
+    // its socket is away.
+    let delay = "shutdown_delay = \"2s\"";
+    let routing = "not_here = { retry_for = \"10s\" }";
     let port = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
-    let file_a = ConfigFile::new("a.toml", &config(&apps, "", &port.to_string(), delay));
-    let file_b = ConfigFile::new("b.toml", &config(&apps, "", "127.0.0.1:0", delay));
+    let file_a = ConfigFile::new("a.toml", &config(&apps, routing, &port.to_string(), delay));
+    let file_b = ConfigFile::new("b.toml", &config(&apps, routing, "127.0.0.1:0", delay));
     let mut a = ChildProxy::spawn(&file_a.path);
     let b = start_proxy_from(&file_b).await;
     let balancer = Balancer::new(&[port, b.proxy_addr()]);
     let fleet = Fleet::start(port, &balancer, 22).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.wait_for_traffic("messages flow before the restart", DEVICES).await;
 
-    // SIGTERM: A stops being ready; the balancer notices a moment later (as
-    // endpoints are removed), within A's shutdown_delay.
+    // SIGTERM, and A leaves the balancer's rotation at the same time, as a
+    // deleted pod leaves its Service's endpoints; A turns unready at once
+    // and serves on for shutdown_delay what was already on its way.
     a.signal("TERM");
+    balancer.rotate(port, false);
     let (http, admin_a) = (Http::default(), a.admin.clone());
     within("A turns unready", async {
         while http.get(&format!("http://{admin_a}/readyz"), &[]).await.status != 503 {
@@ -360,15 +388,22 @@ async fn a_replica_restart_loses_no_message() {
         }
     })
     .await;
-    balancer.rotate(port, false);
     a.wait_for_log("stopped");
     let exited = within("A exits", tokio::task::spawn_blocking(move || a.child.wait())).await;
     assert!(exited.expect("join").expect("wait").success(), "A exits cleanly on SIGTERM");
+    fleet.wait_for_traffic("messages flow while A is away", DEVICES).await;
 
-    // Started again on the same address, back in rotation.
+    // Started again on the same address, back in rotation once ready.
     let a = ChildProxy::spawn(&file_a.path);
+    let admin_a = a.admin.clone();
+    within("A is ready again", async {
+        while http.get(&format!("http://{admin_a}/readyz"), &[]).await.status != 200 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
     balancer.rotate(port, true);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.wait_for_traffic("messages flow after A is back", 2 * DEVICES).await;
 
     let tally = fleet.finish().await;
     assert_nothing_lost("replica restart", &tally);
