@@ -131,17 +131,48 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
     }
 
     let registration = key.as_deref().map(|key| tunnels.registry.register(key, &backend));
+    let open = Open { tunnels, backend, device, path, client, request_id: id, started, registration };
     tokio::spawn(async move {
         let upgrades =
             tokio::time::timeout(UPGRADE_TIMEOUT, async { tokio::try_join!(client_upgrade, backend_upgrade) });
-        let (client_io, backend_io) = match upgrades.await {
-            Ok(Ok(pair)) => pair,
+        match upgrades.await {
+            // The session is a task of its own: this one's state (the
+            // upgrade futures, a timer) is freed rather than carried for
+            // the tunnel's whole life, which for an idle device is most of
+            // what it costs.
+            Ok(Ok((client_io, backend_io))) => drop(tokio::spawn(open.session(client_io, backend_io))),
             Ok(Err(e)) => {
-                return debug!(device, backend = %backend.id, error = %e, "websocket upgrade did not complete")
+                debug!(device = open.device, backend = %open.backend.id, error = %e, "websocket upgrade did not complete")
             }
-            Err(_) => return debug!(device, backend = %backend.id, "websocket upgrade timed out"),
-        };
-        let _open = backend.stats.tunnel_opened();
+            Err(_) => debug!(device = open.device, backend = %open.backend.id, "websocket upgrade timed out"),
+        }
+    });
+    response
+}
+
+/// A tunnel whose 101 has been passed on: what its session needs.
+struct Open {
+    tunnels: Arc<Tunnels>,
+    backend: Arc<Backend>,
+    device: String,
+    path: String,
+    client: Arc<Client>,
+    request_id: String,
+    started: Instant,
+    registration: Option<crate::tunnel::registry::Registration>,
+}
+
+impl Open {
+    /// The tunnel's session: splices the upgraded connections until the
+    /// tunnel ends. Set up here, outside the future, so the future holds
+    /// only the session's own state (see [`session::run_then`]).
+    fn session(
+        self,
+        client_io: hyper::upgrade::Upgraded,
+        backend_io: hyper::upgrade::Upgraded,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let Open { tunnels, backend, device, path, client, request_id, started, registration } = self;
+        let open = backend.stats.tunnel_opened();
         let control = registration.as_ref().map(|r| Arc::clone(r.control()));
         let (client_io, early_up) = Io::from_upgraded(client_io);
         let (backend_io, early_down) = Io::from_upgraded(backend_io);
@@ -155,28 +186,29 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
             backend.stats.bytes_down.clone(),
             registration,
         );
-        drop((early_up, early_down));
         // Whatever `server.access_log` says, like the line that closes it:
         // one line per tunnel, not per request.
-        info!(device, backend = %backend.id, path, client = %client.ip(), request_id = %id, setup = ?started.elapsed(), "tunnel open");
+        info!(device, backend = %backend.id, path, client = %client.ip(), request_id, setup = ?started.elapsed(), "tunnel open");
         let opened = Instant::now();
         let router = Arc::clone(&tunnels.router);
         // Read as the tunnel opens: a reload applies to new tunnels.
         let idle_timeout = router.load().config().server.tunnel_idle_timeout;
+        let draining = Arc::clone(&backend);
         let signals = Signals {
             shutdown: tunnels.close.clone(),
             control,
             routing_changed: router.subscribe(),
-            drain_deadline: || drain_deadline(&router, &backend.id),
+            drain_deadline: move || drain_deadline(&router, &draining.id),
             idle_timeout,
         };
-        let outcome = session::run(splice, signals).await;
-        if outcome.closed_by == Some(ClosedBy::IdleTimeout) {
-            tunnels.metrics.limit_hit(Limit::TunnelIdleTimeout);
-        }
-        info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), request_id = %id, "tunnel {outcome}");
-    });
-    response
+        session::run_then(splice, signals, move |outcome| {
+            if outcome.closed_by == Some(ClosedBy::IdleTimeout) {
+                tunnels.metrics.limit_hit(Limit::TunnelIdleTimeout);
+            }
+            info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), request_id, "tunnel {outcome}");
+            drop(open);
+        })
+    }
 }
 
 /// When a tunnel to `id` must close because its backend is draining.

@@ -13,7 +13,7 @@
 //! one atomic load.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Instant, SystemTime};
 
@@ -52,31 +52,80 @@ pub struct TunnelControl {
     pub opened: Instant,
     /// When the tunnel was registered (wall clock, for the admin API).
     pub opened_at: SystemTime,
-    /// Asks the tunnel to end cleanly so its device reconnects elsewhere.
-    migrate: Notify,
-    /// Asks the tunnel to end because the proxy is shutting down.
-    shutdown: Notify,
+    /// What the tunnel has been asked ([`ASKED_MIGRATE`], [`ASKED_SHUTDOWN`]
+    /// bits), and the wake-up of the session waiting for it: one word and
+    /// one waiter for both questions, since an idle tunnel's session keeps
+    /// its wait open for the tunnel's whole life.
+    asked: AtomicU8,
+    notify: Notify,
+}
+
+const ASKED_MIGRATE: u8 = 1;
+const ASKED_SHUTDOWN: u8 = 2;
+
+/// What the rest of the proxy asked a tunnel to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// Move: close with 1012 so the device reconnects to its new owner.
+    Migrate,
+    /// Close with 1001: the proxy is shutting down.
+    Shutdown,
 }
 
 impl TunnelControl {
     /// Asks the tunnel to move: it closes with 1012 and the device reconnects.
     pub fn migrate(&self) {
-        self.migrate.notify_one();
-    }
-
-    /// Resolves once [`TunnelControl::migrate`] has been called.
-    pub async fn migration_requested(&self) {
-        self.migrate.notified().await
+        self.ask(ASKED_MIGRATE);
     }
 
     /// Asks the tunnel to close (1001) because the proxy is shutting down.
     pub fn shut_down(&self) {
-        self.shutdown.notify_one();
+        self.ask(ASKED_SHUTDOWN);
     }
 
-    /// Resolves once [`TunnelControl::shut_down`] has been called.
-    pub async fn shutdown_requested(&self) {
-        self.shutdown.notified().await
+    fn ask(&self, what: u8) {
+        self.asked.fetch_or(what, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    /// What has been asked so far, if anything; a shutdown wins over a move.
+    pub fn asked(&self) -> Option<Ask> {
+        let asked = self.asked.load(Ordering::Acquire);
+        if asked & ASKED_SHUTDOWN != 0 {
+            Some(Ask::Shutdown)
+        } else if asked & ASKED_MIGRATE != 0 {
+            Some(Ask::Migrate)
+        } else {
+            None
+        }
+    }
+
+    /// Resolves once the tunnel has been asked something, with what.
+    pub async fn requested(&self) -> Ask {
+        loop {
+            // Registered before the flag is read, so an ask between the
+            // two still wakes this wait.
+            let notified = self.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(ask) = self.asked() {
+                return ask;
+            }
+            notified.await;
+        }
+    }
+
+    /// Resolves once [`TunnelControl::migrate`] has been called.
+    pub async fn migration_requested(&self) {
+        loop {
+            let notified = self.notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.asked.load(Ordering::Acquire) & ASKED_MIGRATE != 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -152,8 +201,8 @@ impl TunnelRegistry {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             opened: Instant::now(),
             opened_at: SystemTime::now(),
-            migrate: Notify::new(),
-            shutdown: Notify::new(),
+            asked: AtomicU8::new(0),
+            notify: Notify::new(),
         });
         let entry = Entry { backend: Arc::clone(backend), control: Arc::clone(&control) };
         self.shard(device).entry(device.into()).or_default().push(entry);
@@ -228,4 +277,60 @@ pub fn is_misplaced(tunnel: &TunnelInfo, table: &RoutingTable) -> bool {
         return false;
     }
     table.home(&tunnel.device).is_some_and(|home| home.id != tunnel.backend.id)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The asks a tunnel gets, through its one wait.
+
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    fn control() -> TunnelControl {
+        TunnelControl {
+            id: 1,
+            opened: Instant::now(),
+            opened_at: SystemTime::now(),
+            asked: AtomicU8::new(0),
+            notify: Notify::new(),
+        }
+    }
+
+    #[test]
+    fn an_ask_wakes_the_wait_and_a_shutdown_wins() {
+        let control = control();
+        let mut waiting = pin!(control.requested());
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(waiting.as_mut().poll(&mut cx).is_pending(), "nothing asked yet");
+        control.migrate();
+        assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Ready(Ask::Migrate));
+        control.shut_down();
+        assert_eq!(control.asked(), Some(Ask::Shutdown), "a shutdown wins over a move");
+    }
+
+    #[test]
+    fn an_ask_before_the_wait_is_not_lost() {
+        let control = control();
+        control.shut_down();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(pin!(control.requested()).poll(&mut cx), Poll::Ready(Ask::Shutdown));
+        // The move was not asked: its wait stays pending.
+        assert!(pin!(control.migration_requested()).poll(&mut cx).is_pending());
+    }
+
+    #[test]
+    fn every_waiter_hears_a_move() {
+        let control = control();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut session = pin!(control.requested());
+        let mut watcher = pin!(control.migration_requested());
+        assert!(session.as_mut().poll(&mut cx).is_pending());
+        assert!(watcher.as_mut().poll(&mut cx).is_pending());
+        control.migrate();
+        assert_eq!(session.as_mut().poll(&mut cx), Poll::Ready(Ask::Migrate));
+        assert_eq!(watcher.as_mut().poll(&mut cx), Poll::Ready(()));
+    }
 }

@@ -4,9 +4,11 @@
 //! for `server.tunnel_idle_timeout`), and give up on a close handshake
 //! that does not finish.
 //!
-//! The idle timer is one sleep, not reset per byte: the splice stamps when
-//! bytes last moved, and when the sleep fires the session either closes
-//! the tunnel or sleeps again until that stamp plus the timeout.
+//! One timer serves every deadline (the idle check, a draining backend's,
+//! the close handshake's), set to the earliest. The idle deadline is not
+//! moved per byte: the splice stamps when bytes last moved, and when the
+//! timer fires the session either closes the tunnel or waits on until that
+//! stamp plus the timeout.
 //!
 //! The session is generic over its two streams, so its state machine runs
 //! on in-memory streams in the unit tests.
@@ -19,12 +21,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::registry::TunnelControl;
+use super::registry::{Ask, TunnelControl};
 use super::splice::Splice;
 use super::wsframe;
 use crate::util::rng::SplitMix64;
 use crate::util::shutdown::raised;
-use crate::util::time::sleep_until_some;
 
 /// When the proxy ends a tunnel: how long the backend has to answer its
 /// close frame (and the device to finish a frame it is sending) before the
@@ -98,81 +99,122 @@ pub struct Signals<D> {
 }
 
 /// Runs a tunnel to its end.
-pub async fn run<C, B, D>(mut splice: Splice<C, B>, signals: Signals<D>) -> Outcome
+pub async fn run<C, B, D>(splice: Splice<C, B>, signals: Signals<D>) -> Outcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
     D: Fn() -> Option<Instant>,
 {
-    let Signals { shutdown: mut close, control, routing_changed: mut swaps, drain_deadline, idle_timeout } = signals;
-    let mut closed_by: Option<ClosedBy> = None;
-    // When to look at the splice's last activity next.
-    let mut idle_check = idle_timeout.map(|timeout| splice.last_active() + timeout);
-    let mut give_up: Option<Instant> = None;
-    let mut force_at: Option<Instant> = None;
-    let mut router_gone = false;
-    let copied = loop {
-        let drain = if closed_by.is_none() { drain_deadline() } else { None };
-        let mut begin = None;
-        tokio::select! {
-            copied = &mut splice => break copied.map_err(|e| format!("closed by error: {e}")),
-            _ = raised(&mut close), if closed_by.is_none() => begin = Some(ClosedBy::Shutdown),
-            _ = migration_requested(control.as_deref()), if closed_by.is_none() => begin = Some(ClosedBy::Migration),
-            _ = shutdown_requested(control.as_deref()), if closed_by.is_none() => begin = Some(ClosedBy::Shutdown),
-            _ = sleep_until_some(drain), if closed_by.is_none() => begin = Some(ClosedBy::Drain),
-            _ = sleep_until_some(idle_check), if closed_by.is_none() => {
-                // Bytes moved since the sleep began: sleep on to the new
-                // deadline. Otherwise the tunnel has been idle long enough.
-                idle_check = idle_timeout.map(|timeout| splice.last_active() + timeout);
-                if idle_check.is_some_and(|at| at <= Instant::now()) {
-                    debug!(timeout = ?idle_timeout, "tunnel idle: closing it");
-                    begin = Some(ClosedBy::IdleTimeout);
-                }
-            }
-            changed = swaps.changed(), if !router_gone => {
-                // The router is gone: only the copy or shutdown can end us
-                // now. (A closed channel would answer at once, every time.)
-                router_gone = changed.is_err();
-            }
-            _ = sleep_until_some(force_at) => {
-                force_at = None;
-                splice.force_close();
-            }
-            _ = sleep_until_some(give_up) => {
-                break Err("dropped: the close handshake did not finish in time".to_string());
-            }
-        }
-        if let Some(by) = begin {
-            closed_by = Some(by);
-            let (code, reason) = match by {
-                ClosedBy::Shutdown => (wsframe::CLOSE_GOING_AWAY, "proxy shutting down"),
-                ClosedBy::IdleTimeout => (wsframe::CLOSE_GOING_AWAY, "idle timeout"),
-                ClosedBy::Migration => (wsframe::CLOSE_SERVICE_RESTART, "moved to another backend: reconnect"),
-                ClosedBy::Drain => (wsframe::CLOSE_SERVICE_RESTART, "backend draining: reconnect"),
-            };
-            splice.begin_close(code, reason, mask());
-            let now = Instant::now();
-            force_at = Some(now + CLOSE_REPLY_WAIT);
-            give_up = Some(now + CLOSE_HANDSHAKE_LIMIT);
-        }
-    };
-    Outcome { copied, closed_by }
+    run_then(splice, signals, |outcome| outcome).await
 }
 
-/// Resolves when the rebalancer asks this tunnel to move (never, for a
-/// tunnel without a device ID).
-async fn migration_requested(control: Option<&TunnelControl>) {
-    match control {
-        Some(control) => control.migration_requested().await,
-        None => std::future::pending().await,
+/// Runs a tunnel to its end, then hands its outcome to `then`.
+///
+/// A tunnel's task is this future and nothing around it (an idle device's
+/// cost is mostly its size), so what happens after the tunnel goes in
+/// `then` rather than in an enclosing `async` block, which would keep its
+/// own copy of everything moved in here. For the same reason the waits are
+/// few: one timer for every deadline and one wait for what the tunnel is
+/// asked.
+// Deliberately not an `async fn`: see the comment on the block.
+#[allow(clippy::manual_async_fn)]
+pub fn run_then<C, B, D, R>(
+    mut splice: Splice<C, B>,
+    mut signals: Signals<D>,
+    then: impl FnOnce(Outcome) -> R,
+) -> impl std::future::Future<Output = R>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+    D: Fn() -> Option<Instant>,
+{
+    // An `async` block rather than an `async fn`: the block uses what it
+    // captured in place, where an `async fn` keeps its arguments twice
+    // (rust-lang/rust#62958), and `signals` is read through its fields for
+    // the same reason.
+    async move {
+        let idle_timeout = signals.idle_timeout;
+        let mut closed_by: Option<ClosedBy> = None;
+        // When to look at the splice's last activity next.
+        let mut idle_check = idle_timeout.map(|timeout| splice.last_active() + timeout);
+        let mut give_up: Option<Instant> = None;
+        let mut force_at: Option<Instant> = None;
+        let mut router_gone = false;
+        // The earliest deadline of those that apply; armed only with one.
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(timer);
+        let copied = loop {
+            let (drain, idle) = match closed_by {
+                None => ((signals.drain_deadline)(), idle_check),
+                Some(_) => (None, None),
+            };
+            let next = [drain, idle, force_at, give_up].into_iter().flatten().min();
+            if let Some(at) = next {
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+            }
+            let mut begin = None;
+            tokio::select! {
+                copied = &mut splice => break copied.map_err(|e| format!("closed by error: {e}")),
+                _ = raised(&mut signals.shutdown), if closed_by.is_none() => begin = Some(ClosedBy::Shutdown),
+                asked = requested(signals.control.as_deref()), if closed_by.is_none() => {
+                    begin = Some(match asked {
+                        Ask::Migrate => ClosedBy::Migration,
+                        Ask::Shutdown => ClosedBy::Shutdown,
+                    });
+                }
+                changed = signals.routing_changed.changed(), if !router_gone => {
+                    // The router is gone: only the copy or shutdown can end us
+                    // now. (A closed channel would answer at once, every time.)
+                    router_gone = changed.is_err();
+                }
+                () = &mut timer, if next.is_some() => {
+                    let now = Instant::now();
+                    if give_up.is_some_and(|at| at <= now) {
+                        break Err("dropped: the close handshake did not finish in time".to_string());
+                    }
+                    if force_at.is_some_and(|at| at <= now) {
+                        force_at = None;
+                        splice.force_close();
+                    }
+                    if drain.is_some_and(|at| at <= now) {
+                        begin = Some(ClosedBy::Drain);
+                    } else if idle.is_some_and(|at| at <= now) {
+                        // Bytes moved since the timer was set: wait on to the
+                        // new deadline. Otherwise the tunnel has been idle
+                        // long enough.
+                        idle_check = idle_timeout.map(|timeout| splice.last_active() + timeout);
+                        if idle_check.is_some_and(|at| at <= now) {
+                            debug!(timeout = ?idle_timeout, "tunnel idle: closing it");
+                            begin = Some(ClosedBy::IdleTimeout);
+                        }
+                    }
+                }
+            }
+            if let Some(by) = begin {
+                closed_by = Some(by);
+                let (code, reason) = match by {
+                    ClosedBy::Shutdown => (wsframe::CLOSE_GOING_AWAY, "proxy shutting down"),
+                    ClosedBy::IdleTimeout => (wsframe::CLOSE_GOING_AWAY, "idle timeout"),
+                    ClosedBy::Migration => (wsframe::CLOSE_SERVICE_RESTART, "moved to another backend: reconnect"),
+                    ClosedBy::Drain => (wsframe::CLOSE_SERVICE_RESTART, "backend draining: reconnect"),
+                };
+                splice.begin_close(code, reason, mask());
+                let now = Instant::now();
+                force_at = Some(now + CLOSE_REPLY_WAIT);
+                give_up = Some(now + CLOSE_HANDSHAKE_LIMIT);
+            }
+        };
+        then(Outcome { copied, closed_by })
     }
 }
 
-/// Resolves when the shutdown asks this tunnel in particular to close
+/// Resolves when the tunnel is asked to move or to close for a shutdown
 /// (never, for a tunnel without a device ID: the shutdown flag ends those).
-async fn shutdown_requested(control: Option<&TunnelControl>) {
+async fn requested(control: Option<&TunnelControl>) -> Ask {
     match control {
-        Some(control) => control.shutdown_requested().await,
+        Some(control) => control.requested().await,
         None => std::future::pending().await,
     }
 }
@@ -581,6 +623,18 @@ mod tests {
         assert_quiet(&mut h.device, "device of a tunnel idle for 10 h").await;
         assert!(!h.session.is_finished());
         exchange(&mut h).await;
+    }
+
+    #[test]
+    fn an_idle_tunnels_future_stays_small() {
+        // An idle device costs little more than this future (a task of its
+        // own): 4.4 kB when the session was an `async fn` awaited inside
+        // another, with a timer per deadline.
+        let Parts { splice, signals, .. } = parts(None, None, || None);
+        let session = run_then(splice, signals, drop);
+        let size = std::mem::size_of_val(&session);
+        eprintln!("session future: {size} bytes");
+        assert!(size <= 1152, "the session future grew to {size} bytes");
     }
 
     /// Counts how often a waker is woken.
