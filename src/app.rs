@@ -127,6 +127,8 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     tokio::spawn(health.run(running.drain.subscribe()));
     let rebalancer = Rebalancer::new(router.clone(), Arc::clone(&tunnels), Arc::clone(&metrics));
     tokio::spawn(rebalancer.run(running.drain.subscribe()));
+    // Freed memory of connection bursts back to the OS (glibc keeps it).
+    tokio::spawn(crate::util::memory::trim_after_bursts(running.drain.subscribe()));
 
     // `proto` says how the client came: X-Forwarded-Proto.
     let proxy_service = |proto: &'static str| {

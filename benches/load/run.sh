@@ -498,8 +498,10 @@ run_ws_idle() { # who scenario round
     sleep 0.1
   done
   if [ ! -s "$ready" ]; then echo "loadgen ws-idle did not get its sockets open; its output:" >&2; cat "$out" >&2; exit 1; fi
-  # Let the proxy settle (buffers freed after the proving echo), then read.
-  sleep 1
+  # Let the proxy settle, then read: buffers freed after the proving echo,
+  # and sticky-proxy hands a burst's freed heap back to the OS within 2 s
+  # of the burst's end (src/util/memory.rs). Every proxy gets the same wait.
+  sleep 3
   rss1="$(tree_rss_kb "$PROXY_PID")"
   # Other devices' HTTP while the sockets stay open: does holding them cost
   # anyone latency? (8 connections, GET /whoami on the demo backends.)

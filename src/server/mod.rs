@@ -180,6 +180,8 @@ impl Connections {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         client_socket_options(&stream);
+        // Its buffers are freed when this task ends (util::memory).
+        let _ended = crate::util::memory::EndGuard;
         // Open until this task ends, however the connection ends.
         let _open = match transport {
             Transport::Http1 => None,

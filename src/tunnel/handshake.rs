@@ -173,6 +173,7 @@ impl Open {
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let Open { tunnels, backend, device, path, client, request_id, started, registration } = self;
         let open = backend.stats.tunnel_opened();
+        let ended = crate::util::memory::EndGuard;
         let control = registration.as_ref().map(|r| Arc::clone(r.control()));
         let (client_io, early_up) = Io::from_upgraded(client_io);
         let (backend_io, early_down) = Io::from_upgraded(backend_io);
@@ -206,7 +207,7 @@ impl Open {
                 tunnels.metrics.limit_hit(Limit::TunnelIdleTimeout);
             }
             info!(device, backend = %backend.id, path, status = 101, elapsed = ?opened.elapsed(), request_id, "tunnel {outcome}");
-            drop(open);
+            drop((open, ended));
         })
     }
 }
