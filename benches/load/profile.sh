@@ -105,6 +105,9 @@ wait_port "${BACKEND_PORTS[0]}" "$!" nginx
 
 {
   printf '[server]\nlisten = "127.0.0.1:%s"\nworkers = %s\naccess_log = false\n' "$PROXY_PORT" "$PROXY_WORKERS"
+  # No keep-alive request limit, as before keepalive_requests existed: a
+  # connection past its 1000 requests is closed under loadgen's feet.
+  printf 'keepalive_requests = 1000000\n'
   printf '[admin]\nlisten = "127.0.0.1:%s"\n[reload]\nwatch = false\n' "$ADMIN_PORT"
   printf '[routing]\nkey = ["header:x-device-id"]\n'
   i=0
@@ -119,12 +122,12 @@ one() { # binary tool requests label -> prints the tool's total (Ir, or "blocks 
     callgrind) vg+=(--callgrind-out-file="$base.out") ;;
     dhat) vg+=(--dhat-out-file="$base.json") ;;
   esac
-  # Builds older than server.workers / server.access_log: the same without
+  # Builds older than server.workers / server.access_log / server.keepalive_requests: the same without
   # them (one CPU gives one worker; RUST_LOG=warn silences the access log).
   local config="$OUT_DIR/sticky.toml"
   if ! "$bin" check --config "$config" >/dev/null 2>&1; then
     config="$OUT_DIR/sticky-legacy.toml"
-    grep -v -e '^workers' -e '^access_log' "$OUT_DIR/sticky.toml" >"$config"
+    grep -v -e '^workers' -e '^access_log' -e '^keepalive_requests' "$OUT_DIR/sticky.toml" >"$config"
   fi
   RUST_LOG=warn "${PIN[@]}" "${vg[@]}" "$bin" run --config "$config" >"$base.log" 2>&1 &
   pid=$!
