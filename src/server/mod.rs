@@ -61,6 +61,11 @@ pub(crate) async fn bind(addr: SocketAddr, field: &str) -> io::Result<TcpListene
 /// resolved by the first, which the others then join.
 pub(crate) fn bind_shared(addr: SocketAddr, field: &str, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
     let named = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr} ({field}): {e}"));
+    // SO_REUSEPORT would let this process join another's listeners on the
+    // port (same user) and share its traffic: fail as a plain bind would.
+    if addr.port() != 0 {
+        port_is_free(addr).map_err(named)?;
+    }
     let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
     for _ in 0..workers {
         let at = match listeners.first() {
@@ -70,6 +75,16 @@ pub(crate) fn bind_shared(addr: SocketAddr, field: &str, workers: usize) -> io::
         listeners.push(reuseport_listener(at).map_err(named)?);
     }
     Ok(listeners)
+}
+
+/// Binds (and at once drops) a socket without `SO_REUSEPORT`, which fails
+/// where anything listens already.
+fn port_is_free(addr: SocketAddr) -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As tokio's bind: connections in TIME_WAIT don't hold the port.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
 }
 
 /// One `SO_REUSEPORT` listener, set up as tokio's `TcpListener::bind` sets
@@ -613,6 +628,25 @@ mod tests {
         let kinds =
             [AcceptErrorKind::FdLimit, AcceptErrorKind::Memory, AcceptErrorKind::Connection, AcceptErrorKind::Other];
         assert_eq!(kinds.map(AcceptErrorKind::label), crate::metrics::ACCEPT_ERROR_KINDS);
+    }
+
+    /// Port 0: the workers' listeners share the port the first was given;
+    /// a port something listens on already is refused, as without
+    /// SO_REUSEPORT.
+    #[test]
+    fn shared_listeners_share_one_port_and_never_join_another_listener() {
+        let listeners = bind_shared("127.0.0.1:0".parse().expect("addr"), "test", 3).expect("bind");
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().expect("addr")).collect();
+        assert_ne!(addrs[0].port(), 0);
+        assert!(addrs.iter().all(|a| *a == addrs[0]), "{addrs:?}");
+
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let e = bind_shared(taken.local_addr().expect("addr"), "server.listen", 2).expect_err("in use");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(e.to_string().contains("server.listen"), "{e}");
+        // Nor another group of workers' listeners.
+        let e = bind_shared(addrs[0], "server.listen", 2).expect_err("in use");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
     }
 
     /// The saving in `client_socket_options` rests on this: an accepted
