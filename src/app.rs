@@ -4,6 +4,15 @@
 //! loops; [`RunningProxy::shutdown`] stops in three steps: stop accepting,
 //! let in-flight HTTP finish within `server.shutdown_grace`, then close
 //! whatever is left, WebSocket tunnels included. [`run`] adds the signals.
+//!
+//! With `server.runtime = "thread-per-core"` and more than one worker, the
+//! proxy's listeners are bound once per worker with `SO_REUSEPORT`, and each
+//! worker thread runs a current-thread runtime of its own that accepts on
+//! its listeners and proxies with a pool of its own, so a connection is
+//! served start to finish on the thread that accepted it. The routing
+//! snapshot, tunnel registry, metrics, `server.max_connections` and the
+//! shutdown signals are shared; the admin API, health checks, reloads,
+//! discovery and the rebalancer run on the runtime `start` is called on.
 
 use std::convert::Infallible;
 use std::io;
@@ -17,7 +26,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, StatusCode, Version};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::config::Config;
@@ -27,7 +36,7 @@ use crate::ops::admin::{self, AdminState};
 use crate::ops::reload::{Reloader, Trigger};
 use crate::proxy::{DeliveryLog, Proxy};
 use crate::routing::{Router, RoutingTable};
-use crate::server::{bind, Connections, Transport};
+use crate::server::{bind, bind_shared, Connections, Transport};
 use crate::tls::PickCertificate;
 use crate::tunnel::rebalance::Rebalancer;
 use crate::tunnel::TunnelRegistry;
@@ -54,6 +63,8 @@ pub struct RunningProxy {
     drain: watch::Sender<bool>,
     /// `true`: close everything still open, tunnels included.
     close: watch::Sender<bool>,
+    /// Thread-per-core workers, if they serve the proxy's listeners.
+    workers: Option<Workers>,
 }
 
 /// Binds the listeners named in `config` and starts serving. Without a
@@ -69,12 +80,22 @@ pub async fn start_from_file(config: Config, path: PathBuf) -> io::Result<Runnin
 }
 
 async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<RunningProxy> {
-    let proxy_listener = bind(config.server.listen, "server.listen").await?;
-    let admin_listener = bind(config.admin.listen, "admin.listen").await?;
-    let tls_listener = match &config.server.tls {
-        Some(tls) => Some(bind(tls.listen, "server.tls.listen").await?),
-        None => None,
+    let listeners = if config.server.thread_per_core() {
+        let n = config.server.workers;
+        let plain = bind_shared(config.server.listen, "server.listen", n)?;
+        let tls: Vec<_> = match &config.server.tls {
+            Some(tls) => bind_shared(tls.listen, "server.tls.listen", n)?.into_iter().map(Some).collect(),
+            None => (0..n).map(|_| None).collect(),
+        };
+        Listeners::Workers(plain.into_iter().zip(tls).collect())
+    } else {
+        let tls = match &config.server.tls {
+            Some(tls) => Some(bind(tls.listen, "server.tls.listen").await?),
+            None => None,
+        };
+        Listeners::Main(bind(config.server.listen, "server.listen").await?, tls)
     };
+    let admin_listener = bind(config.admin.listen, "admin.listen").await?;
     let metrics = Arc::new(Metrics::new());
     let config = Arc::new(config);
     let router = RoutingTable::new(Arc::clone(&config), 1, &metrics).into_router();
@@ -96,9 +117,10 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         Arc::clone(&deliveries),
     ));
 
-    let running = RunningProxy {
-        proxy_addr: proxy_listener.local_addr()?,
-        tls_addr: tls_listener.as_ref().map(TcpListener::local_addr).transpose()?,
+    let (proxy_addr, tls_addr) = listeners.addrs()?;
+    let mut running = RunningProxy {
+        proxy_addr,
+        tls_addr,
         admin_addr: admin_listener.local_addr()?,
         router: router.clone(),
         reloader: Arc::clone(&reloader),
@@ -108,6 +130,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         stopping: Arc::new(AtomicBool::new(false)),
         drain,
         close,
+        workers: None,
     };
     let connections = Connections {
         router: router.clone(),
@@ -116,6 +139,7 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         close: running.close.subscribe(),
         slots: config.server.max_connections.map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
         in_flight: None,
+        worker: 0,
     };
     tokio::spawn(Arc::clone(&reloader).watch_file(running.drain.subscribe()));
     tokio::spawn(crate::ops::discovery::run(
@@ -131,8 +155,9 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     tokio::spawn(crate::util::memory::trim_after_bursts(running.drain.subscribe()));
 
     // `proto` says how the client came: X-Forwarded-Proto.
-    let proxy_service = |proto: &'static str| {
-        let (proxy, stopping) = (proxy.clone(), Arc::clone(&running.stopping));
+    let stopping = Arc::clone(&running.stopping);
+    let proxy_service = move |proxy: Arc<Proxy>, proto: &'static str| {
+        let stopping = Arc::clone(&stopping);
         move |addr: SocketAddr| {
             let (proxy, stopping) = (proxy.clone(), Arc::clone(&stopping));
             let client = Arc::new(Client::new(addr, proto));
@@ -154,17 +179,91 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
     // Every handshake failure series exists at 0, with or without a TLS
     // listener (one may come with a restart), so dashboards need no `or`.
     metrics.tls_listener_started(&crate::tls::HANDSHAKE_FAILURE_REASONS);
-    if let (Some(listener), Some(addr)) = (tls_listener, running.tls_addr) {
-        // Each handshake's certificate comes from the config in use, so a
-        // reload swaps certificates with everything else.
-        let live = router.clone();
-        let pick: PickCertificate =
-            Box::new(move |name| live.load().config().server.tls.as_ref()?.certificates.pick(name));
-        let acceptor = crate::tls::acceptor(pick).map_err(io::Error::other)?;
-        tokio::spawn(connections.clone().accept_loop(listener, Transport::Tls(acceptor), proxy_service("https")));
-        info!(tls_listen = %addr, "TLS listener serving (HTTP/1.1 and HTTP/2)");
+    let acceptor = match &config.server.tls {
+        Some(_) => {
+            // Each handshake's certificate comes from the config in use, so a
+            // reload swaps certificates with everything else.
+            let live = router.clone();
+            let pick: PickCertificate =
+                Box::new(move |name| live.load().config().server.tls.as_ref()?.certificates.pick(name));
+            Some(crate::tls::acceptor(pick).map_err(io::Error::other)?)
+        }
+        None => None,
+    };
+    match listeners {
+        Listeners::Main(plain, tls) => {
+            if let (Some(listener), Some(acceptor)) = (tls, acceptor) {
+                let service = proxy_service(Arc::clone(&proxy), "https");
+                tokio::spawn(connections.clone().accept_loop(listener, Transport::Tls(acceptor), service));
+            }
+            let service = proxy_service(Arc::clone(&proxy), "http");
+            tokio::spawn(connections.clone().accept_loop(plain, Transport::Plain, service));
+        }
+        Listeners::Workers(listeners) => {
+            let n = listeners.len();
+            // The workers end when this sender goes: after `shutdown`, or
+            // with the runtime driving this task.
+            let (stop, stopped) = watch::channel(());
+            let mut ready = Vec::with_capacity(n);
+            let mut exited = Vec::with_capacity(n);
+            for (worker, (plain, tls)) in listeners.into_iter().enumerate() {
+                let (ready_tx, ready_rx) = oneshot::channel();
+                let (exited_tx, exited_rx) = oneshot::channel::<()>();
+                let template = Arc::clone(&proxy);
+                let upstream = config.upstream.clone();
+                let connections = Connections { worker, ..connections.clone() };
+                let (tls, mut stopped) = (tls.zip(acceptor.clone()), stopped.clone());
+                let service = proxy_service.clone();
+                // A current-thread runtime per worker: its connections, their
+                // requests and its pool's backend connections never leave it.
+                let serve = move || {
+                    // Dropped last, after the runtime: the worker is gone.
+                    let _exited = exited_tx;
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(e) => return drop(ready_tx.send(Err(e))),
+                    };
+                    runtime.block_on(async move {
+                        let listeners =
+                            (TcpListener::from_std(plain), tls.map(|(l, a)| Ok((TcpListener::from_std(l)?, a))));
+                        let (plain, tls) = match listeners {
+                            (Ok(plain), None) => (plain, None),
+                            (Ok(plain), Some(Ok(tls))) => (plain, Some(tls)),
+                            (Err(e), _) | (_, Some(Err(e))) => return drop(ready_tx.send(Err(e))),
+                        };
+                        let proxy = Arc::new(template.for_worker(&upstream, worker, n));
+                        drop(template);
+                        if let Some((listener, acceptor)) = tls {
+                            let service = service(Arc::clone(&proxy), "https");
+                            tokio::spawn(connections.clone().accept_loop(listener, Transport::Tls(acceptor), service));
+                        }
+                        tokio::spawn(connections.accept_loop(plain, Transport::Plain, service(proxy, "http")));
+                        let _ = ready_tx.send(Ok(()));
+                        // Ok or Err: either way the sender is done with.
+                        let _ = stopped.changed().await;
+                    });
+                    // Dropping the runtime drops what is left of its tasks:
+                    // by now `shutdown` has closed them.
+                };
+                std::thread::Builder::new().name(format!("sticky-worker-{worker}")).spawn(serve)?;
+                ready.push(ready_rx);
+                exited.push(exited_rx);
+            }
+            for ready in ready {
+                ready.await.unwrap_or_else(|_| Err(io::Error::other("a worker thread ended as it started")))?;
+            }
+            let (done, until_done) = oneshot::channel::<()>();
+            tokio::spawn(async move {
+                let _stop = stop;
+                // RunningProxy dropped without `shutdown`: serve on until
+                // this runtime stops.
+                if until_done.await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            });
+            running.workers = Some(Workers { done, exited });
+        }
     }
-    tokio::spawn(connections.clone().accept_loop(proxy_listener, Transport::Plain, proxy_service("http")));
     let stopping = Arc::clone(&running.stopping);
     let admin_state = AdminState { router, reloader, metrics, tunnels, deliveries, stopping };
     let admin_service = move |_addr: SocketAddr| {
@@ -181,9 +280,44 @@ async fn start_inner(config: Config, path: Option<PathBuf>) -> io::Result<Runnin
         admin = %running.admin_addr,
         backends = config.backends.len(),
         workers = config.server.workers,
+        runtime = match config.server.runtime {
+            _ if config.server.workers == 1 => "current-thread",
+            crate::config::Runtime::ThreadPerCore => "thread-per-core",
+            crate::config::Runtime::WorkStealing => "work-stealing",
+        },
         "sticky-proxy serving"
     );
     Ok(running)
+}
+
+/// The proxy's listeners (cleartext, and TLS if configured): on the
+/// runtime `start` runs on, or one pair per thread-per-core worker.
+enum Listeners {
+    Main(TcpListener, Option<TcpListener>),
+    Workers(Vec<(std::net::TcpListener, Option<std::net::TcpListener>)>),
+}
+
+impl Listeners {
+    /// The cleartext and TLS addresses, ports resolved.
+    fn addrs(&self) -> io::Result<(SocketAddr, Option<SocketAddr>)> {
+        match self {
+            Listeners::Main(plain, tls) => {
+                Ok((plain.local_addr()?, tls.as_ref().map(TcpListener::local_addr).transpose()?))
+            }
+            Listeners::Workers(pairs) => {
+                let (plain, tls) = pairs.first().ok_or_else(|| io::Error::other("no worker listeners"))?;
+                Ok((plain.local_addr()?, tls.as_ref().map(std::net::TcpListener::local_addr).transpose()?))
+            }
+        }
+    }
+}
+
+/// The running workers' handles, for `shutdown`.
+struct Workers {
+    /// Sent (or dropped) once everything is closed: the workers stop.
+    done: oneshot::Sender<()>,
+    /// Each resolves as its worker's thread ends.
+    exited: Vec<oneshot::Receiver<()>>,
 }
 
 impl RunningProxy {
@@ -260,6 +394,17 @@ impl RunningProxy {
         let _ = self.close.send(true);
         if tokio::time::timeout(CLOSE_TIMEOUT, self.close.closed()).await.is_err() {
             warn!("some connections did not close in time");
+        }
+        if let Some(workers) = self.workers {
+            let _ = workers.done.send(());
+            let exited = async {
+                for worker in workers.exited {
+                    let _ = worker.await;
+                }
+            };
+            if tokio::time::timeout(CLOSE_TIMEOUT, exited).await.is_err() {
+                warn!("some workers did not stop in time");
+            }
         }
         info!("stopped");
     }

@@ -174,8 +174,10 @@ pub fn main() -> ExitCode {
             for warning in &config.warnings {
                 warn!("config: {warning}");
             }
-            let workers = config.server.workers;
-            block_on(workers, app::run(config, path))
+            // Thread per core: the workers run runtimes of their own (see
+            // `app`); this one drives the admin API, health checks, reloads.
+            let threads = if config.server.thread_per_core() { 1 } else { config.server.workers };
+            block_on(threads, app::run(config, path))
         }
         Command::Probe { url, timeout_ms } => {
             block_on(1, crate::tools::probe::probe(&url, std::time::Duration::from_millis(timeout_ms)))
@@ -358,8 +360,8 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Runs `work` on a runtime of `workers` threads; the proxy,
-/// the admin API, health checks and tunnels all share it.
+/// Runs `work` on a runtime of `workers` threads (the proxy's own
+/// thread-per-core workers, if any, are started by [`app`]).
 fn block_on(workers: usize, work: impl std::future::Future<Output = std::io::Result<()>>) -> ExitCode {
     crate::util::socket::raise_fd_limit();
     // One worker: a current-thread runtime does the same work without the

@@ -102,6 +102,11 @@ struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkerLabel {
+    worker: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabel {
     limit: &'static str,
 }
@@ -204,6 +209,7 @@ pub struct Metrics {
     no_backend: [(u16, Counter); NO_BACKEND_CODES.len()],
     in_flight: Gauge,
     client_connections: Gauge,
+    worker_connections: Family<WorkerLabel, Counter>,
     reloads: Family<ResultLabel, Counter>,
     last_reload_success: Gauge<f64, AtomicU64>,
     last_reload_ok: Gauge,
@@ -257,6 +263,7 @@ impl Metrics {
             no_backend: NO_BACKEND_CODES.map(|code| (code, Counter::default())),
             in_flight: Gauge::default(),
             client_connections: Gauge::default(),
+            worker_connections: Family::default(),
             reloads: Family::default(),
             last_reload_success: Gauge::default(),
             last_reload_ok: Gauge::default(),
@@ -302,6 +309,11 @@ impl Metrics {
             "client_connections",
             "Open client connections on the proxy's listeners (cleartext and TLS; not the admin's)",
             m.client_connections.clone(),
+        );
+        r.register(
+            "worker_connections",
+            "Client connections accepted on the proxy's listeners, by worker (thread-per-core; else all worker 0)",
+            m.worker_connections.clone(),
         );
         r.register("request_duration_seconds", "Time from request to response headers, by backend", m.duration.clone());
         r.register(
@@ -645,6 +657,12 @@ impl Metrics {
     pub(crate) fn client_connection(&self) -> GaugeGuard {
         self.client_connections.inc();
         GaugeGuard(self.client_connections.clone())
+    }
+
+    /// `worker_connections_total` of one worker, its series created at 0;
+    /// the accept loop keeps the handle, so counting costs no lookup.
+    pub(crate) fn worker_connections(&self, worker: usize) -> Counter {
+        self.worker_connections.get_or_create_owned(&WorkerLabel { worker: worker.to_string() })
     }
 
     /// An admin API call was refused for a missing or wrong token.

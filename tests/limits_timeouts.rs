@@ -176,8 +176,10 @@ async fn past_max_connections_requests_queue_then_get_503_without_blaming_the_ba
     let mut backend = HeldBackend::start().await;
     let queue_timeout = Duration::from_secs(1);
     // One counted failure would take the backend down: none must count.
+    // One pool: thread-per-core would split the limit between the workers'
+    // pools, and which worker a connection lands on is the kernel's choice.
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 2\nruntime = \"work-stealing\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [routing]\nkey = [\"header:x-device-id\"]\n\n\
          [upstream]\nmax_connections = 2\nqueue_timeout = \"1s\"\n\n\
          [health]\nobserve = \"responses\"\nfall = 1\n\n\

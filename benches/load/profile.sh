@@ -17,6 +17,10 @@ usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
 REQUESTS=6000
 SHORT=1000
+# server.workers of the proxy (valgrind runs its threads one at a time, so
+# with 2 the counts include what threads cost each other: wakeups, locks).
+PROXY_WORKERS="${PROXY_WORKERS:-1}"
+case "$PROXY_WORKERS" in ''|*[!0-9]*|0) echo "PROXY_WORKERS must be a positive number" >&2; exit 2 ;; esac
 PROXY_PORT=18090
 ADMIN_PORT=19909
 BACKEND_PORTS=(19121 19122 19123)
@@ -100,7 +104,10 @@ PIDS+=($!)
 wait_port "${BACKEND_PORTS[0]}" "$!" nginx
 
 {
-  printf '[server]\nlisten = "127.0.0.1:%s"\nworkers = 1\naccess_log = false\n' "$PROXY_PORT"
+  printf '[server]\nlisten = "127.0.0.1:%s"\nworkers = %s\naccess_log = false\n' "$PROXY_PORT" "$PROXY_WORKERS"
+  # No keep-alive request limit, as before keepalive_requests existed: a
+  # connection past its 1000 requests is closed under loadgen's feet.
+  printf 'keepalive_requests = 1000000\n'
   printf '[admin]\nlisten = "127.0.0.1:%s"\n[reload]\nwatch = false\n' "$ADMIN_PORT"
   printf '[routing]\nkey = ["header:x-device-id"]\n'
   i=0
@@ -115,12 +122,12 @@ one() { # binary tool requests label -> prints the tool's total (Ir, or "blocks 
     callgrind) vg+=(--callgrind-out-file="$base.out") ;;
     dhat) vg+=(--dhat-out-file="$base.json") ;;
   esac
-  # Builds older than server.workers / server.access_log: the same without
+  # Builds older than server.workers / server.access_log / server.keepalive_requests: the same without
   # them (one CPU gives one worker; RUST_LOG=warn silences the access log).
   local config="$OUT_DIR/sticky.toml"
   if ! "$bin" check --config "$config" >/dev/null 2>&1; then
     config="$OUT_DIR/sticky-legacy.toml"
-    grep -v -e '^workers' -e '^access_log' "$OUT_DIR/sticky.toml" >"$config"
+    grep -v -e '^workers' -e '^access_log' -e '^keepalive_requests' "$OUT_DIR/sticky.toml" >"$config"
   fi
   RUST_LOG=warn "${PIN[@]}" "${vg[@]}" "$bin" run --config "$config" >"$base.log" 2>&1 &
   pid=$!
@@ -145,7 +152,7 @@ echo "sticky-proxy per-request cost under valgrind  $(date -u '+%Y-%m-%d %H:%M:%
 if [ "${#CLOSE[@]}" -gt 0 ]; then conns="4 clients, a new connection per request"; else conns="4 keep-alive connections"; fi
 echo "load: loadgen http, $conns, GET / with X-Device-Id over 10,000 IDs;"
 echo "      per request = (run with $REQUESTS requests - run with $SHORT) / $((REQUESTS - SHORT))"
-echo "backends: nginx return 200 on :${BACKEND_PORTS[*]}; proxy: workers = 1, access_log = false, RUST_LOG=warn"
+echo "backends: nginx return 200 on :${BACKEND_PORTS[*]}; proxy: workers = $PROXY_WORKERS, access_log = false, RUST_LOG=warn"
 echo "output: $OUT_DIR"
 echo
 printf '%-4s %14s %12s %12s  %s\n' bin Ir/request allocs/req bytes/req binary

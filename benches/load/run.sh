@@ -168,8 +168,17 @@ if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 export PATH="$PATH:/usr/sbin:/sbin"
 CLK_TCK="$(getconf CLK_TCK)"
 
-PIN=0
-if [ "$(nproc)" -ge 2 ]; then PIN=1; fi
+# PIN=0: no taskset at all (the kernel places everything); PIN=1: load on
+# CPU 0, servers on CPU 1. Default: 1 with 2 CPUs or more.
+PIN="${PIN:-}"
+if [ -z "$PIN" ]; then PIN=0; if [ "$(nproc)" -ge 2 ]; then PIN=1; fi; fi
+case "$PIN" in 0|1) ;; *) echo "PIN must be 0 or 1, got '$PIN'" >&2; exit 2 ;; esac
+if [ "$PIN" -eq 1 ] && [ "$(nproc)" -lt 2 ]; then echo "PIN=1 needs 2 CPUs or more" >&2; exit 2; fi
+# Workers of each proxy under test: nginx worker_processes, HAProxy nbthread,
+# sticky-proxy server.workers (STICKY_RUNTIME, if set, its server.runtime).
+PROXY_WORKERS="${PROXY_WORKERS:-1}"
+case "$PROXY_WORKERS" in ''|*[!0-9]*|0) echo "PROXY_WORKERS must be a positive number, got '$PROXY_WORKERS'" >&2; exit 2 ;; esac
+STICKY_RUNTIME="${STICKY_RUNTIME:-}"
 LOAD_PIN=(); SERVER_PIN=()
 if [ "$PIN" -eq 1 ]; then LOAD_PIN=(taskset -c 0); SERVER_PIN=(taskset -c 1); fi
 
@@ -284,9 +293,9 @@ http_mode_ports() { # scenario -> the backend ports it uses
 
 # The part every nginx config here shares: one worker, in the foreground,
 # logs and pid in `dir`, no access log, long keep-alive.
-nginx_conf_head() { # dir
-  local dir="$1"
-    echo "worker_processes 1;"
+nginx_conf_head() { # dir [workers]
+  local dir="$1" workers="${2:-1}"
+    echo "worker_processes $workers;"
     echo "daemon off;"
     echo "pid $dir/nginx.pid;"
     echo "error_log $dir/logs/error.log warn;"
@@ -317,7 +326,7 @@ write_nginx_conf() { # dir ports...
   local dir="$1" p; shift
   mkdir -p "$dir/logs"
   {
-    nginx_conf_head "$dir"
+    nginx_conf_head "$dir" "$PROXY_WORKERS"
     echo "  client_body_buffer_size 128k;"
     echo "  client_body_temp_path $dir/body;"
     echo "  proxy_temp_path $dir/proxy;"
@@ -329,7 +338,8 @@ write_nginx_conf() { # dir ports...
     echo "    keepalive_requests 1000000;"
     echo "  }"
     echo "  server {"
-    echo "    listen 127.0.0.1:$PROXY_PORT;"
+    # reuseport: a listening socket per worker, as sticky-proxy's thread-per-core.
+    if [ "$PROXY_WORKERS" -gt 1 ]; then echo "    listen 127.0.0.1:$PROXY_PORT reuseport;"; else echo "    listen 127.0.0.1:$PROXY_PORT;"; fi
     echo "    location / {"
     echo "      proxy_pass http://backends;"
     echo "      proxy_http_version 1.1;"
@@ -346,7 +356,7 @@ write_haproxy_conf() { # file ports...
   local file="$1" p i=0; shift
   {
     echo "global"
-    echo "  nbthread 1"
+    echo "  nbthread $PROXY_WORKERS"
     echo "  maxconn 9600"   # 2 descriptors each: fits the 20,000 open files of our machines
     echo "defaults"
     echo "  mode http"
@@ -371,7 +381,8 @@ write_sticky_conf() { # file ports...
   {
     echo "[server]"
     echo "listen = \"127.0.0.1:$PROXY_PORT\""
-    echo "workers = 1"
+    echo "workers = $PROXY_WORKERS"
+    if [ -n "$STICKY_RUNTIME" ]; then echo "runtime = \"$STICKY_RUNTIME\""; fi
     echo "access_log = false"
     echo "[admin]"
     echo "listen = \"127.0.0.1:$ADMIN_PORT\""
@@ -402,6 +413,10 @@ start_proxy() { # contestant scenario -> sets PROXY_PID
       local bin="${BINARIES[0]}"
       [ "$who" = sticky ] || bin="${BINARIES[1]}"
       write_sticky_conf "$dir/sticky.toml" "${ports[@]}"
+      if ! "$bin" check --config "$dir/sticky.toml" >/dev/null 2>&1; then
+        # A build older than server.runtime: without it.
+        sed -i -e '/^runtime/d' "$dir/sticky.toml"
+      fi
       if ! "$bin" check --config "$dir/sticky.toml" >/dev/null 2>&1; then
         # A build older than server.workers / server.access_log: pinned to
         # one CPU it runs one worker, and RUST_LOG=warn silences its access log.
@@ -552,13 +567,13 @@ for i in "${!BINARIES[@]}"; do
   label=sticky; [ "$i" -eq 0 ] || label=sticky-B
   echo "$label: ${BINARIES[$i]} ($("${BINARIES[$i]}" --version 2>&1 | head -n 1))"
 done
-echo "setup:    each proxy with 1 worker on 127.0.0.1:$PROXY_PORT, hashing X-Device-Id consistently onto 3 backends:"
+echo "setup:    each proxy with $PROXY_WORKERS worker(s)${STICKY_RUNTIME:+ (sticky runtime $STICKY_RUNTIME)} on 127.0.0.1:$PROXY_PORT, hashing X-Device-Id consistently onto 3 backends:"
 echo "          HTTP: one nginx (1 worker) answering 'return 200' on :${HTTP_BACKEND_PORTS[*]};"
 echo "          WebSocket: 3 demo app instances (echo) in one process (1 thread) on :${WS_BACKEND_PORTS[*]}"
 if [ "$PIN" -eq 1 ]; then
   echo "pinning:  load generator (wrk, loadgen) on CPU 0; proxy and backends on CPU 1 (taskset)"
 else
-  echo "pinning:  none (fewer than 2 CPUs)"
+  echo "pinning:  none (PIN=0, or fewer than 2 CPUs)"
 fi
 echo "load:     wrk -t$THREADS -c$CONNECTIONS -d${DURATION}s, $DEVICE_IDS device IDs, ${WARMUP}s warm-up per run;"
 echo "          ws: $WS_SOCKETS sockets x $WS_MESSAGES messages (one at a time per socket); ws-idle: $IDLE_SOCKETS sockets"

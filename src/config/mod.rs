@@ -81,6 +81,31 @@ pub enum LogFormat {
     Json,
 }
 
+/// `server.runtime`: how `server.workers` threads share the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Runtime {
+    /// One single-threaded runtime per worker, each accepting on its own
+    /// `SO_REUSEPORT` listener with its own upstream pool: a connection is
+    /// served start to finish on the thread that accepted it (nginx's
+    /// worker per core). The admin API, health checks, reloads and
+    /// discovery run on a further, mostly idle, thread.
+    #[default]
+    ThreadPerCore,
+    /// One work-stealing runtime of `workers` threads for everything: a
+    /// request may move between threads (the behaviour before 0.2).
+    WorkStealing,
+}
+
+impl ServerConfig {
+    /// Proxied traffic is served by `workers` threads of their own, each
+    /// with its own listeners and pool (`runtime = "thread-per-core"`, more
+    /// than one worker).
+    pub fn thread_per_core(&self) -> bool {
+        self.workers > 1 && self.runtime == Runtime::ThreadPerCore
+    }
+}
+
 /// `[server]`: where proxied traffic is accepted and how connections are run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -134,9 +159,13 @@ pub struct ServerConfig {
     /// `h2_max_concurrent_streams` (default 200): HTTP/2 streams a client
     /// may have open at once on one connection.
     pub h2_max_concurrent_streams: u32,
-    /// `workers`: worker threads of the async runtime (proxy and admin API
-    /// share it). Default: the CPUs this process may run on.
+    /// `workers`: threads serving proxied traffic. Default: the CPUs this
+    /// process may run on. Read at start only.
     pub workers: usize,
+    /// `runtime` (default `"thread-per-core"`): how the `workers` threads
+    /// are run (see [`Runtime`]); with one worker both are one
+    /// current-thread runtime. Read at start only.
+    pub runtime: Runtime,
     /// `access_log` (default true): one `info` line per proxied request
     /// (device, backend, status, time).
     pub access_log: bool,
@@ -519,6 +548,7 @@ struct RawServer {
     max_header_size: Option<Spanned<String>>,
     h2_max_concurrent_streams: Option<Spanned<i64>>,
     workers: Option<Spanned<i64>>,
+    runtime: Option<Runtime>,
     access_log: Option<bool>,
     log_format: Option<LogFormat>,
     h2c: Option<bool>,
@@ -726,6 +756,7 @@ impl Validator<'_> {
                 1..=10_000,
             )? as u32,
             workers: self.workers(raw.server.workers.as_ref())?,
+            runtime: raw.server.runtime.unwrap_or_default(),
             access_log: raw.server.access_log.unwrap_or(true),
             log_format: raw.server.log_format.unwrap_or_default(),
             h2c: raw.server.h2c.unwrap_or(false),
@@ -1758,6 +1789,21 @@ weight = 2
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("1e400s"), None);
+    }
+
+    #[test]
+    fn runtime_defaults_to_thread_per_core_with_more_than_one_worker() {
+        let with =
+            |line: &str| GOOD.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"127.0.0.1:8080\"\n{line}"));
+        let c = Config::parse(&with("workers = 2")).expect("valid");
+        assert_eq!(c.server.runtime, Runtime::ThreadPerCore);
+        assert!(c.server.thread_per_core());
+        assert!(!Config::parse(&with("workers = 1")).expect("valid").server.thread_per_core());
+        let c = Config::parse(&with("workers = 2\nruntime = \"work-stealing\"")).expect("valid");
+        assert_eq!(c.server.runtime, Runtime::WorkStealing);
+        assert!(!c.server.thread_per_core());
+        let e = error_for(&with("runtime = \"fibers\""));
+        assert!(e.to_string().contains("thread-per-core"), "{e}");
     }
 
     #[test]

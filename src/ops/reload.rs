@@ -342,6 +342,10 @@ fn keep_fixed_settings(running: &Config, new: &mut Config) -> Vec<&'static str> 
         changed.push("server.workers");
         new.server.workers = running.server.workers;
     }
+    if new.server.runtime != running.server.runtime {
+        changed.push("server.runtime");
+        new.server.runtime = running.server.runtime;
+    }
     if new.server.log_format != running.server.log_format {
         // The tracing subscriber is installed once, at start.
         changed.push("server.log_format");

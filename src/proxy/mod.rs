@@ -103,8 +103,9 @@ pub(crate) struct Proxy {
     pool: Arc<Pool>,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
-    /// Requests held waiting for their device's socket (capped).
-    held: redeliver::HeldCount,
+    /// Requests held waiting for their device's socket (capped; one count
+    /// for every worker).
+    held: Arc<redeliver::HeldCount>,
     /// How each device's last redelivered request ended.
     deliveries: Arc<DeliveryLog>,
     /// Open tunnels by device (HTTP for a device follows its tunnel), and
@@ -135,7 +136,28 @@ impl Proxy {
             close: close_tunnels,
             metrics: Arc::clone(&metrics),
         });
-        Proxy { router, pool, health, metrics, held: redeliver::HeldCount::default(), deliveries, tunnels }
+        Proxy { router, pool, health, metrics, held: Arc::default(), deliveries, tunnels }
+    }
+
+    /// The proxy for thread-per-core worker `worker` of `workers`: this
+    /// one's state, with a pool of its own when the limit splits (see
+    /// [`Pool::share`]). Call on the worker's runtime: the pool's sweeper
+    /// and connection tasks run there.
+    pub(crate) fn for_worker(&self, upstream: &UpstreamConfig, worker: usize, workers: usize) -> Proxy {
+        let pool = if Pool::splits(upstream, workers) {
+            Pool::share(upstream, Connector::new(upstream.connect_timeout), worker, workers)
+        } else {
+            Arc::clone(&self.pool)
+        };
+        Proxy {
+            router: self.router.clone(),
+            pool,
+            health: Arc::clone(&self.health),
+            metrics: Arc::clone(&self.metrics),
+            held: Arc::clone(&self.held),
+            deliveries: Arc::clone(&self.deliveries),
+            tunnels: Arc::clone(&self.tunnels),
+        }
     }
 
     /// Serves one request from `client`. Never fails: every

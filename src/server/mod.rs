@@ -55,6 +55,55 @@ pub(crate) async fn bind(addr: SocketAddr, field: &str) -> io::Result<TcpListene
     Ok(listener)
 }
 
+/// `workers` listeners on `addr` sharing it by `SO_REUSEPORT` (the kernel
+/// spreads connections between them), one per thread-per-core worker,
+/// for [`TcpListener::from_std`] on the worker's runtime. A port 0 is
+/// resolved by the first, which the others then join.
+pub(crate) fn bind_shared(addr: SocketAddr, field: &str, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr} ({field}): {e}"));
+    // SO_REUSEPORT would let this process join another's listeners on the
+    // port (same user) and share its traffic: fail as a plain bind would.
+    if addr.port() != 0 {
+        port_is_free(addr).map_err(named)?;
+    }
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let at = match listeners.first() {
+            Some(first) => first.local_addr().map_err(named)?,
+            None => addr,
+        };
+        listeners.push(reuseport_listener(at).map_err(named)?);
+    }
+    Ok(listeners)
+}
+
+/// Binds (and at once drops) a socket without `SO_REUSEPORT`, which fails
+/// where anything listens already.
+fn port_is_free(addr: SocketAddr) -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As tokio's bind: connections in TIME_WAIT don't hold the port.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
+}
+
+/// One `SO_REUSEPORT` listener, set up as tokio's `TcpListener::bind` sets
+/// its own (`SO_REUSEADDR`, a backlog of 1024, non-blocking).
+fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    // Before bind, on every listener of the group, the first included.
+    #[cfg(unix)]
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    #[cfg(target_os = "linux")]
+    set_nodelay_and_keepalive(&socket2::SockRef::from(&socket));
+    Ok(socket.into())
+}
+
 /// TCP_NODELAY and TCP keepalive for an accepted connection. On Linux
 /// accepted sockets inherit both from their listener, where [`bind`] sets
 /// them once, which saves four system calls per connection.
@@ -82,6 +131,9 @@ pub(crate) struct Connections {
     /// `requests_in_flight`: set by `accept_loop` on the proxy's listeners
     /// (`None` on the admin's, whose requests are not counted).
     pub in_flight: Option<LiveGauge>,
+    /// The thread-per-core worker accepting (0 without them), for
+    /// `worker_connections_total`.
+    pub worker: usize,
 }
 
 impl Connections {
@@ -97,6 +149,10 @@ impl Connections {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let mut errors = AcceptErrors::default();
+        let counted = match transport {
+            Transport::Http1 => None,
+            Transport::Plain | Transport::Tls(_) => Some(self.metrics.worker_connections(self.worker)),
+        };
         self.in_flight = match transport {
             Transport::Http1 => None,
             Transport::Plain | Transport::Tls(_) => Some(self.metrics.requests_in_flight()),
@@ -108,6 +164,9 @@ impl Connections {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    if let Some(counted) = &counted {
+                        counted.inc();
+                    }
                     let slot = match (&self.slots, &transport) {
                         (Some(slots), Transport::Plain | Transport::Tls(_)) => {
                             match Arc::clone(slots).try_acquire_owned() {
@@ -571,6 +630,25 @@ mod tests {
         let kinds =
             [AcceptErrorKind::FdLimit, AcceptErrorKind::Memory, AcceptErrorKind::Connection, AcceptErrorKind::Other];
         assert_eq!(kinds.map(AcceptErrorKind::label), crate::metrics::ACCEPT_ERROR_KINDS);
+    }
+
+    /// Port 0: the workers' listeners share the port the first was given;
+    /// a port something listens on already is refused, as without
+    /// SO_REUSEPORT.
+    #[test]
+    fn shared_listeners_share_one_port_and_never_join_another_listener() {
+        let listeners = bind_shared("127.0.0.1:0".parse().expect("addr"), "test", 3).expect("bind");
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().expect("addr")).collect();
+        assert_ne!(addrs[0].port(), 0);
+        assert!(addrs.iter().all(|a| *a == addrs[0]), "{addrs:?}");
+
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let e = bind_shared(taken.local_addr().expect("addr"), "server.listen", 2).expect_err("in use");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(e.to_string().contains("server.listen"), "{e}");
+        // Nor another group of workers' listeners.
+        let e = bind_shared(addrs[0], "server.listen", 2).expect_err("in use");
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
     }
 
     /// The saving in `client_socket_options` rests on this: an accepted

@@ -25,6 +25,13 @@
 //! `upstream.queue_timeout` it fails with
 //! [`UpstreamFailure::QueueTimeout`]. Without the limit none of this runs:
 //! no count, no queue, no extra lock.
+//!
+//! Under `server.runtime = "thread-per-core"` each worker has a pool of its
+//! own, created on its thread, so a connection's task runs where its
+//! requests come from. The limit is then split between the workers'
+//! pools (their sum is `upstream.max_connections`, a true upper bound for
+//! the process), and a request queues for its own worker's share; a limit
+//! below the worker count leaves the workers one shared pool instead.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -58,7 +65,10 @@ pub(crate) struct Pool {
 /// for one.
 #[derive(Debug, Clone, Copy)]
 struct Limit {
+    /// This pool's share of `upstream.max_connections`.
     max: usize,
+    /// `upstream.max_connections` itself, for error messages.
+    configured: usize,
     queue_timeout: Duration,
 }
 
@@ -148,8 +158,20 @@ impl Pool {
     /// A pool; its idle connections are swept every `idle_timeout` (within
     /// 0.1 to 30 s) by a task that ends with the pool. Call inside a runtime.
     pub(crate) fn new(upstream: &UpstreamConfig, connector: Connector) -> Arc<Pool> {
+        Pool::share(upstream, connector, 0, 1)
+    }
+
+    /// Pool `worker` of `workers` (one per thread-per-core worker):
+    /// `upstream.max_connections` is split between them, the first
+    /// `max % workers` taking one more, so that their sum is the limit.
+    /// Call only when [`Pool::splits`].
+    pub(crate) fn share(upstream: &UpstreamConfig, connector: Connector, worker: usize, workers: usize) -> Arc<Pool> {
         let idle_timeout = upstream.pool_idle_timeout;
-        let limit = upstream.max_connections.map(|max| Limit { max, queue_timeout: upstream.queue_timeout });
+        let limit = upstream.max_connections.map(|configured| Limit {
+            max: configured / workers + usize::from(worker < configured % workers),
+            configured,
+            queue_timeout: upstream.queue_timeout,
+        });
         let pool = Arc::new(Pool {
             entries: Mutex::new(HashMap::default()),
             max_idle: upstream.pool_max_idle,
@@ -160,6 +182,12 @@ impl Pool {
         let every = idle_timeout.clamp(Duration::from_millis(100), Duration::from_secs(30));
         tokio::spawn(sweep(Arc::downgrade(&pool), every));
         pool
+    }
+
+    /// `upstream.max_connections`, if set, leaves every one of `workers`
+    /// pools at least one connection per backend.
+    pub(crate) fn splits(upstream: &UpstreamConfig, workers: usize) -> bool {
+        upstream.max_connections.is_none_or(|max| max >= workers)
     }
 
     /// Sends `request` (origin-form URI) to `address`: on an idle pooled
@@ -264,7 +292,7 @@ impl Pool {
                 waiting.grant.close();
                 match waiting.grant.try_recv() {
                     Ok(grant) => Ok(grant),
-                    Err(_) => Err(UpstreamFailure::QueueTimeout { max: limit.max, waited: limit.queue_timeout }),
+                    Err(_) => Err(UpstreamFailure::QueueTimeout { max: limit.configured, waited: limit.queue_timeout }),
                 }
             }
         }
@@ -493,6 +521,23 @@ mod tests {
         let response = short.send(plain(&address), get("/whoami")).await.expect("response");
         response.into_body().collect().await.expect("body");
         assert!(short.checkout(&address).is_none(), "expired connections are not handed out");
+    }
+
+    /// The workers' shares of `max_connections` add up to it, and a limit
+    /// below the worker count is not split.
+    #[tokio::test]
+    async fn max_connections_is_split_between_workers_pools() {
+        for (max, workers) in [(2, 2), (5, 2), (100, 3), (7, 7)] {
+            let config = upstream(4, Duration::from_secs(60), Some((max, Duration::from_secs(5))));
+            assert!(Pool::splits(&config, workers));
+            let shares: Vec<usize> = (0..workers)
+                .map(|w| Pool::share(&config, connector(), w, workers).limit.expect("limited").max)
+                .collect();
+            assert_eq!(shares.iter().sum::<usize>(), max, "{shares:?}");
+            assert!(shares.iter().all(|&n| n >= 1 && n <= max.div_ceil(workers)), "{shares:?}");
+        }
+        assert!(!Pool::splits(&upstream(4, Duration::from_secs(60), Some((1, Duration::from_secs(5)))), 2));
+        assert!(Pool::splits(&upstream(4, Duration::from_secs(60), None), 64));
     }
 
     #[tokio::test]
