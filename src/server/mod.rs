@@ -18,10 +18,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::{Body, Incoming};
-use hyper::header::{self, HeaderValue};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,7 +35,7 @@ use crate::util::socket::{fd_limit, set_nodelay_and_keepalive};
 
 mod conn;
 
-use conn::{ClientIo, Clocks, ConnState, Tracked};
+use conn::{ClientIo, Clocks, ConnState, TrackedAnswer};
 
 /// Pause after an accept error such as EMFILE, so the loop doesn't spin:
 /// the refused connection stays queued and the listener stays readable.
@@ -405,18 +404,13 @@ const DEFAULT_MAX_HEADERS: usize = 100;
 /// How long a refused connection's 503 may take to write.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A response on its way, its body holding the request in flight.
-type TrackedAnswer<B> = Pin<Box<dyn Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send>>;
-
 /// `service` with each request counted in flight on `state` until its
-/// response body is done; the response closes the connection once the
-/// connection has served `keepalive_requests`, or after a request line
-/// that said HTTP/1.2 or later; a 101 marks the connection a tunnel.
+/// response body is done (see [`TrackedAnswer`]).
 fn tracked<S, F, B>(
     state: Arc<ConnState>,
     service: S,
     keepalive_requests: u64,
-) -> impl Fn(Request<Incoming>) -> TrackedAnswer<B>
+) -> impl Fn(Request<Incoming>) -> TrackedAnswer<F>
 where
     S: Fn(Request<Incoming>) -> F + Send + 'static,
     F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
@@ -424,17 +418,7 @@ where
 {
     move |req| {
         let (in_flight, nth) = state.begin();
-        let answer = service(req);
-        let state = Arc::clone(&state);
-        Box::pin(async move {
-            let mut response = answer.await?;
-            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                state.upgraded();
-            } else if nth >= keepalive_requests || state.newer_minor() {
-                response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok(response.map(|body| Tracked::new(body, in_flight)))
-        })
+        TrackedAnswer::new(service(req), in_flight, nth, keepalive_requests)
     }
 }
 
