@@ -624,7 +624,7 @@ ratio() { # a b -> a/b with 2 decimals, or "-"
 echo
 echo "medians over $ROUNDS rounds (rate: req/s, ws: messages/s; mem: proxy kB per idle WebSocket)"
 echo "ratios: sticky-proxy / the better of nginx and HAProxy for that column"
-echo "        (rate: higher is better, target >= 1.25 HTTP, >= 1.1 ws; p99 and cpu: lower is better, cpu target <= 0.8)"
+echo "        (rate: higher is better, target >= 1.0 (stretch 1.1); p99 and cpu: lower is better, targets <= 1.1 and <= 1.0; mem: <= 4 kB)"
 printf '%-9s %-9s %10s %9s %8s %6s %9s %7s\n' scenario proxy rate p99_ms cpu_us kern% mem_kB errors
 for scenario in "${SCENARIO_LIST[@]}"; do
   declare -A M_RATE=() M_P99=() M_CPU=() M_KERN=() M_MEM=()
