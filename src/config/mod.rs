@@ -785,6 +785,28 @@ impl Validator<'_> {
 
         let routing = self.routing(raw.routing)?;
         let upstream = self.upstream(&raw.upstream)?;
+        if let (Some(max), Some(raw_max)) = (upstream.max_connections, raw.upstream.max_connections.as_ref()) {
+            if server.thread_per_core() {
+                let workers = server.workers;
+                let how = if max >= workers {
+                    format!(
+                        "are split between the {workers} workers' pools (about {} each): a request waits for \
+                         its own worker's share, even while another worker has one free",
+                        max / workers
+                    )
+                } else {
+                    format!("are fewer than the {workers} workers: one pool is shared, and requests cross threads")
+                };
+                self.warn(
+                    raw_max.span(),
+                    "upstream.max_connections",
+                    format!(
+                        "with server.runtime = \"thread-per-core\", the {max} connections per backend {how}; \
+                         set server.runtime = \"work-stealing\" for one pool that all requests share"
+                    ),
+                );
+            }
+        }
         let reload = ReloadConfig {
             watch: raw.reload.watch.unwrap_or(true),
             interval: self.duration(raw.reload.interval.as_ref(), "reload.interval", Duration::from_secs(1))?,
@@ -1646,6 +1668,24 @@ weight = 2
         // Same under nginx's hash, where nginx accepts it too.
         let c = Config::parse(&text.replace("[routing]", "[routing]\nhash = \"nginx\"")).expect("accepted");
         assert_eq!(c.warnings.len(), 2);
+    }
+
+    #[test]
+    fn a_connection_limit_split_between_workers_is_a_warning() {
+        let with = |server: &str, upstream: &str| {
+            let text =
+                GOOD.replace("[server]\n", &format!("[server]\n{server}\n")) + &format!("\n[upstream]\n{upstream}\n");
+            Config::parse(&text).expect("accepted").warnings
+        };
+        let w = with("workers = 2", "max_connections = 9");
+        assert_eq!(w.iter().map(|w| w.field.as_deref()).collect::<Vec<_>>(), [Some("upstream.max_connections")]);
+        assert!(w[0].message.contains("split between the 2 workers' pools (about 4 each)"), "{}", w[0]);
+        let w = with("workers = 4", "max_connections = 3");
+        assert!(w[0].message.contains("one pool is shared, and requests cross threads"), "{}", w[0]);
+        // One pool anyway: nothing to say.
+        assert!(with("workers = 2\nruntime = \"work-stealing\"", "max_connections = 9").is_empty());
+        assert!(with("workers = 1", "max_connections = 9").is_empty());
+        assert!(with("workers = 2", "queue_timeout = \"1s\"").is_empty());
     }
 
     #[test]

@@ -9,11 +9,12 @@
 //! 64 handshakes at once, 1.5 kB per socket at 2,000 idle sockets).
 //! `malloc_trim` hands the whole free pages among them back.
 //!
-//! [`BurstTrimmer`] decides when: once at least [`MIN_BURST`] connections
-//! or tunnels have ended since the last trim and the last tick saw fewer
-//! than [`QUIET`], so a burst is over. Steady churn (every request on a new
-//! connection) keeps its heap in use and is never trimmed: a trim then
-//! would only have the pages faulted in again.
+//! [`BurstTrimmer`] decides when: once a tick has seen [`QUIET`] or more
+//! connections or tunnels end, at least [`MIN_BURST`] have ended since the
+//! last trim, and then a tick sees fewer than `QUIET` (the burst is over).
+//! Steady churn (every request on a new connection) keeps its heap in use
+//! and is never trimmed, nor is a slow trickle: a trim then would only have
+//! the pages faulted in again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -48,12 +49,14 @@ pub(crate) struct BurstTrimmer {
     seen: u64,
     /// Endings since the last trim.
     pending: u64,
+    /// Whether a tick since the last trim saw a burst (`QUIET` or more).
+    burst: bool,
 }
 
 impl BurstTrimmer {
     /// A trimmer that counts from `ended` on.
     pub(crate) fn new(ended: u64) -> BurstTrimmer {
-        BurstTrimmer { seen: ended, pending: 0 }
+        BurstTrimmer { seen: ended, pending: 0, burst: false }
     }
 
     /// One tick with the count now at `ended`: whether to trim now.
@@ -61,8 +64,15 @@ impl BurstTrimmer {
         let new = ended.wrapping_sub(self.seen);
         self.seen = ended;
         self.pending = self.pending.saturating_add(new);
-        if self.pending >= MIN_BURST && new < QUIET {
+        if new >= QUIET {
+            self.burst = true;
+            return false;
+        }
+        // Quiet now. A slow trickle that adds up is no burst: its freed
+        // memory is reused by the next connections.
+        if self.burst && self.pending >= MIN_BURST {
             self.pending = 0;
+            self.burst = false;
             return true;
         }
         false
@@ -124,13 +134,22 @@ mod tests {
     }
 
     #[test]
-    fn a_few_endings_are_not_a_burst() {
+    fn a_trickle_of_endings_is_not_a_burst() {
         let mut t = BurstTrimmer::new(0);
-        for ended in (0..=60).step_by(5) {
-            assert!(!t.tick(ended), "trimmed at {ended}");
+        // 10 a tick for 100 ticks: 1,000 endings, never trimmed.
+        for ended in (10..=1000).step_by(10) {
+            assert!(!t.tick(ended), "trimmed a trickle at {ended}");
         }
-        // They add up: past MIN_BURST, a quiet tick trims.
-        assert!(t.tick(MIN_BURST + 1));
+        // A burst after it: one trim once it is over.
+        assert!(!t.tick(1100));
+        assert!(t.tick(1101));
+    }
+
+    #[test]
+    fn a_burst_too_small_is_not_trimmed() {
+        let mut t = BurstTrimmer::new(0);
+        assert!(!t.tick(QUIET), "a burst of QUIET endings");
+        assert!(!t.tick(QUIET + 1), "pending below MIN_BURST");
     }
 
     #[test]
