@@ -15,7 +15,93 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 /// Response bodies: a backend's streamed body, or a short message of ours.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<BackendBody, Full<Bytes>>;
+
+/// A backend's response body as it streams to the client. A pooled
+/// connection whose response was not whole with its headers comes along:
+/// the request's own task drives it while it reads the body (no task of
+/// its own, no hand-off between tasks), and it goes back to the pool when
+/// the body is done with.
+pub struct BackendBody {
+    incoming: Incoming,
+    driver: Option<Box<dyn Drive>>,
+    /// Data went out since the last `Pending`.
+    sent_data: bool,
+    /// The backend's failure, held back one poll (see `poll_frame`).
+    failure: Option<hyper::Error>,
+}
+
+/// A connection the body's reader drives; what it does when dropped (back
+/// to the pool, or closed) is its own business.
+pub trait Drive: Send {
+    /// Moves the connection along: reads, writes, and wakes `cx` when there
+    /// is more to do.
+    fn drive(&mut self, cx: &mut Context<'_>);
+}
+
+impl BackendBody {
+    /// A body whose connection needs no driving from here.
+    pub fn new(incoming: Incoming) -> BackendBody {
+        BackendBody { incoming, driver: None, sent_data: false, failure: None }
+    }
+
+    /// A body read off `driver`'s connection.
+    pub fn driven(incoming: Incoming, driver: Box<dyn Drive>) -> BackendBody {
+        BackendBody { incoming, driver: Some(driver), sent_data: false, failure: None }
+    }
+}
+
+impl std::fmt::Debug for BackendBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendBody").field("incoming", &self.incoming).field("driven", &self.driver.is_some()).finish()
+    }
+}
+
+impl hyper::body::Body for BackendBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(failure) = this.failure.take() {
+            return Poll::Ready(Some(Err(failure)));
+        }
+        if let Some(driver) = &mut this.driver {
+            driver.drive(cx);
+        }
+        match Pin::new(&mut this.incoming).poll_frame(cx) {
+            Poll::Ready(Some(Err(failure))) if this.sent_data => {
+                // The data read before the backend broke reaches the client
+                // first: a `Pending` lets the server flush it (an error
+                // would close the connection with it unsent, and the client
+                // would see no response at all). Then the error, at once.
+                this.sent_data = false;
+                this.failure = Some(failure);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Pending => {
+                this.sent_data = false;
+                Poll::Pending
+            }
+            ready => {
+                this.sent_data = matches!(&ready, Poll::Ready(Some(Ok(_))));
+                ready
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.incoming.size_hint()
+    }
+}
 
 /// Request bodies sent upstream: streamed from the client, or buffered
 /// (small bodies, so that a request whose connect failed can be retried).
