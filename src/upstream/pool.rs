@@ -291,17 +291,22 @@ impl Pool {
     /// The most recently used idle connection to `address` that is still
     /// open and ready; closed and expired ones met on the way are dropped.
     fn checkout(&self, address: &str) -> Option<Conn> {
+        // Declared before the guard, so dropped after it: see `usable_idle`.
+        let mut dead = Vec::new();
         let mut entries = self.lock();
-        self.usable_idle(entries.get_mut(address)?)
+        self.usable_idle(entries.get_mut(address)?, &mut dead)
     }
 
     /// Pops `entry`'s most recently used idle connection that is still open
-    /// and ready, dropping closed and expired ones met on the way.
-    fn usable_idle(&self, entry: &mut Entry) -> Option<Conn> {
+    /// and ready; closed and expired ones met on the way go to `dead`, for
+    /// the caller to drop once it has let go of the lock (under a limit, a
+    /// connection's slot takes the lock as it drops).
+    fn usable_idle(&self, entry: &mut Entry, dead: &mut Vec<Conn>) -> Option<Conn> {
         while let Some(mut idle) = entry.idle.pop() {
             if idle.since.elapsed() < self.idle_timeout && idle.conn.is_reusable() {
                 return Some(idle.conn);
             }
+            dead.push(idle.conn);
         }
         None
     }
@@ -316,13 +321,14 @@ impl Pool {
         limit: Limit,
         deadline: &mut Option<tokio::time::Instant>,
     ) -> Result<Grant, UpstreamFailure> {
+        let mut dead = Vec::new();
         let receiver = {
             let mut entries = self.lock();
             let entry = match entries.get_mut(key) {
                 Some(entry) => entry,
                 None => entries.entry(key.into()).or_default(),
             };
-            if let Some(conn) = self.usable_idle(entry) {
+            if let Some(conn) = self.usable_idle(entry, &mut dead) {
                 return Ok(Grant::Idle(conn));
             }
             if entry.open < limit.max {
@@ -335,6 +341,8 @@ impl Pool {
             entry.waiters.push_back(sender);
             receiver
         };
+        // Their slots free themselves (to the first waiter) as they drop.
+        drop(dead);
         let mut waiting = Waiting { pool: self, key, grant: receiver };
         let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + limit.queue_timeout);
         match tokio::time::timeout_at(deadline, &mut waiting.grant).await {
@@ -377,12 +385,8 @@ impl Pool {
         mut conn: Conn,
         response: Response<hyper::body::Incoming>,
     ) -> Response<BackendBody> {
-        // Under a limit a waiter may want it even when none are kept idle.
-        let kept = self.max_idle > 0 || self.limit.is_some();
-        if !kept || conn.is_reusable() {
-            if kept {
-                self.put(key, conn);
-            }
+        if conn.is_reusable() {
+            self.put(key, conn);
             return response.map(BackendBody::new);
         }
         if conn.connection.is_none() {
@@ -395,6 +399,8 @@ impl Pool {
     /// Keeps a ready connection: for the key's first waiter if there is
     /// one, else idle (if there is room).
     fn put(&self, address: &str, conn: Conn) {
+        // A connection not kept drops after the lock (see `usable_idle`).
+        let mut dropped = None;
         let mut entries = self.lock();
         match entries.get_mut(address) {
             Some(entry) => {
@@ -408,14 +414,18 @@ impl Pool {
                 };
                 if entry.idle.len() < self.max_idle {
                     entry.idle.push(Idle { conn, since: Instant::now() });
-                } // else full: the connection closes as `conn` drops
+                } else {
+                    dropped = Some(conn); // full: it closes
+                }
             }
             None if self.max_idle > 0 => {
                 let idle = vec![Idle { conn, since: Instant::now() }];
                 entries.insert(address.into(), Entry { idle, ..Entry::default() });
             }
-            None => {}
+            None => dropped = Some(conn),
         }
+        drop(entries);
+        drop(dropped);
     }
 
     /// A new connection from the connector, holding `slot` (under a limit)
@@ -427,11 +437,20 @@ impl Pool {
 
     /// Drops idle connections that expired or that the backend closed.
     fn sweep(&self) {
+        let mut dead = Vec::new();
         let mut entries = self.lock();
         entries.retain(|_, entry| {
-            entry.idle.retain_mut(|idle| idle.since.elapsed() < self.idle_timeout && idle.conn.is_reusable());
+            for mut idle in std::mem::take(&mut entry.idle) {
+                if idle.since.elapsed() < self.idle_timeout && idle.conn.is_reusable() {
+                    entry.idle.push(idle);
+                } else {
+                    dead.push(idle.conn);
+                }
+            }
             !entry.is_unused()
         });
+        drop(entries);
+        drop(dead); // after the lock (see `usable_idle`)
     }
 
     /// Idle connections to `address` now (for tests).
@@ -476,7 +495,30 @@ impl Drop for Lease {
             if let Some(pool) = self.pool.upgrade() {
                 pool.put(&self.key, conn);
             }
+            return;
         }
+        if conn.connection.is_none() {
+            return;
+        }
+        // Still busy: the backend answered before it had read the whole
+        // upload (the rest still goes to it, as a backend that answers
+        // early and keeps reading expects), or the client stopped reading
+        // the response (hyper then ends the connection). It finishes on a
+        // task of its own and comes back if it can take another request.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (pool, key) = (Weak::clone(&self.pool), std::mem::take(&mut self.key));
+        runtime.spawn(async move {
+            let ready = std::future::poll_fn(|cx| {
+                if !conn.drive(cx) {
+                    return Poll::Ready(false);
+                }
+                conn.sender.poll_ready(cx).map(|ready| ready.is_ok())
+            })
+            .await;
+            if let (true, Some(pool)) = (ready, pool.upgrade()) {
+                pool.put(&key, conn);
+            }
+        });
     }
 }
 
@@ -800,6 +842,100 @@ mod tests {
                 until("the slots are free", || pool.open_count(&address) <= 1).await;
             }
         }
+    }
+
+    /// Under a limit, connections dropped by the pool itself (expired,
+    /// closed, or not kept) give their slots back without deadlocking on
+    /// the pool's lock. Multi-threaded, so that a deadlock fails the test
+    /// instead of hanging it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_the_pool_drops_under_a_limit_free_their_slots() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let app = crate::tools::demo::DemoInstance::spawn("app", listener).expect("demo");
+        let address = app.addr().to_string();
+        let idle_timeout = Duration::from_millis(50);
+        let scenario = tokio::spawn(async move {
+            for max_idle in [0, 1] {
+                let pool = Pool::new(&upstream(max_idle, idle_timeout, Some((1, Duration::from_secs(5)))), connector());
+                for _ in 0..3 {
+                    let response = pool.send(plain(&address), get("/whoami")).await.expect("response");
+                    response.into_body().collect().await.expect("body");
+                    // Past the idle timeout: the next checkout (or the sweep)
+                    // drops the idle connection.
+                    tokio::time::sleep(idle_timeout * 2).await;
+                }
+                until("the slot is free", || pool.open_count(&address) == 0).await;
+            }
+        });
+        within("three requests, one slot, connections expiring", scenario).await.expect("no deadlock, no panic");
+    }
+
+    /// A backend that answers before it has read the request's body (and
+    /// then reads the rest) still gets all of it, and the connection is
+    /// reused afterwards.
+    #[tokio::test]
+    async fn an_upload_the_backend_answered_early_is_still_sent_whole() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const UPLOAD: usize = 8 << 20; // more than the socket buffers hold
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let (got_tx, mut got) = watch::channel(Vec::<usize>::new());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let got_tx = got_tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut pending = Vec::new();
+                    loop {
+                        // The head, then the answer at once, then the body.
+                        let end = loop {
+                            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break end + 4;
+                            }
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|line| line.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                            return;
+                        }
+                        let mut read = pending.len() - end;
+                        pending.clear();
+                        while read < length {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => read += n,
+                            }
+                        }
+                        got_tx.send_modify(|got| got.push(read));
+                    }
+                });
+            }
+        });
+        let pool = Pool::new(&upstream(4, Duration::from_secs(60), None), connector());
+        let mut upload = Request::new(Either::Right(Full::new(Bytes::from(vec![b'x'; UPLOAD]))));
+        *upload.method_mut() = hyper::Method::POST;
+        *upload.uri_mut() = "/upload".parse().expect("uri");
+        upload.headers_mut().insert("host", HeaderValue::from_static("test"));
+        let response = within("the early answer", pool.send(plain(&address), upload)).await.expect("response");
+        assert_eq!(response.into_body().collect().await.expect("body").to_bytes(), "ok");
+        within("the whole upload at the backend", got.wait_for(|got| got.len() == 1)).await.expect("backend runs");
+        assert_eq!(got.borrow()[0], UPLOAD, "the backend got the whole upload");
+        // The connection came back and serves the next request.
+        until("the connection is idle again", || pool.idle_count(&address) == 1).await;
+        let response = within("the next answer", pool.send(plain(&address), get("/"))).await.expect("response");
+        assert_eq!(response.into_body().collect().await.expect("body").to_bytes(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection for both");
     }
 
     #[tokio::test]
