@@ -6,5 +6,5 @@ pub mod headers;
 pub mod request_id;
 pub mod response;
 
-pub use body::{BackendBody, BodyLimits, ClientBody, ClientBodyError, Drive, ProxyBody, Upload, UpstreamBody};
+pub use body::{BodyLimits, ClientBody, ClientBodyError, ProxyBody, Upload, UpstreamBody};
 pub use response::{json_response, text_response};

@@ -32,7 +32,7 @@ use crate::http::headers::{
     Client,
 };
 use crate::http::request_id::{self, X_REQUEST_ID};
-use crate::http::{text_response, BackendBody, BodyLimits, ClientBody, ProxyBody, Upload, UpstreamBody};
+use crate::http::{text_response, BodyLimits, ClientBody, ProxyBody, Upload, UpstreamBody};
 use crate::metrics::{Limit, Metrics};
 use crate::routing::{Backend, Decision, Reason, Router};
 use crate::tunnel::{h2ws, handshake, TunnelRegistry, Tunnels};
@@ -563,7 +563,7 @@ impl Proxy {
 }
 
 fn answer_of(
-    answer: Result<Response<BackendBody>, UpstreamFailure>,
+    answer: Result<Response<Incoming>, UpstreamFailure>,
     metrics: &Metrics,
 ) -> Result<Response<ProxyBody>, UpstreamFailure> {
     if let Err(UpstreamFailure::QueueTimeout { .. }) = answer {

@@ -23,7 +23,7 @@ use super::splice::Splice;
 use super::{h2ws, Tunnels};
 use crate::http::headers::{add_forwarded_headers, strip_hop_by_hop, Client};
 use crate::http::request_id::X_REQUEST_ID;
-use crate::http::{text_response, BackendBody, ProxyBody};
+use crate::http::{text_response, ProxyBody};
 use crate::metrics::Limit;
 use crate::routing::Backend;
 use crate::upstream::request::upstream_request;
@@ -107,7 +107,7 @@ pub async fn open(tunnels: Arc<Tunnels>, mut req: HttpRequest<Incoming>, tunnel:
     backend.stats.response(status.as_u16(), started.elapsed());
     if status != StatusCode::SWITCHING_PROTOCOLS {
         info!(device, backend = %backend.id, path, status = status.as_u16(), request_id = %id, "websocket upgrade refused by backend");
-        let mut response = backend_response.map(|body| Either::Left(BackendBody::new(body)));
+        let mut response = backend_response.map(Either::Left);
         strip_hop_by_hop(response.headers_mut());
         return response;
     }

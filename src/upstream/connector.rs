@@ -2,7 +2,7 @@
 //! tunnels and health checks alike: TCP within the connect timeout (with
 //! TCP_NODELAY and keepalive), TLS for a `tls = true` backend, then the
 //! HTTP/1.1 handshake. The caller drives the returned connection as it
-//! needs: the pool's requests poll it themselves, a tunnel spawns it with upgrades, a health
+//! needs: the pool spawns it, a tunnel spawns it with upgrades, a health
 //! check drives it inline so that it ends with the check.
 
 use std::time::Duration;

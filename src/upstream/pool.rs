@@ -8,12 +8,6 @@
 //! `upstream.pool_max_idle` idle connections are kept per address, each for
 //! at most `upstream.pool_idle_timeout`.
 //!
-//! A connection has no task of its own: the request that holds it drives
-//! it (hyper's connection future, polled inside the request's future and
-//! then inside the response body), so a request never waits for another
-//! task to be scheduled. An idle connection is not polled; one the backend
-//! closed meanwhile is found at the next checkout or sweep.
-//!
 //! A pooled connection the backend closed while it sat idle (a keep-alive
 //! race: the backend's idle timeout fired as we picked it) hands the request
 //! back unsent, and the request goes out on the next connection, as
@@ -23,8 +17,8 @@
 //! futures), a tenth of a proxied request (benches/load/profile.sh).
 //!
 //! With `upstream.max_connections`, at most that many connections are open
-//! per key at once, counted from the connect until the connection is
-//! dropped (a [`Slot`] lives with it). A request that finds no idle
+//! per key at once, counted from the connect until the connection's task
+//! ends (a [`Slot`] lives in that task). A request that finds no idle
 //! connection and no free slot waits in a FIFO queue: a connection given
 //! back goes to the first waiter before the idle list, and a slot freed by
 //! a closing connection lets the first waiter connect. After
@@ -33,36 +27,29 @@
 //! no count, no queue, no extra lock.
 //!
 //! Under `server.runtime = "thread-per-core"` each worker has a pool of its
-//! own, created on its thread, so a connection is driven where its
+//! own, created on its thread, so a connection's task runs where its
 //! requests come from. The limit is then split between the workers'
 //! pools (their sum is `upstream.max_connections`, a true upper bound for
 //! the process), and a request queues for its own worker's share; a limit
 //! below the worker count leaves the workers one shared pool instead.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use hyper::client::conn::http1::{Connection, SendRequest};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::connector::{Connector, Endpoint};
 use super::error::UpstreamFailure;
 use crate::config::UpstreamConfig;
-use crate::http::{BackendBody, Drive, UpstreamBody};
-use crate::tls::UpstreamStream;
+use crate::http::UpstreamBody;
 
 type Entries = HashMap<Box<str>, Entry, BuildHasherDefault<Fnv>>;
-
-/// hyper's state of one backend connection.
-type BackendConnection = Connection<TokioIo<UpstreamStream>, UpstreamBody>;
 
 /// Connections by backend address (and TLS settings).
 pub(crate) struct Pool {
@@ -104,55 +91,21 @@ impl Entry {
 }
 
 struct Idle {
-    conn: Conn,
-    since: Instant,
-}
-
-/// One backend connection: the handle requests are sent on, and hyper's
-/// connection future, driven by whoever holds the connection.
-struct Conn {
     sender: SendRequest<UpstreamBody>,
-    /// `None` once the connection has ended. Boxed: hyper's connection
-    /// state is large, and a `Conn` moves in and out of the pool with
-    /// every request (memcpy was 9% of a request's instructions unboxed).
-    connection: Option<Pin<Box<BackendConnection>>>,
-    /// Under a limit: this connection's place in the count.
-    _slot: Option<Slot>,
-}
-
-impl Conn {
-    /// Polls the connection (reads, writes, keep-alive bookkeeping);
-    /// false once it has ended.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(connection) = &mut self.connection {
-            if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
-                if let Err(e) = ended {
-                    debug!("backend connection ended: {e}");
-                }
-                self.connection = None;
-            }
-        }
-        self.connection.is_some()
-    }
-
-    /// Still open and ready for the next request, after a poll that lets it
-    /// notice a close (with no one to wake: whoever takes it polls again).
-    fn is_reusable(&mut self) -> bool {
-        self.drive(&mut Context::from_waker(Waker::noop())) && self.sender.is_ready()
-    }
+    since: Instant,
 }
 
 /// What a request waiting under the limit is given.
 enum Grant {
     /// A connection given back by another request.
-    Idle(Conn),
+    Idle(SendRequest<UpstreamBody>),
     /// A freed slot: connect.
     Slot(Slot),
 }
 
 /// One of a key's `max_connections`: held by a request while it connects,
-/// then by the connection until it is dropped. Dropping it hands it to the
-/// key's first waiter, or frees it.
+/// then by the connection's task until the connection ends. Dropping it
+/// hands it to the key's first waiter, or frees it.
 struct Slot {
     pool: Weak<Pool>,
     key: Box<str>,
@@ -195,8 +148,8 @@ impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.grant.close();
         // A slot passes itself on as it drops.
-        if let Ok(Grant::Idle(conn)) = self.grant.try_recv() {
-            self.pool.put(self.key, conn);
+        if let Ok(Grant::Idle(sender)) = self.grant.try_recv() {
+            self.pool.put(self.key, sender);
         }
     }
 }
@@ -239,41 +192,34 @@ impl Pool {
 
     /// Sends `request` (origin-form URI) to `address`: on an idle pooled
     /// connection if there is one, else on a new one. Errors say what broke.
-    /// The connection comes along in the response's body if the body was
-    /// not whole with the headers.
     pub(crate) async fn send(
         self: &Arc<Self>,
         to: Endpoint<'_>,
         mut request: Request<UpstreamBody>,
-    ) -> Result<Response<BackendBody>, UpstreamFailure> {
+    ) -> Result<Response<Incoming>, UpstreamFailure> {
         // A plain backend's key is its address as it is (no allocation).
         let key = crate::tls::authority(to.address, to.tls);
         let key: &str = &key;
         // Under a limit: when waiting for a connection must end.
         let mut deadline = None;
         loop {
-            let (mut conn, reused) = match self.limit {
+            let (mut sender, reused) = match self.limit {
                 None => match self.checkout(key) {
-                    Some(conn) => (conn, true),
+                    Some(sender) => (sender, true),
                     // Boxed: connecting (TLS included) is a large future that
                     // every request would otherwise carry and copy around.
                     None => (Box::pin(self.connect(to, None)).await?, false),
                 },
                 Some(limit) => match Box::pin(self.checkout_limited(key, limit, &mut deadline)).await? {
-                    Grant::Idle(conn) => (conn, true),
+                    Grant::Idle(sender) => (sender, true),
                     Grant::Slot(slot) => (Box::pin(self.connect(to, Some(slot))).await?, false),
                 },
             };
-            let mut answer = pin!(conn.sender.try_send_request(request));
-            let answer = std::future::poll_fn(|cx| {
-                // The connection first: it writes the request and reads the
-                // answer that `answer` then picks up.
-                conn.drive(cx);
-                answer.as_mut().poll(cx)
-            })
-            .await;
-            match answer {
-                Ok(response) => return Ok(self.give_back(key, conn, response)),
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    self.give_back(key, sender);
+                    return Ok(response);
+                }
                 Err(mut e) => match e.take_message() {
                     // A pooled connection closed before the request went out:
                     // nothing reached the backend, so try the next one. Each
@@ -290,23 +236,18 @@ impl Pool {
 
     /// The most recently used idle connection to `address` that is still
     /// open and ready; closed and expired ones met on the way are dropped.
-    fn checkout(&self, address: &str) -> Option<Conn> {
-        // Declared before the guard, so dropped after it: see `usable_idle`.
-        let mut dead = Vec::new();
+    fn checkout(&self, address: &str) -> Option<SendRequest<UpstreamBody>> {
         let mut entries = self.lock();
-        self.usable_idle(entries.get_mut(address)?, &mut dead)
+        self.usable_idle(entries.get_mut(address)?)
     }
 
     /// Pops `entry`'s most recently used idle connection that is still open
-    /// and ready; closed and expired ones met on the way go to `dead`, for
-    /// the caller to drop once it has let go of the lock (under a limit, a
-    /// connection's slot takes the lock as it drops).
-    fn usable_idle(&self, entry: &mut Entry, dead: &mut Vec<Conn>) -> Option<Conn> {
-        while let Some(mut idle) = entry.idle.pop() {
-            if idle.since.elapsed() < self.idle_timeout && idle.conn.is_reusable() {
-                return Some(idle.conn);
+    /// and ready, dropping closed and expired ones met on the way.
+    fn usable_idle(&self, entry: &mut Entry) -> Option<SendRequest<UpstreamBody>> {
+        while let Some(idle) = entry.idle.pop() {
+            if idle.sender.is_ready() && idle.since.elapsed() < self.idle_timeout {
+                return Some(idle.sender);
             }
-            dead.push(idle.conn);
         }
         None
     }
@@ -321,15 +262,14 @@ impl Pool {
         limit: Limit,
         deadline: &mut Option<tokio::time::Instant>,
     ) -> Result<Grant, UpstreamFailure> {
-        let mut dead = Vec::new();
         let receiver = {
             let mut entries = self.lock();
             let entry = match entries.get_mut(key) {
                 Some(entry) => entry,
                 None => entries.entry(key.into()).or_default(),
             };
-            if let Some(conn) = self.usable_idle(entry, &mut dead) {
-                return Ok(Grant::Idle(conn));
+            if let Some(sender) = self.usable_idle(entry) {
+                return Ok(Grant::Idle(sender));
             }
             if entry.open < limit.max {
                 entry.open += 1;
@@ -341,8 +281,6 @@ impl Pool {
             entry.waiters.push_back(sender);
             receiver
         };
-        // Their slots free themselves (to the first waiter) as they drop.
-        drop(dead);
         let mut waiting = Waiting { pool: self, key, grant: receiver };
         let deadline = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + limit.queue_timeout);
         match tokio::time::timeout_at(deadline, &mut waiting.grant).await {
@@ -376,81 +314,79 @@ impl Pool {
         }
     }
 
-    /// The response, with `conn` back in the pool if it can take the next
-    /// request now (the body came whole with the headers), else riding in
-    /// the body until that has been read (or dropped: then it closes).
-    fn give_back(
-        self: &Arc<Self>,
-        key: &str,
-        mut conn: Conn,
-        response: Response<hyper::body::Incoming>,
-    ) -> Response<BackendBody> {
-        if conn.is_reusable() {
-            self.put(key, conn);
-            return response.map(BackendBody::new);
+    /// Returns a connection to the pool once it can take the next request.
+    fn give_back(self: &Arc<Self>, address: &str, mut sender: SendRequest<UpstreamBody>) {
+        // Under a limit a waiter may want it even when none are kept idle.
+        if (self.max_idle == 0 && self.limit.is_none()) || sender.is_closed() {
+            return;
         }
-        if conn.connection.is_none() {
-            return response.map(BackendBody::new);
+        if sender.is_ready() {
+            self.put(address, sender);
+            return;
         }
-        let lease = Lease { pool: Arc::downgrade(self), key: key.into(), conn: Some(conn) };
-        response.map(|body| BackendBody::driven(body, Box::new(lease)))
+        // The response body is still coming: wait for it in the background
+        // (dropped, and the connection closed, if the body fails).
+        let (pool, address) = (Arc::downgrade(self), Box::<str>::from(address));
+        tokio::spawn(async move {
+            if std::future::poll_fn(|cx| sender.poll_ready(cx)).await.is_ok() {
+                if let Some(pool) = pool.upgrade() {
+                    pool.put(&address, sender);
+                }
+            }
+        });
     }
 
     /// Keeps a ready connection: for the key's first waiter if there is
     /// one, else idle (if there is room).
-    fn put(&self, address: &str, conn: Conn) {
-        // A connection not kept drops after the lock (see `usable_idle`).
-        let mut dropped = None;
+    fn put(&self, address: &str, sender: SendRequest<UpstreamBody>) {
         let mut entries = self.lock();
         match entries.get_mut(address) {
             Some(entry) => {
-                let conn = if entry.waiters.is_empty() {
-                    conn
+                let sender = if entry.waiters.is_empty() {
+                    sender
                 } else {
-                    match hand_over(&mut entry.waiters, Grant::Idle(conn)) {
-                        Some(Grant::Idle(conn)) => conn,
+                    match hand_over(&mut entry.waiters, Grant::Idle(sender)) {
+                        Some(Grant::Idle(sender)) => sender,
                         _ => return,
                     }
                 };
                 if entry.idle.len() < self.max_idle {
-                    entry.idle.push(Idle { conn, since: Instant::now() });
-                } else {
-                    dropped = Some(conn); // full: it closes
-                }
+                    entry.idle.push(Idle { sender, since: Instant::now() });
+                } // else full: the connection closes as `sender` drops
             }
             None if self.max_idle > 0 => {
-                let idle = vec![Idle { conn, since: Instant::now() }];
+                let idle = vec![Idle { sender, since: Instant::now() }];
                 entries.insert(address.into(), Entry { idle, ..Entry::default() });
             }
-            None => dropped = Some(conn),
+            None => {}
         }
-        drop(entries);
-        drop(dropped);
     }
 
-    /// A new connection from the connector, holding `slot` (under a limit)
-    /// until it is dropped.
-    async fn connect(&self, to: Endpoint<'_>, slot: Option<Slot>) -> Result<Conn, UpstreamFailure> {
+    /// A new connection from the connector; its connection task runs
+    /// until the last sender is gone, holding `slot` (under a limit).
+    async fn connect(
+        &self,
+        to: Endpoint<'_>,
+        slot: Option<Slot>,
+    ) -> Result<SendRequest<UpstreamBody>, UpstreamFailure> {
         let (sender, connection) = self.connector.http1(to).await?;
-        Ok(Conn { sender, connection: Some(Box::pin(connection)), _slot: slot })
+        let address = to.address.to_string();
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = connection.await {
+                debug!(address, "backend connection ended: {e}");
+            }
+        });
+        Ok(sender)
     }
 
-    /// Drops idle connections that expired or that the backend closed.
+    /// Drops idle connections that expired or closed.
     fn sweep(&self) {
-        let mut dead = Vec::new();
         let mut entries = self.lock();
         entries.retain(|_, entry| {
-            for mut idle in std::mem::take(&mut entry.idle) {
-                if idle.since.elapsed() < self.idle_timeout && idle.conn.is_reusable() {
-                    entry.idle.push(idle);
-                } else {
-                    dead.push(idle.conn);
-                }
-            }
+            entry.idle.retain(|idle| !idle.sender.is_closed() && idle.since.elapsed() < self.idle_timeout);
             !entry.is_unused()
         });
-        drop(entries);
-        drop(dead); // after the lock (see `usable_idle`)
     }
 
     /// Idle connections to `address` now (for tests).
@@ -468,57 +404,6 @@ impl Pool {
     fn lock(&self) -> MutexGuard<'_, Entries> {
         // Every critical section leaves the map consistent.
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// A connection riding in its response's body: driven as the body is read,
-/// back to the pool when the body is done with, if it can take the next
-/// request then (else it closes).
-struct Lease {
-    pool: Weak<Pool>,
-    key: Box<str>,
-    conn: Option<Conn>,
-}
-
-impl Drive for Lease {
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(conn) = &mut self.conn {
-            conn.drive(cx);
-        }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else { return };
-        if conn.is_reusable() {
-            if let Some(pool) = self.pool.upgrade() {
-                pool.put(&self.key, conn);
-            }
-            return;
-        }
-        if conn.connection.is_none() {
-            return;
-        }
-        // Still busy: the backend answered before it had read the whole
-        // upload (the rest still goes to it, as a backend that answers
-        // early and keeps reading expects), or the client stopped reading
-        // the response (hyper then ends the connection). It finishes on a
-        // task of its own and comes back if it can take another request.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (pool, key) = (Weak::clone(&self.pool), std::mem::take(&mut self.key));
-        runtime.spawn(async move {
-            let ready = std::future::poll_fn(|cx| {
-                if !conn.drive(cx) {
-                    return Poll::Ready(false);
-                }
-                conn.sender.poll_ready(cx).map(|ready| ready.is_ok())
-            })
-            .await;
-            if let (true, Some(pool)) = (ready, pool.upgrade()) {
-                pool.put(&key, conn);
-            }
-        });
     }
 }
 
@@ -694,7 +579,7 @@ mod tests {
                 while let Ok((stream, _)) = listener.accept().await {
                     count.fetch_add(1, Ordering::SeqCst);
                     let (gate, arrivals) = (Arc::clone(&gate), Arc::clone(&arrivals));
-                    let service = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                    let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
                         let (gate, arrivals) = (Arc::clone(&gate), Arc::clone(&arrivals));
                         async move {
                             arrivals.send_modify(|n| *n += 1);
