@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 
 use crate::metrics::{Limit, LiveGauge, Metrics};
 use crate::routing::Router;
-use crate::util::shutdown::raised;
+use crate::util::shutdown::{raised, Gated};
 use crate::util::socket::{fd_limit, set_nodelay_and_keepalive};
 
 mod conn;
@@ -384,7 +384,7 @@ impl Connections {
         tokio::pin!(connection);
         let result = tokio::select! {
             result = connection.as_mut() => result,
-            _ = raised(&mut self.drain) => {
+            _ = Gated::new(raised(&mut self.drain)) => {
                 graceful_shutdown(connection.as_mut());
                 tokio::select! {
                     result = connection.as_mut() => result,
