@@ -179,6 +179,12 @@ if [ "$PIN" -eq 1 ] && [ "$(nproc)" -lt 2 ]; then echo "PIN=1 needs 2 CPUs or mo
 PROXY_WORKERS="${PROXY_WORKERS:-1}"
 case "$PROXY_WORKERS" in ''|*[!0-9]*|0) echo "PROXY_WORKERS must be a positive number, got '$PROXY_WORKERS'" >&2; exit 2 ;; esac
 STICKY_RUNTIME="${STICKY_RUNTIME:-}"
+# STICKY_OPS=MS: sticky-proxy also runs active health checks every MS
+# milliseconds on the HTTP scenarios, and its /metrics is scraped every MS
+# ms while wrk runs; each such run's line notes the scrapes' median and
+# slowest time and the health checks that passed and failed (step 4 of issue 18).
+STICKY_OPS="${STICKY_OPS:-}"
+case "$STICKY_OPS" in ''|[1-9][0-9]|[1-9][0-9][0-9]|[1-9][0-9][0-9][0-9]) ;; *) echo "STICKY_OPS must be 10..9999 ms, got '$STICKY_OPS'" >&2; exit 2 ;; esac
 LOAD_PIN=(); SERVER_PIN=()
 if [ "$PIN" -eq 1 ]; then LOAD_PIN=(taskset -c 0); SERVER_PIN=(taskset -c 1); fi
 
@@ -413,6 +419,9 @@ start_proxy() { # contestant scenario -> sets PROXY_PID
       local bin="${BINARIES[0]}"
       [ "$who" = sticky ] || bin="${BINARIES[1]}"
       write_sticky_conf "$dir/sticky.toml" "${ports[@]}"
+      if [ -n "$STICKY_OPS" ] && [ "$scenario" != ws ] && [ "$scenario" != ws-idle ]; then
+        printf '[health]\npath = "/"\ninterval = "%sms"\ntimeout = "%sms"\n' "$STICKY_OPS" "$((STICKY_OPS / 2))" >>"$dir/sticky.toml"
+      fi
       if ! "$bin" check --config "$dir/sticky.toml" >/dev/null 2>&1; then
         # A build older than server.runtime: without it.
         sed -i -e '/^runtime/d' "$dir/sticky.toml"
@@ -453,11 +462,35 @@ run_http() { # who scenario round
     env "${env[@]}" timeout $((WARMUP + 30)) "${LOAD_PIN[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${WARMUP}s" \
       -s "$LUA_SCRIPT" "http://127.0.0.1:$PROXY_PORT/" >"$OUT_DIR/warmup-$who-$scenario-$n.txt" 2>&1 || true
   fi
-  local cpu0 cpu1 sys0 sys1 busy0 busy1 t0 t1
+  local cpu0 cpu1 sys0 sys1 busy0 busy1 t0 t1 scraper="" scrapes="$OUT_DIR/scrape-$who-$scenario-$n.txt"
+  R_OPS=""
+  if [ -n "$STICKY_OPS" ] && [ "${who#sticky}" != "$who" ]; then
+    # Bounded: DURATION seconds, each scrape at most 5 s.
+    (
+      end=$((SECONDS + DURATION)); pause="$(calc "printf \"%.3f\", $STICKY_OPS / 1000")"
+      while [ "$SECONDS" -lt "$end" ]; do
+        curl -s -o /dev/null --max-time 5 -w '%{http_code} %{time_total}\n' "http://127.0.0.1:$ADMIN_PORT/metrics" || true
+        sleep "$pause"
+      done
+    ) >"$scrapes" 2>&1 &
+    scraper=$!
+  fi
   busy0="$(sys_busy_ticks)"; t0="$(date +%s%N)"; read -r cpu0 sys0 <<<"$(tree_cpu_ticks "$PROXY_PID")"
   env "${env[@]}" timeout $((DURATION + 30)) "${LOAD_PIN[@]}" wrk -t"$THREADS" -c"$CONNECTIONS" -d"${DURATION}s" \
     --latency -s "$LUA_SCRIPT" "http://127.0.0.1:$PROXY_PORT/" >"$wout" 2>&1 || rc=$?
   read -r cpu1 sys1 <<<"$(tree_cpu_ticks "$PROXY_PID")"; t1="$(date +%s%N)"; busy1="$(sys_busy_ticks)"
+  if [ -n "$scraper" ]; then
+    wait "$scraper" || true
+    local checks
+    checks="$(curl -s --max-time 5 "http://127.0.0.1:$ADMIN_PORT/metrics" \
+      | awk '/^sticky_proxy_health_checks_total\{/ { if (/result="success"/) ok += $NF; else bad += $NF }
+             END { printf "%d ok, %d failed", ok, bad }')"
+    local bad
+    bad="$(awk '$1 != 200' "$scrapes" | wc -l)"
+    R_OPS="$(awk '$1 == 200 { print $2 * 1000 }' "$scrapes" | sort -n | awk -v checks="$checks" -v bad="$bad" '{ t[NR] = $1 }
+      END { if (NR == 0) { print "  scrapes: none answered"; exit }
+            printf "  scrapes: %d (%d failed), median %.1f ms, max %.1f ms; health checks: %s", NR, bad, t[int((NR + 1) / 2)], t[NR], checks }')"
+  fi
   stop_run_pids
   if [ "$rc" -ne 0 ]; then echo "wrk failed (exit $rc); its output:" >&2; cat "$wout" >&2; exit 1; fi
   local line reqs dur
@@ -606,6 +639,7 @@ for scenario in "${SCENARIO_LIST[@]}"; do
       ERRS[$key]=$(( ${ERRS[$key]:-0} + R_ERRS ))
       note=""
       [ "$R_ERRS" -eq 0 ] || note="  <- $R_ERRS errors/non-2xx"
+      note+="${R_OPS:-}"; R_OPS=""
       printf '%-9s %-5s %-9s %10s %9s %8s %6s %9s %8s %6s%s\n' "$scenario" "$r/$ROUNDS" "$who" "$R_RATE" "$R_P99" \
         "$R_CPU" "$R_KERN" "$R_MEM" "$R_ERRS" "$R_BUSY" "$note"
     done
