@@ -463,7 +463,6 @@ run_http() { # who scenario round
       -s "$LUA_SCRIPT" "http://127.0.0.1:$PROXY_PORT/" >"$OUT_DIR/warmup-$who-$scenario-$n.txt" 2>&1 || true
   fi
   local cpu0 cpu1 sys0 sys1 busy0 busy1 t0 t1 scraper="" scrapes="$OUT_DIR/scrape-$who-$scenario-$n.txt"
-  R_OPS=""
   if [ -n "$STICKY_OPS" ] && [ "${who#sticky}" != "$who" ]; then
     # Bounded: DURATION seconds, each scrape at most 5 s.
     (
@@ -639,7 +638,7 @@ for scenario in "${SCENARIO_LIST[@]}"; do
       ERRS[$key]=$(( ${ERRS[$key]:-0} + R_ERRS ))
       note=""
       [ "$R_ERRS" -eq 0 ] || note="  <- $R_ERRS errors/non-2xx"
-      note+="${R_OPS:-}"; R_OPS=""
+      note+="${R_OPS:-}"; R_OPS=""  # set by run_http under STICKY_OPS
       printf '%-9s %-5s %-9s %10s %9s %8s %6s %9s %8s %6s%s\n' "$scenario" "$r/$ROUNDS" "$who" "$R_RATE" "$R_P99" \
         "$R_CPU" "$R_KERN" "$R_MEM" "$R_ERRS" "$R_BUSY" "$note"
     done

@@ -689,24 +689,33 @@ mod tests {
         until("the last connection's slot is free", || pool.open_count(&address) == 0).await;
     }
 
+    /// Reads into `pending` until it holds a whole request head; its length,
+    /// or `None` if the connection ended first.
+    async fn read_head(stream: &mut tokio::net::TcpStream, pending: &mut Vec<u8>) -> Option<usize> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                return Some(end + 4);
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
     /// A backend that answers one request per connection, keep-alive, and
     /// then closes it: the pooled connection dies while it sits idle.
     #[tokio::test]
     async fn a_pooled_connection_the_backend_closed_is_not_used_and_no_request_fails() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
         let (closed_tx, mut closed) = watch::channel(0usize);
         tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => request.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let _ = read_head(&mut stream, &mut Vec::new()).await;
                 let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
                 drop(stream);
                 closed_tx.send_modify(|n| *n += 1);
@@ -775,15 +784,7 @@ mod tests {
                     let mut pending = Vec::new();
                     loop {
                         // The head, then the answer at once, then the body.
-                        let end = loop {
-                            if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break end + 4;
-                            }
-                            match stream.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => pending.extend_from_slice(&buf[..n]),
-                            }
-                        };
+                        let Some(end) = read_head(&mut stream, &mut pending).await else { return };
                         let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
                         let length: usize = head
                             .lines()

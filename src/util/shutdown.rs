@@ -4,9 +4,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
+use futures_util::task::AtomicWaker;
 use tokio::sync::watch;
 
 /// Resolves once the flag is `true` (or its sender is gone).
@@ -28,15 +29,13 @@ pin_project_lite::pin_project! {
         gate: Arc<Gate>,
         // The gate's waker, which `inner` registers.
         gate_waker: Waker,
-        // The task's waker as last given to the gate.
-        task: Option<Waker>,
     }
 }
 
 /// Whether `inner` was woken, and the task to wake then.
 struct Gate {
     woken: AtomicBool,
-    task: Mutex<Option<Waker>>,
+    task: AtomicWaker,
 }
 
 impl Wake for Gate {
@@ -46,18 +45,16 @@ impl Wake for Gate {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
-        let task = self.task.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(task) = task.as_ref() {
-            task.wake_by_ref();
-        }
+        self.task.wake();
     }
 }
 
 impl<F: Future> Gated<F> {
     pub(crate) fn new(inner: F) -> Gated<F> {
-        let gate = Arc::new(Gate { woken: AtomicBool::new(true), task: Mutex::new(None) });
+        // Woken to begin with: the first poll looks at `inner`.
+        let gate = Arc::new(Gate { woken: AtomicBool::new(true), task: AtomicWaker::new() });
         let gate_waker = Waker::from(Arc::clone(&gate));
-        Gated { inner, gate, gate_waker, task: None }
+        Gated { inner, gate, gate_waker }
     }
 }
 
@@ -66,13 +63,8 @@ impl<F: Future> Future for Gated<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        if !this.task.as_ref().is_some_and(|task| task.will_wake(cx.waker())) {
-            // First poll, or the future moved to another task: wake that
-            // one from now on, and look at `inner` in case it missed a wake.
-            *this.gate.task.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(cx.waker().clone());
-            *this.task = Some(cx.waker().clone());
-            this.gate.woken.store(true, Ordering::Release);
-        }
+        // Registered before the flag is read, so a wake in between is seen.
+        this.gate.task.register(cx.waker());
         if !this.gate.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
