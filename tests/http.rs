@@ -416,3 +416,85 @@ async fn an_http2_get_with_data_of_unknown_length_reaches_the_backend_chunked() 
     assert_eq!(body, "hello", "the DATA went upstream: {got}");
     proxy.shutdown().await;
 }
+
+/// A backend that answers the first request on each connection keep-alive
+/// and closes the connection, unanswered, when a second request (head and
+/// body) arrives on it: a backend closing an idle connection just as the
+/// proxy reuses it. Counts the connections it accepted.
+async fn one_answer_per_connection_backend() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// Reads until `pending` holds a whole request (head and
+    /// Content-Length body); its length, or `None` if the connection ended.
+    async fn whole_request(stream: &mut tokio::net::TcpStream, pending: &mut Vec<u8>) -> Option<usize> {
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(head) = pending.windows(4).position(|w| w == b"\r\n\r\n").map(|end| end + 4) {
+                let text = String::from_utf8_lossy(&pending[..head]).to_ascii_lowercase();
+                let length = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()))
+                    .unwrap_or(0);
+                if pending.len() >= head + length {
+                    return Some(head + length);
+                }
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => pending.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let Some(end) = whole_request(&mut stream, &mut pending).await else { return };
+                pending.drain(..end);
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                let _ = whole_request(&mut stream, &mut pending).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_on_a_connection_the_backend_just_closed_is_sent_again_on_a_new_one() {
+    use std::sync::atomic::Ordering;
+    let (backend, accepted) = one_answer_per_connection_backend().await;
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nworkers = 1\n[admin]\nlisten = \"127.0.0.1:0\"\n[routing]\n{ALL_KEYS}\n\n\
+         [[backends]]\nid = \"raw\"\naddress = \"{backend}\"\n"
+    );
+    let proxy = start_proxy(&config).await;
+    let url = format!("http://{}/x", proxy.proxy_addr());
+    let http = Http::default();
+    let first = http.get(&url, &[("x-device-id", "d1")]).await;
+    assert_eq!((first.status, first.body.as_str()), (StatusCode::OK, "ok"));
+    // The proxy reuses the kept-alive connection, which the backend closes
+    // under the request: a GET is sent again, on a new connection.
+    let second = http.get(&url, &[("x-device-id", "d1")]).await;
+    assert_eq!((second.status, second.body.as_str()), (StatusCode::OK, "ok"), "{}", second.body);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    // A POST is not: the backend may have acted on it (RFC 9110 §9.2.2).
+    let post = http.send(hyper::Method::POST, &url, &[("x-device-id", "d1")], "msg").await;
+    assert_eq!(post.status, StatusCode::BAD_GATEWAY, "{}", post.body);
+    assert!(post.body.contains("closed the connection"), "{}", post.body);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2, "no resend of a POST");
+    // The backend is not blamed: the next GET is served.
+    let third = http.get(&url, &[("x-device-id", "d1")]).await;
+    assert_eq!(third.status, StatusCode::OK, "{}", third.body);
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    let m = parse_prometheus(&http.get(&format!("http://{}/metrics", proxy.admin_addr()), &[]).await.body);
+    assert_eq!(metric(&m, "sticky_proxy_retries_total", &[("backend", "raw")]), Some(1.0), "the GET's resend");
+    let reset = [("backend", "raw"), ("kind", "reset")];
+    assert_eq!(metric(&m, "sticky_proxy_upstream_errors_total", &reset), Some(1.0), "the POST's 502 only");
+    assert_eq!(metric(&m, "sticky_proxy_backend_up", &[("backend", "raw")]), Some(1.0));
+    proxy.shutdown().await;
+}

@@ -11,7 +11,10 @@
 //! answer the client with a short plain-text reason: 502 when the backend
 //! refused, was unreachable or broke the connection, 504 when it was too
 //! slow. A failure that [`UpstreamFailure::retryable`] allows, on a request
-//! whose body can be sent again, is retried once on the next candidate.
+//! whose body can be sent again, is retried once on the next candidate;
+//! one that met a kept-alive connection the backend had just closed
+//! ([`UpstreamFailure::Stale`]) is first sent again to the same backend on
+//! a new connection.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -24,7 +27,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{Config, UpstreamConfig};
 use crate::http::headers::{
@@ -77,6 +80,11 @@ struct Delivery {
     tries: u32,
     /// The one retry after a failure has been used.
     retried: bool,
+    /// The one resend after a [`UpstreamFailure::Stale`] pooled connection
+    /// has been used.
+    resent: bool,
+    /// The next send must use a new connection (it resends).
+    fresh: bool,
     /// Backends that answered "not here" (or failed) in this walk.
     tried: Vec<Arc<Backend>>,
     /// The last not-here answer, buffered: it goes to the client if no
@@ -358,7 +366,7 @@ impl Proxy {
                 *received = Received::Streamed(Arc::clone(&upload));
                 let body = ClientBody::new(body, Some(Arc::clone(&upload)), body_limits);
                 let request = upstream_request(&parts, &backend.address, Either::Left(body));
-                return match self.send(&backend, request, response_timeout, Some(upload)).await {
+                return match self.send(&backend, request, response_timeout, Some(upload), false).await {
                     Ok(response) => (backend, response),
                     Err(failure) => {
                         let response = self.failed(&backend, failure);
@@ -368,13 +376,22 @@ impl Proxy {
             }
         };
         let not_here = redelivery.as_deref().map(|config| &config.routing.not_here);
-        let mut delivery = Delivery { backend, tries: 0, retried: false, tried: Vec::new(), last_not_here: None };
+        let mut delivery = Delivery {
+            backend,
+            tries: 0,
+            retried: false,
+            resent: false,
+            fresh: false,
+            tried: Vec::new(),
+            last_not_here: None,
+        };
         let mut waiter: Option<(redeliver::Waiter, redeliver::HeldSlot<'_>)> = None;
         loop {
             delivery.tries += 1;
             let backend = Arc::clone(&delivery.backend);
             let request = upstream_request(&parts, &backend.address, Either::Right(Full::new(replay.clone())));
-            match self.send(&backend, request, response_timeout, None).await {
+            let fresh = std::mem::take(&mut delivery.fresh);
+            match self.send(&backend, request, response_timeout, None, fresh).await {
                 Ok(response) => {
                     let status = response.status().as_u16();
                     if !not_here.as_ref().is_some_and(|config| config.is_not_here(status)) {
@@ -385,6 +402,16 @@ impl Proxy {
                     delivery.tried.push(backend);
                 }
                 Err(failure) => {
+                    if failure == UpstreamFailure::Stale && failure.retryable(&parts.method) && !delivery.resent {
+                        // The backend closed a kept-alive connection as the
+                        // request went out: the same backend, on a new
+                        // connection, before any other candidate.
+                        debug!(backend = %backend.id, "resending on a new connection: {failure}");
+                        backend.stats.retried();
+                        delivery.resent = true;
+                        delivery.fresh = true;
+                        continue;
+                    }
                     if delivery.last_not_here.is_none() {
                         // No instance has said "not here": the one retry rule.
                         let next = if failure.retryable(&parts.method) && !delivery.retried {
@@ -533,18 +560,20 @@ impl Proxy {
         }
     }
 
-    /// Sends one request. `response_timeout` runs from when the body has
-    /// been sent (`uploaded`, for streamed bodies), so a slow upload is not
-    /// mistaken for a slow backend.
+    /// Sends one request (on a new connection if `fresh`). `response_timeout`
+    /// runs from when the body has been sent (`uploaded`, for streamed
+    /// bodies), so a slow upload is not mistaken for a slow backend.
     async fn send(
         &self,
         backend: &Backend,
         request: Result<Request<UpstreamBody>, UpstreamFailure>,
         response_timeout: Duration,
         uploaded: Option<Arc<Upload>>,
+        fresh: bool,
     ) -> Result<Response<ProxyBody>, UpstreamFailure> {
         let request = request?;
-        let exchange = self.pool.send(Endpoint { address: &backend.address, tls: backend.tls.as_ref() }, request);
+        let to = Endpoint { address: &backend.address, tls: backend.tls.as_ref() };
+        let exchange = self.pool.send(to, request, fresh);
         tokio::pin!(exchange);
         if let Some(uploaded) = uploaded {
             let early = tokio::select! {

@@ -28,6 +28,12 @@ pub enum UpstreamFailure {
     Timeout,
     /// Connected, but the backend closed or broke the connection.
     Broken,
+    /// A pooled keep-alive connection closed with no answer to the request
+    /// sent on it: most likely the backend closed it as idle while the
+    /// request was on its way (a race every keep-alive proxy has). Sent
+    /// again on a new connection to the same backend under the one retry
+    /// rule; never counted against the backend.
+    Stale,
     /// The backend address can't form a request URI.
     BadAddress,
     /// The client's request body failed mid-upload: not the backend's fault.
@@ -59,6 +65,7 @@ impl std::fmt::Display for UpstreamFailure {
             UpstreamFailure::ConnectTimeout => f.write_str("connect timed out"),
             UpstreamFailure::Timeout => f.write_str("no response in time"),
             UpstreamFailure::Broken => f.write_str("connection closed without a response"),
+            UpstreamFailure::Stale => f.write_str("reused connection closed without a response"),
             UpstreamFailure::BadAddress => f.write_str("unusable address"),
             UpstreamFailure::ClientAborted => f.write_str("the client aborted its request body"),
             UpstreamFailure::ClientStalled => f.write_str("the client's request body stalled"),
@@ -87,9 +94,12 @@ impl UpstreamFailure {
     /// next candidate: always when nothing reached the backend (the
     /// connection was never made); for an idempotent method also when the
     /// connection broke before any answer, as nginx's `proxy_next_upstream`
-    /// does. The one retry rule, for plain requests and upgrades alike.
+    /// does. The one retry rule, for plain requests and upgrades alike
+    /// ([`UpstreamFailure::Stale`] is retried on a new connection to the
+    /// same backend first, as nginx does for a cached connection).
     pub fn retryable(self, method: &Method) -> bool {
-        self.is_connect() || (self == UpstreamFailure::Broken && method.is_idempotent())
+        self.is_connect()
+            || (matches!(self, UpstreamFailure::Broken | UpstreamFailure::Stale) && method.is_idempotent())
     }
 
     /// Whether this failure counts against the backend's health under
@@ -111,7 +121,7 @@ impl UpstreamFailure {
             | UpstreamFailure::BadAddress
             | UpstreamFailure::Tls => Some("connect"),
             UpstreamFailure::ConnectTimeout | UpstreamFailure::Timeout => Some("timeout"),
-            UpstreamFailure::Broken => Some("reset"),
+            UpstreamFailure::Broken | UpstreamFailure::Stale => Some("reset"),
             UpstreamFailure::ClientAborted
             | UpstreamFailure::ClientStalled
             | UpstreamFailure::ClientTooLarge
@@ -166,7 +176,7 @@ impl UpstreamFailure {
             UpstreamFailure::Timeout => {
                 (StatusCode::GATEWAY_TIMEOUT, format!("backend {id} ({addr}) did not answer in time"))
             }
-            UpstreamFailure::Broken => (
+            UpstreamFailure::Broken | UpstreamFailure::Stale => (
                 StatusCode::BAD_GATEWAY,
                 format!("backend {id} ({addr}) closed the connection without a valid response"),
             ),

@@ -191,11 +191,16 @@ impl Pool {
     }
 
     /// Sends `request` (origin-form URI) to `address`: on an idle pooled
-    /// connection if there is one, else on a new one. Errors say what broke.
+    /// connection if there is one (unless `fresh`), else on a new one.
+    /// Errors say what broke; [`UpstreamFailure::Stale`] when a pooled
+    /// connection closed with the request sent and no answer. `fresh` asks
+    /// for a new connection, for sending that request again; under
+    /// `max_connections` with every slot open, an idle one is used.
     pub(crate) async fn send(
         self: &Arc<Self>,
         to: Endpoint<'_>,
         mut request: Request<UpstreamBody>,
+        fresh: bool,
     ) -> Result<Response<Incoming>, UpstreamFailure> {
         // A plain backend's key is its address as it is (no allocation).
         let key = crate::tls::authority(to.address, to.tls);
@@ -204,13 +209,13 @@ impl Pool {
         let mut deadline = None;
         loop {
             let (mut sender, reused) = match self.limit {
-                None => match self.checkout(key) {
+                None => match self.checkout(key).filter(|_| !fresh) {
                     Some(sender) => (sender, true),
                     // Boxed: connecting (TLS included) is a large future that
                     // every request would otherwise carry and copy around.
                     None => (Box::pin(self.connect(to, None)).await?, false),
                 },
-                Some(limit) => match Box::pin(self.checkout_limited(key, limit, &mut deadline)).await? {
+                Some(limit) => match Box::pin(self.checkout_limited(key, limit, fresh, &mut deadline)).await? {
                     Grant::Idle(sender) => (sender, true),
                     Grant::Slot(slot) => (Box::pin(self.connect(to, Some(slot))).await?, false),
                 },
@@ -228,7 +233,12 @@ impl Pool {
                         debug!(key, "pooled connection closed before use: {}", e.into_error());
                         request = unsent;
                     }
-                    _ => return Err(UpstreamFailure::classify(&e.into_error(), false)),
+                    _ => {
+                        return Err(match UpstreamFailure::classify(&e.into_error(), false) {
+                            UpstreamFailure::Broken if reused => UpstreamFailure::Stale,
+                            failure => failure,
+                        })
+                    }
                 },
             }
         }
@@ -253,13 +263,14 @@ impl Pool {
     }
 
     /// Under `max_connections`: an idle connection, else a free slot to
-    /// connect with, else the first of either to come free, waiting in the
-    /// key's queue until `deadline` (set on the first wait, `queue_timeout`
-    /// from then).
+    /// connect with (the slot first if `fresh`), else the first of either
+    /// to come free, waiting in the key's queue until `deadline` (set on
+    /// the first wait, `queue_timeout` from then).
     async fn checkout_limited(
         self: &Arc<Self>,
         key: &str,
         limit: Limit,
+        fresh: bool,
         deadline: &mut Option<tokio::time::Instant>,
     ) -> Result<Grant, UpstreamFailure> {
         let receiver = {
@@ -268,6 +279,10 @@ impl Pool {
                 Some(entry) => entry,
                 None => entries.entry(key.into()).or_default(),
             };
+            if fresh && entry.open < limit.max {
+                entry.open += 1;
+                return Ok(Grant::Slot(Slot { pool: Arc::downgrade(self), key: key.into(), held: true }));
+            }
             if let Some(sender) = self.usable_idle(entry) {
                 return Ok(Grant::Idle(sender));
             }
@@ -487,7 +502,7 @@ mod tests {
 
         let pool = Pool::new(&upstream(1, Duration::from_secs(60), None), connector());
         for _ in 0..3 {
-            let response = pool.send(plain(&address), get("/whoami")).await.expect("response");
+            let response = pool.send(plain(&address), get("/whoami"), false).await.expect("response");
             assert_eq!(response.status(), 200);
             let body = response.into_body().collect().await.expect("body").to_bytes();
             assert_eq!(body, "app");
@@ -502,8 +517,10 @@ mod tests {
         .expect("the connection came back to the pool");
 
         // Two at once: two connections, but only one (max_idle) is kept.
-        let (a, b) =
-            tokio::join!(pool.send(plain(&address), get("/delay/50")), pool.send(plain(&address), get("/delay/50")));
+        let (a, b) = tokio::join!(
+            pool.send(plain(&address), get("/delay/50"), false),
+            pool.send(plain(&address), get("/delay/50"), false)
+        );
         for response in [a, b] {
             response.expect("response").into_body().collect().await.expect("body");
         }
@@ -518,7 +535,7 @@ mod tests {
 
         // With no idle time allowed, nothing is handed out again.
         let short = Pool::new(&upstream(4, Duration::ZERO, None), connector());
-        let response = short.send(plain(&address), get("/whoami")).await.expect("response");
+        let response = short.send(plain(&address), get("/whoami"), false).await.expect("response");
         response.into_body().collect().await.expect("body");
         assert!(short.checkout(&address).is_none(), "expired connections are not handed out");
     }
@@ -547,7 +564,7 @@ mod tests {
         drop(listener);
         for limit in [None, Some((1, Duration::from_secs(5)))] {
             let pool = Pool::new(&upstream(4, Duration::from_secs(60), limit), connector());
-            let failure = pool.send(plain(&address), get("/")).await.expect_err("nothing listens");
+            let failure = pool.send(plain(&address), get("/"), false).await.expect_err("nothing listens");
             assert!(failure.is_connect(), "{failure:?}");
             // Under a limit the failed connect gave its slot back.
             assert_eq!(pool.open_count(&address), 0);
@@ -626,7 +643,7 @@ mod tests {
     fn spawn_get(pool: &Arc<Pool>, address: &str) -> JoinHandle<Result<Bytes, UpstreamFailure>> {
         let (pool, address) = (Arc::clone(pool), address.to_string());
         tokio::spawn(async move {
-            let response = pool.send(plain(&address), get("/")).await?;
+            let response = pool.send(plain(&address), get("/"), false).await?;
             Ok(response.into_body().collect().await.expect("body").to_bytes())
         })
     }
@@ -726,7 +743,8 @@ mod tests {
             let pool = Pool::new(&upstream(4, Duration::from_secs(60), limit), connector());
             for _ in 0..3 {
                 served += 1;
-                let response = within("an answer", pool.send(plain(&address), get("/"))).await.expect("response");
+                let response =
+                    within("an answer", pool.send(plain(&address), get("/"), false)).await.expect("response");
                 let body = response.into_body().collect().await.expect("body").to_bytes();
                 assert_eq!(body, "ok");
                 within("the backend's close", closed.wait_for(|&n| n >= served)).await.expect("backend runs");
@@ -735,6 +753,49 @@ mod tests {
                 // Each dead connection gave its slot back.
                 until("the slots are free", || pool.open_count(&address) <= 1).await;
             }
+        }
+    }
+
+    /// A backend that answers the first request on each connection
+    /// keep-alive, and closes the connection when a second one arrives on
+    /// it: the race of a backend closing an idle connection just as the
+    /// pool reuses it, made certain.
+    #[tokio::test]
+    async fn a_pooled_connection_closed_under_a_request_is_stale_and_fresh_gets_a_new_one() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let Some(end) = read_head(&mut stream, &mut pending).await else { return };
+                    pending.drain(..end);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                    // The second request: closed unanswered.
+                    let _ = read_head(&mut stream, &mut pending).await;
+                });
+            }
+        });
+        for limit in [None, Some((1, Duration::from_secs(5)))] {
+            accepted.store(0, Ordering::SeqCst);
+            let pool = Pool::new(&upstream(4, Duration::from_secs(60), limit), connector());
+            let first = within("the first answer", pool.send(plain(&address), get("/"), false)).await;
+            let body = first.expect("response").into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(body, "ok");
+            until("the connection is idle", || pool.idle_count(&address) == 1).await;
+            let failure = within("the stale answer", pool.send(plain(&address), get("/"), false)).await;
+            let failure = failure.expect_err("the backend closed it");
+            assert_eq!(failure, UpstreamFailure::Stale, "{limit:?}");
+            assert!(failure.retryable(&hyper::Method::GET) && !failure.retryable(&hyper::Method::POST));
+            assert!(!failure.counts_against_backend(crate::config::Observe::Responses));
+            let again = within("the resend", pool.send(plain(&address), get("/"), true)).await;
+            let body = again.expect("response").into_body().collect().await.expect("body").to_bytes();
+            assert_eq!(body, "ok");
+            assert_eq!(accepted.load(Ordering::SeqCst), 2, "the resend went on a new connection ({limit:?})");
         }
     }
 
@@ -752,7 +813,7 @@ mod tests {
             for max_idle in [0, 1] {
                 let pool = Pool::new(&upstream(max_idle, idle_timeout, Some((1, Duration::from_secs(5)))), connector());
                 for _ in 0..3 {
-                    let response = pool.send(plain(&address), get("/whoami")).await.expect("response");
+                    let response = pool.send(plain(&address), get("/whoami"), false).await.expect("response");
                     response.into_body().collect().await.expect("body");
                     // Past the idle timeout: the next checkout (or the sweep)
                     // drops the idle connection.
@@ -812,7 +873,7 @@ mod tests {
         *upload.method_mut() = hyper::Method::POST;
         *upload.uri_mut() = "/upload".parse().expect("uri");
         upload.headers_mut().insert("host", HeaderValue::from_static("test"));
-        let response = within("the early answer", pool.send(plain(&address), upload)).await.expect("response");
+        let response = within("the early answer", pool.send(plain(&address), upload, false)).await.expect("response");
         assert_eq!(response.into_body().collect().await.expect("body").to_bytes(), "ok");
         within("the whole upload at the backend", got.wait_for(|got| got.len() == 1)).await.expect("backend runs");
         assert_eq!(got.borrow()[0], UPLOAD, "the backend got the whole upload");
@@ -831,7 +892,8 @@ mod tests {
         let held = spawn_get(&pool, &address);
         backend.until_arrived(1).await;
         let began = Instant::now();
-        let failure = within("the queue timeout", pool.send(plain(&address), get("/"))).await.expect_err("no slot");
+        let failure =
+            within("the queue timeout", pool.send(plain(&address), get("/"), false)).await.expect_err("no slot");
         assert!(began.elapsed() >= queue_timeout, "gave up after {:?}", began.elapsed());
         assert_eq!(failure, UpstreamFailure::QueueTimeout { max: 1, waited: queue_timeout });
         assert!(!failure.retryable(&hyper::Method::GET));
