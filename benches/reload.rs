@@ -14,13 +14,20 @@ use sticky_proxy::routing::RoutingTable;
 
 /// A config with `n` backends (ids app-1..app-n on loopback ports).
 fn config_text(n: usize) -> String {
+    variant(n, "", 20000)
+}
+
+/// [`config_text`] with the last backend's id suffixed by `last_id` and
+/// every port moved to `port_base + i`.
+fn variant(n: usize, last_id: &str, port_base: usize) -> String {
     let mut text = String::from(
         "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[routing]\nkey = [\"header:x-device-id\"]\n",
     );
     for i in 1..=n {
+        let suffix = if i == n { last_id } else { "" };
         text.push_str(&format!(
-            "\n[[backends]]\nid = \"app-{i}\"\naddress = \"127.0.0.1:{}\"\nweight = 1\n",
-            20000 + i
+            "\n[[backends]]\nid = \"app-{i}{suffix}\"\naddress = \"127.0.0.1:{}\"\nweight = 1\n",
+            port_base + i
         ));
     }
     text
@@ -39,17 +46,32 @@ fn bench_reload(c: &mut Criterion) {
             b.iter(|| black_box(RoutingTable::new(Arc::clone(&config), 2, &metrics)))
         });
 
-        // The whole reload, as POST /reload runs it, from a file on disk.
+        // The whole reload, as POST /reload runs it, from a file on disk
+        // that alternates between two versions: one backend renamed (the
+        // ring is rebuilt), or every address moved (the ring is kept).
         let dir = std::env::temp_dir().join(format!("sticky-proxy-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join(format!("reload-{n}.toml"));
-        std::fs::write(&path, &text).expect("write config");
-        let metrics = Arc::new(Metrics::new());
-        let router = RoutingTable::new(Arc::clone(&config), 1, &metrics).into_router();
-        let reloader = Reloader::new(Some(path), router, metrics);
-        group.bench_function(format!("full reload/{n}"), |b| {
-            b.iter(|| black_box(reloader.reload(Trigger::Admin).expect("reload")))
-        });
+        let cases =
+            [("full reload", variant(n, "-renamed", 20000)), ("full reload, addresses only", variant(n, "", 30000))];
+        for (name, other) in cases {
+            let path = dir.join(format!("reload-{n}.toml"));
+            std::fs::write(&path, &text).expect("write config");
+            let metrics = Arc::new(Metrics::new());
+            let router = RoutingTable::new(Arc::clone(&config), 1, &metrics).into_router();
+            let reloader = Reloader::new(Some(path.clone()), router, metrics);
+            let versions = [text.clone(), other];
+            let mut flip = 0;
+            group.bench_function(format!("{name}/{n}"), |b| {
+                b.iter_batched(
+                    || {
+                        flip ^= 1;
+                        std::fs::write(&path, &versions[flip]).expect("write config");
+                    },
+                    |()| black_box(reloader.reload(Trigger::Admin).expect("reload")),
+                    criterion::BatchSize::PerIteration,
+                )
+            });
+        }
     }
     group.finish();
 }

@@ -277,7 +277,7 @@ impl Reloader {
             let added: Vec<String> =
                 new.backends.iter().filter(|b| !old_ids.contains(b.id.as_str())).map(|b| b.id.clone()).collect();
             let generation = old.generation() + 1;
-            let table = RoutingTable::new(Arc::new(new), generation, metrics).with_health_of(old);
+            let table = RoutingTable::after(Arc::new(new), generation, metrics, old);
             let backends = table.backends().len();
             Ok::<_, ConfigError>((table, (generation, backends, added, removed, needs_restart)))
         })?;
