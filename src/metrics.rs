@@ -712,8 +712,9 @@ impl Metrics {
     }
 }
 
-/// One backend's metric handles, resolved once per routing snapshot.
-#[derive(Debug)]
+/// One backend's metric handles, resolved when the backend joins the
+/// config; clones share the series.
+#[derive(Debug, Clone)]
 pub struct BackendStats {
     id: String,
     /// Set once this backend has left the config.

@@ -43,11 +43,14 @@ async fn two_thousand_requests_survive_twenty_reloads() {
     const CLIENTS: usize = 4;
     const PER_CLIENT: usize = 500;
     let done = Arc::new(AtomicUsize::new(0));
+    // app-2 is in every set: its counts must carry across every reload.
+    let by_app_2 = Arc::new(AtomicUsize::new(0));
     let (progress_tx, mut progress) = tokio::sync::watch::channel(0usize);
     let progress_tx = Arc::new(progress_tx);
     let mut load = Vec::new();
     for c in 0..CLIENTS {
         let (http, done, progress_tx) = (http.clone(), Arc::clone(&done), Arc::clone(&progress_tx));
+        let by_app_2 = Arc::clone(&by_app_2);
         load.push(tokio::spawn(async move {
             let mut ids = Ids::new(c as u64);
             let mut failures = Vec::new();
@@ -56,6 +59,9 @@ async fn two_thousand_requests_survive_twenty_reloads() {
                 let reply = http.get(&format!("http://{addr}/whoami"), &[("x-device-id", &id)]).await;
                 if reply.status != 200 {
                     failures.push(format!("{id}: {} {}", reply.status, reply.body));
+                }
+                if reply.body == "app-2" {
+                    by_app_2.fetch_add(1, Ordering::Relaxed);
                 }
                 let n = done.fetch_add(1, Ordering::Relaxed) + 1;
                 progress_tx.send_replace(n);
@@ -78,6 +84,11 @@ async fn two_thousand_requests_survive_twenty_reloads() {
     assert_eq!(done.load(Ordering::Relaxed), CLIENTS * PER_CLIENT);
     assert!(failures.is_empty(), "{} failed requests: {:?}", failures.len(), &failures[..failures.len().min(5)]);
     assert_eq!(proxy.router().load().generation(), 21);
+    let m = parse_prometheus(&http.get(&format!("http://{admin}/metrics"), &[]).await.body);
+    let served = metric(&m, "sticky_proxy_requests_total", &[("backend", "app-2"), ("code", "200")]);
+    let by_app_2 = by_app_2.load(Ordering::Relaxed);
+    assert!(by_app_2 > 100, "app-2 served {by_app_2} of 2,000");
+    assert_eq!(served, Some(by_app_2 as f64), "app-2's count across 20 reloads");
 
     // The last config (sets[0]: app-1, app-2) is the one serving now; add
     // app-4 and check new devices reach it.

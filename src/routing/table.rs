@@ -155,7 +155,13 @@ impl RoutingTable {
             .backends
             .iter()
             .map(|b| {
-                let stats = metrics.backend(&b.id);
+                // A backend the previous table had keeps its handles: the
+                // same series, without a thousand registry lookups.
+                let known = previous.and_then(|p| p.position(&b.id).and_then(|i| p.backends.get(i)));
+                let stats = match known {
+                    Some(known) => known.stats.clone(),
+                    None => metrics.backend(&b.id),
+                };
                 Arc::new(Backend {
                     id: b.id.clone(),
                     address: b.address.clone(),
