@@ -396,7 +396,7 @@ impl Metrics {
         );
         r.register(
             "retries",
-            "Requests sent again after a failed try (to the next candidate, or on a new connection when a kept-alive one closed under them), by the backend that failed",
+            "Requests sent again after a failed try (to the next candidate, or on a new connection when a kept-alive one closed under them), by the backend that failed; one request can be sent again twice",
             m.retries.clone(),
         );
         let routed: Family<ViaLabel, Counter> = Family::default();

@@ -28,11 +28,12 @@ pub enum UpstreamFailure {
     Timeout,
     /// Connected, but the backend closed or broke the connection.
     Broken,
-    /// A pooled keep-alive connection closed with no answer to the request
-    /// sent on it: most likely the backend closed it as idle while the
-    /// request was on its way (a race every keep-alive proxy has). Sent
-    /// again on a new connection to the same backend under the one retry
-    /// rule; never counted against the backend.
+    /// A pooled keep-alive connection closed (or was reset) with the
+    /// request sent and no whole response head back: most likely the
+    /// backend closed it as idle while the request was on its way (a race
+    /// every keep-alive proxy has). An idempotent request is sent again on
+    /// a new connection to the same backend, uncounted; as the final
+    /// answer it counts like [`UpstreamFailure::Broken`].
     Stale,
     /// The backend address can't form a request URI.
     BadAddress,
@@ -108,7 +109,8 @@ impl UpstreamFailure {
     /// a client can cause those (the client aborting its upload never counts).
     pub fn counts_against_backend(self, observe: Observe) -> bool {
         self.is_connect()
-            || (observe == Observe::Responses && matches!(self, UpstreamFailure::Timeout | UpstreamFailure::Broken))
+            || (observe == Observe::Responses
+                && matches!(self, UpstreamFailure::Timeout | UpstreamFailure::Broken | UpstreamFailure::Stale))
     }
 
     /// The `kind` label of `sticky_proxy_upstream_errors_total`; `None`

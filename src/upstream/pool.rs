@@ -209,7 +209,7 @@ impl Pool {
         let mut deadline = None;
         loop {
             let (mut sender, reused) = match self.limit {
-                None => match self.checkout(key).filter(|_| !fresh) {
+                None => match if fresh { None } else { self.checkout(key) } {
                     Some(sender) => (sender, true),
                     // Boxed: connecting (TLS included) is a large future that
                     // every request would otherwise carry and copy around.
@@ -234,10 +234,11 @@ impl Pool {
                         request = unsent;
                     }
                     _ => {
-                        return Err(match UpstreamFailure::classify(&e.into_error(), false) {
-                            UpstreamFailure::Broken if reused => UpstreamFailure::Stale,
+                        let error = e.into_error();
+                        return Err(match UpstreamFailure::classify(&error, false) {
+                            UpstreamFailure::Broken if reused && closed_under_request(&error) => UpstreamFailure::Stale,
                             failure => failure,
-                        })
+                        });
                     }
                 },
             }
@@ -420,6 +421,23 @@ impl Pool {
         // Every critical section leaves the map consistent.
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+/// Whether `error` says the connection ended under the request (closed
+/// before a whole response head, or reset), rather than that the backend
+/// answered something malformed.
+fn closed_under_request(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe);
+        }
+        source = e.source();
+    }
+    false
 }
 
 async fn sweep(pool: Weak<Pool>, every: Duration) {
@@ -757,11 +775,10 @@ mod tests {
     }
 
     /// A backend that answers the first request on each connection
-    /// keep-alive, and closes the connection when a second one arrives on
-    /// it: the race of a backend closing an idle connection just as the
-    /// pool reuses it, made certain.
-    #[tokio::test]
-    async fn a_pooled_connection_closed_under_a_request_is_stale_and_fresh_gets_a_new_one() {
+    /// keep-alive and, when a second one arrives on it, writes `second`
+    /// and closes the connection. Returns its address and the connections
+    /// it accepted.
+    async fn second_request_backend(second: &'static [u8]) -> (String, Arc<AtomicUsize>) {
         use tokio::io::AsyncWriteExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
@@ -775,11 +792,21 @@ mod tests {
                     let Some(end) = read_head(&mut stream, &mut pending).await else { return };
                     pending.drain(..end);
                     let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
-                    // The second request: closed unanswered.
-                    let _ = read_head(&mut stream, &mut pending).await;
+                    if read_head(&mut stream, &mut pending).await.is_some() {
+                        let _ = stream.write_all(second).await;
+                    }
                 });
             }
         });
+        (address, accepted)
+    }
+
+    /// A pooled connection the backend closes as the request arrives (the
+    /// race of a backend closing an idle connection just as the pool reuses
+    /// it, made certain) is `Stale`; `fresh` sends on a new connection.
+    #[tokio::test]
+    async fn a_pooled_connection_closed_under_a_request_is_stale_and_fresh_gets_a_new_one() {
+        let (address, accepted) = second_request_backend(b"").await;
         for limit in [None, Some((1, Duration::from_secs(5)))] {
             accepted.store(0, Ordering::SeqCst);
             let pool = Pool::new(&upstream(4, Duration::from_secs(60), limit), connector());
@@ -791,12 +818,27 @@ mod tests {
             let failure = failure.expect_err("the backend closed it");
             assert_eq!(failure, UpstreamFailure::Stale, "{limit:?}");
             assert!(failure.retryable(&hyper::Method::GET) && !failure.retryable(&hyper::Method::POST));
-            assert!(!failure.counts_against_backend(crate::config::Observe::Responses));
+            // As a final answer it counts like any connection closed unanswered.
+            assert!(failure.counts_against_backend(crate::config::Observe::Responses));
+            assert!(!failure.counts_against_backend(crate::config::Observe::Connect));
             let again = within("the resend", pool.send(plain(&address), get("/"), true)).await;
             let body = again.expect("response").into_body().collect().await.expect("body").to_bytes();
             assert_eq!(body, "ok");
             assert_eq!(accepted.load(Ordering::SeqCst), 2, "the resend went on a new connection ({limit:?})");
         }
+    }
+
+    /// A malformed answer on a reused connection is the backend's doing,
+    /// not the keep-alive race: `Broken`, never resent as `Stale`.
+    #[tokio::test]
+    async fn a_malformed_answer_on_a_pooled_connection_is_not_stale() {
+        let (address, _) = second_request_backend(b"HTTP/1.1 abc\r\n\r\n").await;
+        let pool = Pool::new(&upstream(4, Duration::from_secs(60), None), connector());
+        let first = within("the first answer", pool.send(plain(&address), get("/"), false)).await;
+        first.expect("response").into_body().collect().await.expect("body");
+        until("the connection is idle", || pool.idle_count(&address) == 1).await;
+        let failure = within("the bad answer", pool.send(plain(&address), get("/"), false)).await;
+        assert_eq!(failure.expect_err("malformed"), UpstreamFailure::Broken);
     }
 
     /// Under a limit, connections dropped by the pool itself (expired,
