@@ -840,8 +840,11 @@ impl Drop for TunnelGauge {
         // The last tunnel of a backend that left the config (and was not
         // added back since) takes the gauge's series with it.
         if left <= 0 && self.retired.load(Ordering::Relaxed) {
-            let readded = self.registry.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&self.id);
-            if !readded {
+            // Held across the removal: a reload adding the backend back
+            // registers it before it creates the series, so it either is
+            // seen here or creates the series after the removal.
+            let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+            if !registry.contains_key(&self.id) {
                 self.family.remove(&BackendLabel { backend: self.id.clone() });
             }
         }
